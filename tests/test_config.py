@@ -1,0 +1,111 @@
+"""Config merge order, strict keys with suggestions, seed handling, and the registries' did-you-mean errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from yacs.config import CfgNode as CN
+
+from vltune.config import ConfigError, extend_cfg, get_cfg, get_cfg_default
+from vltune.registry import TRAINERS, Registry, RegistryError
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = dict(root="", output_dir="", resume="", seed=-1, source_domains=None, target_domains=None,
+                transforms=None, trainer="", backbone="", head="", config_file="", dataset_config_file="", opts=[])
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_merge_order_dataset_then_trainer_then_flags_then_opts(tmp_path):
+    ds = tmp_path / "ds.yaml"
+    ds.write_text("DATASET:\n  NAME: OxfordPets\nOPTIM:\n  LR: 0.1\n  MAX_EPOCH: 3\n")
+    tr = tmp_path / "tr.yaml"
+    tr.write_text("OPTIM:\n  LR: 0.2\nMODEL:\n  BACKBONE:\n    NAME: RN50\n")
+    cfg = get_cfg(_args(dataset_config_file=str(ds), config_file=str(tr), backbone="ViT-B/16", trainer="CoOp",
+                        opts=["OPTIM.LR", "0.3", "OPTIM.LR", "0.4", "TRAINER.COOP.N_CTX", "4"]))
+    assert cfg.DATASET.NAME == "OxfordPets"
+    assert cfg.OPTIM.MAX_EPOCH == 3  # dataset yaml, untouched later
+    assert cfg.MODEL.BACKBONE.NAME == "ViT-B/16"  # flag beats trainer yaml
+    assert cfg.OPTIM.LR == 0.4  # opts beat everything; the last occurrence wins
+    assert cfg.TRAINER.COOP.N_CTX == 4 and cfg.TRAINER.NAME == "CoOp"
+    assert cfg.is_frozen()
+
+
+def test_yaml_tuple_strings_and_exponents_are_literal_evaluated(tmp_path):
+    tr = tmp_path / "tr.yaml"
+    tr.write_text('INPUT:\n  SIZE: (224, 224)\nOPTIM:\n  WARMUP_CONS_LR: 1e-5\n')
+    cfg = get_cfg(config_file=str(tr))
+    assert tuple(cfg.INPUT.SIZE) == (224, 224) and cfg.OPTIM.WARMUP_CONS_LR == 1e-5
+
+
+def test_unknown_key_in_yaml_names_file_key_and_suggestion(tmp_path):
+    tr = tmp_path / "bad.yaml"
+    tr.write_text("OPTIM:\n  MAX_EPOHC: 3\n")
+    with pytest.raises(ConfigError) as e:
+        get_cfg(config_file=str(tr))
+    msg = str(e.value)
+    assert "OPTIM.MAX_EPOHC" in msg and "bad.yaml" in msg and "OPTIM.MAX_EPOCH" in msg
+
+
+def test_unknown_key_in_opts_suggests_trainer_node_key():
+    with pytest.raises(ConfigError, match=r"TRAINER\.COOP\.N_CTX"):
+        get_cfg(opts=["TRAINER.COOP.NCTX", "4"])
+
+
+def test_odd_opts_and_wrong_type_fail_clearly():
+    with pytest.raises(ConfigError, match="odd number"):
+        get_cfg(opts=["OPTIM.LR"])
+    with pytest.raises(ConfigError):
+        get_cfg(opts=["OPTIM.MAX_EPOCH", "'ten'"])
+
+
+def test_seed_zero_is_honoured_and_negative_is_unset():
+    assert get_cfg(_args(seed=0)).SEED == 0
+    assert get_cfg(_args(seed=-1)).SEED == -1
+
+
+def test_every_registered_trainer_node_exists_before_yaml_merge():
+    cfg = get_cfg()
+    for name in TRAINERS.registered_names():
+        probe = get_cfg_default()
+        add = TRAINERS.meta(name).get("add_config")
+        if add:
+            add(probe)
+            for node in probe.TRAINER:
+                assert node in cfg.TRAINER, f"{name} node TRAINER.{node} missing from the merged defaults"
+
+
+def test_conflicting_trainer_defaults_are_rejected(monkeypatch):
+    def a(cfg: CN) -> None:
+        cfg.TRAINER.SHARED = CN()
+        cfg.TRAINER.SHARED.X = 1
+
+    def b(cfg: CN) -> None:
+        cfg.TRAINER.SHARED = CN()
+        cfg.TRAINER.SHARED.X = 2
+
+    reg = Registry("trainer")
+    reg.register("A", obj=type("A", (), {}), add_config=a)
+    reg.register("B", obj=type("B", (), {}), add_config=b)
+    monkeypatch.setattr("vltune.config.TRAINERS", reg)
+    with pytest.raises(ConfigError, match="TRAINER.SHARED.X"):
+        extend_cfg(get_cfg_default())
+
+
+def test_registry_did_you_mean_and_aliases():
+    get_cfg()  # imports the trainers
+    with pytest.raises(RegistryError) as e:
+        TRAINERS.get("Coop")
+    assert "did you mean 'CoOp'" in str(e.value)
+    assert isinstance(e.value, KeyError) and isinstance(e.value, ValueError)
+    assert TRAINERS.get("ZeroShotCLIP") is TRAINERS.get("ZeroshotCLIP")
+    assert TRAINERS.canonical("ZeroShotCLIP") == "ZeroshotCLIP"
+    with pytest.raises(RegistryError, match="already registered"):
+        TRAINERS.register("CoOp", obj=object)
+
+
+def test_unknown_trainer_in_cfg_fails_with_suggestion():
+    with pytest.raises(RegistryError, match="did you mean 'CoOp'"):
+        get_cfg(_args(trainer="COOP"))

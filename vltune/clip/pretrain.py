@@ -1,0 +1,106 @@
+"""Contrastive pretraining of a small open_clip model on the TRAIN split of a CoOp-layout dataset.
+
+No pretrained CLIP can be downloaded here, and a CLIP with random weights stays at chance whatever a method does.
+This builds a real (if tiny) CLIP: images from the split's train list, captions from class names and several
+templates, an image→text contrastive loss over the class captions of each step. Test images are never seen.
+The result is a plain state dict that loads through the normal local-weights path (``load_clip``).
+
+    python -m vltune.clip.pretrain --split data/digits/split_zhou_Digits.json --out weights/tiny-digits.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import vltune.clip  # noqa: F401  (registers vltune's tiny open_clip configs)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CAPTION_TEMPLATES = ("a photo of a {}.", "a picture of the {}.", "an image of {}.", "{}", "a drawing of a {}.",
+                     "a handwritten {}.", "this is a {}.", "a close-up of the {}.")
+
+
+def load_split_images(split_path: str, image_dir: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Train images (N, 3, size, size) normalised with CLIP's statistics, labels (N,), class names by label."""
+    with open(split_path) as f:
+        train = json.load(f)["train"]
+    names: dict[int, str] = {}
+    images, labels = [], []
+    for rel, label, name in train:
+        img = Image.open(os.path.join(image_dir, rel)).convert("RGB").resize((size, size), Image.BICUBIC)
+        images.append(np.asarray(img, dtype=np.float32) / 255.0)
+        labels.append(int(label))
+        names[int(label)] = name
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return x, torch.tensor(labels), [names[i] for i in range(len(names))]
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 3) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` px (pad with the border value, crop back)."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune-tiny", steps: int = 300,
+             batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+             templates: tuple[str, ...] = CAPTION_TEMPLATES) -> dict[str, float]:
+    """Train ``arch`` from scratch and save its state dict to ``out_path``; returns timing and final loss."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(arch)
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    x, y, names = load_split_images(split_path, image_dir, size)
+    names = [n.replace("_", " ") for n in names]
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n != "logit_scale"], lr=lr,
+                                  weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    start, loss = time.time(), torch.tensor(0.0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch_size,), generator=generator)
+        captions = [rng.choice(templates).format(n) for n in names]
+        image = F.normalize(model.encode_image(_augment(x[idx], generator)), dim=-1)
+        text = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
+        loss = F.cross_entropy(model.logit_scale.exp() * image @ text.t(), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
+    tmp = out_path + ".tmp"
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, out_path)
+    return {"seconds": time.time() - start, "final_loss": float(loss.detach())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--split", required=True, help="split_zhou_*.json of the dataset")
+    p.add_argument("--image-dir", default="", help="image folder (default: <split folder>/images)")
+    p.add_argument("--out", required=True, help="output state dict path")
+    p.add_argument("--arch", default="vltune-tiny")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    image_dir = a.image_dir or os.path.join(os.path.dirname(a.split), "images")
+    print(pretrain(a.split, image_dir, a.out, arch=a.arch, steps=a.steps, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()

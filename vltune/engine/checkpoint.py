@@ -1,0 +1,113 @@
+"""Checkpoint files in Dassl's layout, written atomically and read without executing pickled code.
+
+Layout: ``<dir>/<registered name>/model.pth.tar-<epoch>`` plus a text file ``checkpoint`` naming the newest file.
+A state holds ``state_dict`` (trainable tensors only), ``epoch`` (1-based), ``optimizer``, ``scheduler`` (plain
+numbers) and ``val_result``, so vltune's own files load with ``torch.load(weights_only=True)``. Files written by
+upstream Dassl pickle scheduler objects; those are read with an allow-list unpickler that rebuilds tensors and turns
+every other class into an inert placeholder, so reading a user's old checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pickle
+import re
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BEST = "model-best.pth.tar"
+_EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state: dict[str, Any], directory: str, is_best: bool = False) -> str:
+    """Write ``model.pth.tar-<state['epoch']>`` (and ``model-best.pth.tar`` when ``is_best``); return its path."""
+    fpath = os.path.join(directory, f"model.pth.tar-{state['epoch']}")
+    atomic_torch_save(state, fpath)
+    with open(os.path.join(directory, "checkpoint.tmp"), "w") as f:
+        f.write(os.path.basename(fpath) + "\n")
+    os.replace(os.path.join(directory, "checkpoint.tmp"), os.path.join(directory, "checkpoint"))
+    if is_best:
+        atomic_torch_save(state, os.path.join(directory, BEST))
+    logger.info(f"Checkpoint saved to {fpath}")
+    return fpath
+
+
+def saved_epochs(directory: str) -> list[int]:
+    """Epoch suffixes of the ``model.pth.tar-N`` files in ``directory``, ascending."""
+    found = (_EPOCH_FILE.match(os.path.basename(p)) for p in glob.glob(os.path.join(directory, "model.pth.tar-*")))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def resolve_checkpoint(directory: str, epoch: int | None = None) -> str:
+    """The file for ``epoch`` in ``directory``: None → ``model-best.pth.tar``, -1 → the newest epoch, N → epoch N."""
+    if epoch is None:
+        path = os.path.join(directory, BEST)
+    else:
+        epochs = saved_epochs(directory)
+        if epoch < 0 and epochs:
+            epoch = epochs[-1]
+        path = os.path.join(directory, f"model.pth.tar-{epoch}")
+    if not os.path.isfile(path):
+        have = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        raise FileNotFoundError(
+            f"checkpoint not found: {path} (folder holds: {', '.join(have) or 'nothing'}); "
+            "pass --load-epoch N for model.pth.tar-N, or -1 for the newest"
+        )
+    return path
+
+
+class _Inert:
+    """Stands in for any class a legacy checkpoint names outside the allow-list; it only stores what it is given."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _allowed(module: str, name: str) -> bool:
+    if module == "collections" and name == "OrderedDict":
+        return True
+    if module.split(".")[0] != "torch":
+        return False
+    if name.startswith("_rebuild") or name.endswith("Storage"):
+        return True
+    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, type(torch.Size)))
+
+
+class _LegacyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if _allowed(module, name):
+            return super().find_class(module, name)
+        return _Inert
+
+
+class _legacy_pickle:  # noqa: N801  (a module-like namespace for torch.load's pickle_module)
+    Unpickler = _LegacyUnpickler
+    load = pickle.load
+    __name__ = "vltune_legacy_pickle"
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint: ``weights_only`` first; upstream files with pickled objects via the allow-list unpickler."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        logger.info(f"{path} holds pickled objects (an upstream Dassl checkpoint); reading tensors only")
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=_legacy_pickle)

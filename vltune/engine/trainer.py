@@ -1,0 +1,496 @@
+"""The trainer base: Dassl's lifecycle and hooks; the loop, precision, schedule, checkpoints and cost in one place.
+
+A method subclasses ``TrainerX`` and implements:
+
+* ``build_model()``: build ``self.model`` (an ``nn.Module`` holding the CLIP backbone and the method's modules) and
+  call ``register_model(name, module)`` for each trainable part. The name is the checkpoint sub-folder (Dassl's
+  ``prompt_learner``, ``clip_adapter``, …); by default a registered module's parameters are the trainable set.
+* ``loss(batch) -> (loss, metrics)``: the training objective on a batch already on the device.
+* ``inference(images) -> logits``: (B, 3, H, W) → (B, C) for the current class set.
+
+Optional: ``trainable_parameters()`` (a narrower set), ``param_groups(name, module, params)`` (per-group LR),
+``before_evaluate`` (cache text features once per evaluation), the epoch/train hooks (call ``super()``), and
+``forward_backward`` only when the update itself differs from "backward the loss, step" (ProGrad), with a comment
+saying so.
+
+The engine freezes everything outside the trainable set, asserts the optimizers hold exactly that set, steps the LR
+once per epoch, owns precision (fp32 / amp / fp16), gradient clipping, checkpoints of the trainable state, resume
+and the cost meter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+from vltune.engine.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint, saved_epochs
+from vltune.engine.cost import CostMeter
+from vltune.engine.optim import build_lr_scheduler, build_optimizer
+from vltune.engine.precision import Precision
+from vltune.evaluation import build_evaluator
+
+logger = logging.getLogger(__name__)
+
+
+def set_random_seed(seed: int) -> None:
+    """Seed python, numpy and torch (every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+class _Meter:
+    def __init__(self) -> None:
+        self.val, self.sum, self.n = 0.0, 0.0, 0
+
+    def update(self, v: float, n: int = 1) -> None:
+        self.val, self.sum, self.n = v, self.sum + v * n, self.n + n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.n, 1)
+
+
+class TrainerBase:
+    """Model registration, the epoch loop skeleton, checkpoints and resume (Dassl's ``TrainerBase``)."""
+
+    #: checkpoint keys that older files carry but that are rebuilt rather than loaded (CoOp's prompt buffers)
+    checkpoint_ignore_keys: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[str, nn.Module] = OrderedDict()
+        self._optims: OrderedDict[str, torch.optim.Optimizer | None] = OrderedDict()
+        self._scheds: OrderedDict[str, Any] = OrderedDict()
+
+    def register_model(self, name: str = "model", model: nn.Module | None = None, optim: Any = None,
+                       sched: Any = None) -> None:
+        """Declare a trainable module; ``name`` becomes its checkpoint sub-folder. The engine builds optim/sched."""
+        if "_models" not in self.__dict__:
+            raise AttributeError("call super().__init__() before register_model()")
+        assert name not in self._models, f"model name {name!r} is already registered"
+        self._models[name], self._optims[name], self._scheds[name] = model, optim, sched
+
+    def get_model_names(self, names: Iterable[str] | str | None = None) -> list[str]:
+        if names is None:
+            return list(self._models)
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self._models:
+                raise KeyError(f"no registered model {n!r}; registered: {list(self._models)}")
+        return names
+
+    def update_lr(self, names: Iterable[str] | None = None) -> None:
+        for name in self.get_model_names(names):
+            if self._scheds[name] is not None:
+                self._scheds[name].step()
+
+    def get_current_lr(self, names: Iterable[str] | None = None) -> float:
+        name = self.get_model_names(names)[0]
+        return self._optims[name].param_groups[0]["lr"] if self._optims[name] else 0.0
+
+    def train(self, start_epoch: int | None = None, max_epoch: int | None = None) -> None:
+        """``before_train; for each epoch: before_epoch, run_epoch, after_epoch; after_train``."""
+        if start_epoch is not None:
+            self.start_epoch = start_epoch
+        if max_epoch is not None:
+            self.max_epoch = max_epoch
+        self.before_train()
+        for self.epoch in range(self.start_epoch, self.max_epoch):
+            self.before_epoch()
+            self.run_epoch()
+            self.after_epoch()
+        self.after_train()
+
+    def before_train(self) -> None: ...
+
+    def after_train(self) -> None: ...
+
+    def before_epoch(self) -> None: ...
+
+    def after_epoch(self) -> None: ...
+
+    def run_epoch(self) -> None:
+        raise NotImplementedError
+
+    # ---- trainable state -------------------------------------------------------------------------------------
+    def trainable_state(self, name: str) -> OrderedDict[str, torch.Tensor]:
+        """The registered module's trainable parameters and persistent buffers (never frozen weights)."""
+        module = self._models[name]
+        keep = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+        return OrderedDict((k, v.detach().clone()) for k, v in self._models[name].state_dict().items() if k in keep)
+
+    def load_trainable_state(self, name: str, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load exactly the expected keys: missing, unexpected or mis-shaped keys fail naming the key and file."""
+        module = self._models[name]
+        state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        ignored = [k for k in state if k.split(".")[-1] in self.checkpoint_ignore_keys]
+        for k in ignored:
+            del state[k]
+        expected = self.trainable_state(name)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"{source}: checkpoint keys do not match module {name!r}: missing {missing}, "
+                           f"unexpected {unexpected}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(f"{source}: key {k!r} has shape {tuple(v.shape)} but module {name!r} expects "
+                                 f"{tuple(expected[k].shape)} (was it trained with another class set or N_CTX?)")
+        module.load_state_dict(state, strict=False)
+
+    def save_model(self, epoch: int, directory: str, is_best: bool = False, val_result: float | None = None) -> None:
+        """One checkpoint per registered module in ``directory/<name>/``; ``epoch`` is 0-based."""
+        for name in self._models:
+            state = {"state_dict": self.trainable_state(name), "epoch": epoch + 1, "val_result": val_result,
+                     "optimizer": self._optims[name].state_dict() if self._optims[name] else None,
+                     "scheduler": self._scheds[name].state_dict() if self._scheds[name] else None}
+            save_checkpoint(state, os.path.join(directory, name), is_best=is_best)
+
+    def resume_model_if_exist(self, directory: str) -> int:
+        """Resume every registered module from its newest checkpoint; return the epoch to start from (0 if none)."""
+        names = self.get_model_names()
+        if not names or not all(saved_epochs(os.path.join(directory, n)) for n in names):
+            logger.info("No checkpoint found, train from scratch")
+            return 0
+        logger.info(f"Found checkpoint at {directory} (will resume training)")
+        start = None
+        for name in names:
+            path = resolve_checkpoint(os.path.join(directory, name), -1)
+            ckpt = load_checkpoint(path, self.device)
+            self.load_trainable_state(name, ckpt["state_dict"], path)
+            if self._optims[name] is not None and ckpt.get("optimizer"):
+                self._optims[name].load_state_dict(ckpt["optimizer"])
+            if self._scheds[name] is not None and ckpt.get("scheduler"):
+                self._scheds[name].load_state_dict(ckpt["scheduler"])
+            start = ckpt["epoch"] if start is None else min(start, ckpt["epoch"])
+        return int(start or 0)
+
+    def load_model(self, directory: str, epoch: int | None = None) -> None:
+        """Load trainable weights from a previous run folder (``--model-dir``/``--load-epoch``)."""
+        names = self.get_model_names()
+        if not names:
+            logger.warning("Note that load_model() is skipped as no pretrained model is given")
+            return
+        for name in names:
+            path = resolve_checkpoint(os.path.join(directory, name), epoch)
+            ckpt = load_checkpoint(path, self.device)
+            logger.info(f'Loading weights to {name} from "{path}" (epoch = {ckpt.get("epoch")})')
+            self.load_trainable_state(name, ckpt["state_dict"], path)
+            self.loaded_epoch = ckpt.get("epoch")
+
+
+class TrainerX(TrainerBase):
+    """A supervised trainer on labelled data (``train_loader_x``); every vltune method derives from it."""
+
+    def __init__(self, cfg: CfgNode, *, eval_only: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.eval_only = eval_only
+        self.check_cfg(cfg)
+        use_cuda = cfg.USE_CUDA and torch.cuda.is_available()
+        self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
+        self.precision = Precision(self.precision_mode(), self.device)
+        self.start_epoch = self.epoch = 0
+        self.max_epoch = int(cfg.OPTIM.MAX_EPOCH)
+        self.output_dir = cfg.OUTPUT_DIR
+        self.cost = CostMeter(self.device)
+        self.loaded_epoch: int | None = None
+        self.resumed_from = 0
+        self.last_metrics: dict[str, Any] = {}
+        self.build_data_loader()
+        self.build_model()
+        self._setup_model()
+        self.evaluator = build_evaluator(cfg, lab2cname=self.lab2cname)
+        self.cost.reset_peak()
+
+    # ---- configuration ---------------------------------------------------------------------------------------
+    #: the method's config node under TRAINER (e.g. "COOP"); its PREC key wins over TRAINER.PREC
+    config_node: str | None = None
+
+    def check_cfg(self, cfg: CfgNode) -> None:
+        """Validate method-specific settings before anything is built (override and call super)."""
+
+    def precision_mode(self) -> str:
+        node = self.cfg.TRAINER.get(self.config_node) if self.config_node else None
+        if node is not None and "PREC" in node:
+            return node.PREC
+        return self.cfg.TRAINER.PREC
+
+    # ---- building --------------------------------------------------------------------------------------------
+    def build_data_loader(self) -> None:
+        """Build ``self.dm`` and Dassl's loader attributes (no training split in eval-only runs)."""
+        from vltune.data import DataManager
+
+        self.dm = DataManager(self.cfg, load_train=not self.eval_only)
+        self.train_loader_x = self.dm.train_loader_x
+        self.val_loader = self.dm.val_loader
+        self.test_loader = self.dm.test_loader
+        self.num_classes = self.dm.num_classes
+        self.lab2cname = self.dm.lab2cname
+        self.classnames = list(self.dm.classnames)
+
+    def build_model(self) -> None:
+        raise NotImplementedError
+
+    def build_clip(self) -> nn.Module:
+        """The shared CLIP backbone from ``MODEL.BACKBONE.NAME``/``WEIGHTS`` (fp32, CPU; the engine moves it)."""
+        from vltune.clip import build_backbone
+
+        clip = build_backbone(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.WEIGHTS)
+        size = tuple(self.cfg.INPUT.SIZE)
+        if size[0] != clip.image_size:
+            n = clip.image_size
+            raise ValueError(f"INPUT.SIZE {size} does not match the backbone's input resolution {n} "
+                             f"({self.cfg.MODEL.BACKBONE.NAME}); set INPUT.SIZE ({n}, {n})")
+        return clip
+
+    @property
+    def template(self) -> str:
+        """The dataset's hand-written prompt template (CoOp's CUSTOM_TEMPLATES entry)."""
+        from vltune.clip import CUSTOM_TEMPLATES
+
+        return getattr(self.dm.dataset, "template", None) or CUSTOM_TEMPLATES.get(self.cfg.DATASET.NAME,
+                                                                                 "a photo of a {}.")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The declared trainable set; by default every parameter of the registered modules."""
+        seen, out = set(), []
+        for module in self._models.values():
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def param_groups(self, name: str, module: nn.Module, params: list[nn.Parameter]) -> list[dict[str, Any]] | None:
+        """Per-group settings for ``name``'s optimizer (e.g. staged LR); None means one group at ``OPTIM.LR``."""
+        return None
+
+    def _setup_model(self) -> None:
+        if not isinstance(getattr(self, "model", None), nn.Module):
+            raise TypeError(f"{type(self).__name__}.build_model() must set self.model to an nn.Module")
+        inside = {id(m) for m in self.model.modules()}
+        for name, module in self._models.items():
+            if id(module) not in inside:
+                raise ValueError(f"registered module {name!r} is not a submodule of self.model")
+        trainable = self.trainable_parameters()
+        wanted = {id(p) for p in trainable}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in wanted)
+        if len(wanted) != sum(1 for p in self.model.parameters() if id(p) in wanted):
+            raise ValueError("trainable_parameters() returned parameters that are not part of self.model")
+        self.model.to(self.device)
+        self.precision.prepare(self.model)
+        if not self.eval_only:
+            in_optim: set[int] = set()
+            for name, module in self._models.items():
+                params = [p for p in module.parameters() if p.requires_grad and id(p) not in in_optim]
+                if not params:
+                    continue
+                in_optim |= {id(p) for p in params}
+                groups = self.param_groups(name, module, params)
+                optim = build_optimizer(groups if groups is not None else params, self.cfg.OPTIM)
+                self._optims[name], self._scheds[name] = optim, build_lr_scheduler(optim, self.cfg.OPTIM)
+            held = {id(p) for o in self._optims.values() if o for g in o.param_groups for p in g["params"]}
+            if held != wanted:
+                raise AssertionError(f"optimizers hold {len(held)} tensors but the trainable set has {len(wanted)}")
+        n_train = sum(p.numel() for p in trainable)
+        n_total = sum(p.numel() for p in self.model.parameters())
+        self.n_trainable, self.n_total = n_train, n_total
+        logger.info(f"trainable params: {n_train:,} || all params: {n_total:,} || "
+                    f"trainable%: {100.0 * n_train / max(n_total, 1):.4f}")
+        logger.info(f"Trainable params: {n_train}")
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def train(self, start_epoch: int | None = None, max_epoch: int | None = None) -> None:
+        """Train, then test; a method without trainable modules (zero-shot) goes straight to testing."""
+        if not self._models:
+            logger.info(f"{type(self).__name__} has no trainable parameters: evaluating without training")
+            self.time_start = time.time()
+            self.after_train()
+            return
+        super().train(start_epoch, max_epoch)
+
+    def set_model_mode(self, mode: str = "train") -> None:
+        """Frozen parts stay in eval mode (BatchNorm statistics of RN backbones); registered modules follow mode."""
+        self.model.eval()
+        for module in self._models.values():
+            module.train(mode == "train")
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out = dict(batch)
+        for key in ("img", "label"):
+            v = batch[key]
+            out[key] = [t.to(self.device, non_blocking=True) for t in v] if isinstance(v, list) else v.to(
+                self.device, non_blocking=True)
+        return out
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def model_inference(self, images: torch.Tensor) -> torch.Tensor:
+        """Dassl's name for ``inference``."""
+        return self.inference(images)
+
+    def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimisation step: loss under the precision context, backward, clip, step."""
+        with self.precision.autocast():
+            loss, metrics = self.loss(batch)
+        self.model_backward_and_update(loss)
+        return {"loss": float(loss.detach()), **metrics}
+
+    def model_backward_and_update(self, loss: torch.Tensor, names: Iterable[str] | None = None) -> None:
+        names = [n for n in self.get_model_names(names) if self._optims[n] is not None]
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError("Loss is infinite or NaN!")
+        for n in names:
+            self._optims[n].zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.step_optimizers(names)
+
+    def step_optimizers(self, names: Iterable[str] | None = None) -> None:
+        """Unscale, clip (``OPTIM.MAX_GRAD_NORM``) and step; for methods that produce gradients themselves."""
+        names = [n for n in self.get_model_names(names) if self._optims[n] is not None]
+        max_norm = float(self.cfg.OPTIM.MAX_GRAD_NORM)
+        for n in names:
+            self.precision.unscale(self._optims[n])
+            if max_norm > 0:
+                params = [p for g in self._optims[n].param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, max_norm)
+            self.precision.step(self._optims[n])
+        self.precision.update()
+
+    def before_train(self) -> None:
+        directory = self.cfg.RESUME or self.output_dir
+        self.start_epoch = self.resumed_from = self.resume_model_if_exist(directory)
+        self.time_start = time.time()
+
+    def before_epoch(self) -> None:
+        # Seeding per epoch makes a resumed run replay exactly what an uninterrupted run would have done.
+        if self.cfg.SEED >= 0:
+            epoch_seed = self.cfg.SEED * 100_003 + self.epoch
+            set_random_seed(epoch_seed)
+            generator = getattr(self.train_loader_x, "generator", None)
+            if generator is not None:
+                generator.manual_seed(epoch_seed)
+
+    def run_epoch(self) -> None:
+        self.set_model_mode("train")
+        meters: dict[str, _Meter] = {}
+        batch_time, data_time = _Meter(), _Meter()
+        self.num_batches = len(self.train_loader_x)
+        with self.cost.phase("train"):
+            end = time.time()
+            for self.batch_idx, batch in enumerate(self.train_loader_x):
+                data_time.update(time.time() - end)
+                batch = self.to_device(batch)
+                metrics = self.forward_backward(batch)
+                n = len(batch["label"])
+                self.cost.count("train", n)
+                for k, v in metrics.items():
+                    meters.setdefault(k, _Meter()).update(float(v), n)
+                batch_time.update(time.time() - end)
+                end = time.time()
+                if self._should_print():
+                    self._print_progress(meters, batch_time, data_time)
+
+    def _should_print(self) -> bool:
+        freq = self.cfg.TRAIN.PRINT_FREQ
+        return (self.batch_idx + 1) % freq == 0 or self.num_batches < freq
+
+    def _print_progress(self, meters: dict[str, _Meter], batch_time: _Meter, data_time: _Meter) -> None:
+        left = (self.num_batches - self.batch_idx - 1) + (self.max_epoch - self.epoch - 1) * self.num_batches
+        eta = str(datetime.timedelta(seconds=int(batch_time.avg * left)))
+        parts = [f"epoch [{self.epoch + 1}/{self.max_epoch}]", f"batch [{self.batch_idx + 1}/{self.num_batches}]",
+                 f"time {batch_time.val:.3f} ({batch_time.avg:.3f})",
+                 f"data {data_time.val:.3f} ({data_time.avg:.3f})"]
+        parts += [f"{k} {m.val:.4f} ({m.avg:.4f})" for k, m in meters.items()]
+        parts += [f"lr {self.get_current_lr():.4e}", f"eta {eta}"]
+        logger.info(" ".join(parts))
+
+    def after_epoch(self) -> None:
+        self.update_lr()
+        last = self.epoch + 1 == self.max_epoch
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        keep = last or (freq > 0 and (self.epoch + 1) % freq == 0)
+        if keep or self.cfg.TRAIN.RESUME_CHECKPOINT:
+            self.save_model(self.epoch, self.output_dir)
+            self._drop_stale_resume_checkpoints(keep_epoch=self.epoch + 1)
+
+    def _drop_stale_resume_checkpoints(self, keep_epoch: int) -> None:
+        """Keep only the newest resume checkpoint besides the ones Dassl's rules keep (last, every FREQ)."""
+        freq = self.cfg.TRAIN.CHECKPOINT_FREQ
+        for name in self._models:
+            folder = os.path.join(self.output_dir, name)
+            for e in saved_epochs(folder):
+                kept_by_rule = e == self.max_epoch or (freq > 0 and e % freq == 0)
+                if e != keep_epoch and not kept_by_rule:
+                    os.remove(os.path.join(folder, f"model.pth.tar-{e}"))
+
+    def after_train(self) -> None:
+        logger.info("Finish training")
+        logger.info(f"Training time: {self.cost.seconds.get('train', 0.0):.2f}s, "
+                    f"Speed: {self.cost.throughput('train'):.2f} img/s")
+        if not self.cfg.TEST.NO_TEST:
+            logger.info("Deploy the last-epoch model")
+            self.test()
+        elapsed = str(datetime.timedelta(seconds=round(time.time() - self.time_start)))
+        logger.info(f"Elapsed: {elapsed}")
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def before_evaluate(self) -> None:
+        """Called once per evaluation under no_grad: cache class text features here."""
+
+    def after_evaluate(self) -> None:
+        """Drop what ``before_evaluate`` cached."""
+
+    @torch.no_grad()
+    def test(self, split: str | None = None) -> float:
+        """Evaluate on ``split`` (default ``TEST.SPLIT``); returns accuracy and keeps all metrics in last_metrics."""
+        self.set_model_mode("eval")
+        self.evaluator.reset()
+        split = split or self.cfg.TEST.SPLIT
+        loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
+        split = "val" if loader is self.val_loader else "test"
+        logger.info(f"Evaluate on the *{split}* set")
+        with self.cost.phase("eval"):
+            with self.precision.autocast():
+                self.before_evaluate()
+            try:
+                for batch in loader:
+                    images = batch["img"].to(self.device, non_blocking=True)
+                    with self.precision.autocast():
+                        logits = self.model_inference(images)
+                    self.evaluator.process(logits.float(), batch["label"])
+                    self.cost.count("eval", len(images))
+            finally:
+                self.after_evaluate()
+        self.last_metrics = self.evaluator.evaluate()
+        logger.info(f"Test time: {self.cost.seconds['eval']:.2f}s, Speed: {self.cost.throughput('eval'):.2f} img/s")
+        return self.last_metrics["accuracy"]
+
+    # ---- the record ------------------------------------------------------------------------------------------
+    def cost_record(self) -> dict[str, Any]:
+        """Measured cost of this run so far, in result.json's units."""
+        peak, method = self.cost.peak_memory()
+        cache = self.cost.seconds.get("cache", 0.0)
+        ckpt_bytes = sum(t.numel() * t.element_size() for n in self._models for t in self.trainable_state(n).values())
+        return {"train_time_s": max(self.cost.seconds.get("train", 0.0) - cache, 0.0), "cache_time_s": cache,
+                "eval_time_s": self.cost.seconds.get("eval", 0.0), "images_per_s": self.cost.throughput("train"),
+                "eval_images_per_s": self.cost.throughput("eval"), "peak_mem_mb": peak, "peak_mem_method": method,
+                "trainable_params": self.n_trainable, "total_params": self.n_total, "ckpt_bytes": ckpt_bytes}
