@@ -1,0 +1,310 @@
+"""Pure functions for split files, split builders, few-shot draws, base/new subsampling and the few-shot cache.
+
+Upstream keeps these as static methods of ``OxfordPets`` and ``DescribableTextures`` (CoOp ``datasets/*.py``) and
+draws with the global ``random``; here every random function takes an explicit ``random.Random``. Seeded with the
+run's SEED and used in Dassl's order (split builders, then train few-shot, then val few-shot), it reproduces
+Dassl's picks exactly, because a fresh ``random.Random(s)`` has the same state as ``random.seed(s)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+
+from vltune.data.datum import Datum, load_legacy_pickle
+
+logger = logging.getLogger(__name__)
+
+Split = tuple[list[Datum], list[Datum], list[Datum]]
+
+
+def listdir_nohidden(path: str, sort: bool = True) -> list[str]:
+    """Entries of ``path`` not starting with a dot; sorted by default (upstream order depends on the filesystem)."""
+    items = [f for f in os.listdir(path) if not f.startswith(".")]
+    return sorted(items) if sort else items
+
+
+def list_dirs(path: str) -> list[str]:
+    """Sorted non-hidden sub-folders of ``path`` (files such as ImageNet-A's README.txt are skipped)."""
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+
+
+def folder_items(folder: str, label: int, classname: str) -> list[Datum]:
+    """One Datum per non-hidden file of ``folder``, sorted by name."""
+    return [Datum(os.path.join(folder, n), label, classname=classname) for n in listdir_nohidden(folder)]
+
+
+def read_classnames(path: str) -> dict[str, str]:
+    """``classnames.txt`` of the ImageNet family: ``<wnid> <name with spaces>`` per line, file order kept."""
+    out: dict[str, str] = {}
+    with open(path) as f:
+        for line in f:
+            wnid, _, name = line.strip().partition(" ")
+            if wnid:
+                out[wnid] = name
+    return out
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``, so readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _strip(impath: str, prefix: str) -> str:
+    if prefix:
+        impath = impath.removeprefix(prefix)
+    return impath.removeprefix("/")
+
+
+def dump_split(train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datum], prefix: str) -> bytes:
+    """The split JSON bytes exactly as Dassl writes them (``indent=4, separators=(",", ": ")``, no newline)."""
+    obj = {
+        k: [(_strip(d.impath, prefix), d.label, d.classname) for d in v]
+        for k, v in (("train", train), ("val", val), ("test", test))
+    }
+    return json.dumps(obj, indent=4, separators=(",", ": ")).encode()
+
+
+def save_split(train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datum], path: str, prefix: str) -> bytes:
+    """Write a ``split_zhou_*.json`` with paths relative to ``prefix``; returns the bytes written."""
+    data = dump_split(train, val, test, prefix)
+    atomic_write(path, data)
+    logger.info(f"Saved split to {path}")
+    return data
+
+
+def read_split(path: str, prefix: str) -> Split:
+    """Read a ``split_zhou_*.json``; paths are joined to ``prefix`` and labels cast to int."""
+    logger.info(f"Reading split from {path}")
+    with open(path) as f:
+        obj = json.load(f)
+    return tuple(
+        [Datum(os.path.join(prefix, p), int(y), classname=c) for p, y, c in obj[k]] for k in ("train", "val", "test")
+    )  # type: ignore[return-value]
+
+
+def _group(items: Iterable[Datum]) -> dict[int, list[Datum]]:
+    groups: dict[int, list[Datum]] = {}  # insertion order = first appearance, as Dassl's split_dataset_by_label
+    for item in items:
+        groups.setdefault(item.label, []).append(item)
+    return groups
+
+
+def split_trainval(trainval: Sequence[Datum], p_val: float, rng: random.Random) -> tuple[list[Datum], list[Datum]]:
+    """Per label (first-appearance order): shuffle, then ``round(n * p_val)`` items go to val, the rest to train."""
+    train, val = [], []
+    for label, items in _group(trainval).items():
+        n_val = round(len(items) * p_val)
+        if n_val < 1:
+            raise ValueError(f"class {label} has {len(items)} train+val images; too few for a {p_val:.0%} val split")
+        items = list(items)
+        rng.shuffle(items)
+        val += items[:n_val]
+        train += items[n_val:]
+    return train, val
+
+
+def split_items(items: list, p_trn: float, p_val: float, rng: random.Random) -> tuple[list, list, list]:
+    """Shuffle one class's items and cut ``round(n*p_trn)`` train, ``round(n*p_val)`` val, the rest test."""
+    items = list(items)
+    rng.shuffle(items)
+    n_trn, n_val = round(len(items) * p_trn), round(len(items) * p_val)
+    if min(n_trn, n_val, len(items) - n_trn - n_val) < 1:
+        raise ValueError(f"{len(items)} images are too few for a {p_trn:.0%}/{p_val:.0%}/rest split")
+    return items[:n_trn], items[n_trn : n_trn + n_val], items[n_trn + n_val :]
+
+
+def read_and_split_data(
+    image_dir: str,
+    p_trn: float,
+    p_val: float,
+    ignored: Sequence[str] = (),
+    new_cnames: dict[str, str] | None = None,
+    rng: random.Random | None = None,
+) -> Split:
+    """Class folders of ``image_dir`` (sorted, minus ``ignored``), label = index, split per class with ``split_items``.
+
+    Image names are sorted before shuffling (upstream shuffles the raw ``os.listdir`` order).
+    """
+    rng = rng or random.Random()
+    categories = [c for c in listdir_nohidden(image_dir) if c not in ignored]
+    out: Split = ([], [], [])
+    for label, category in enumerate(categories):
+        folder = os.path.join(image_dir, category)
+        cname = (new_cnames or {}).get(category, category)
+        parts = split_items(listdir_nohidden(folder), p_trn, p_val, rng)
+        for dst, names in zip(out, parts):
+            dst += [Datum(os.path.join(folder, n), label, classname=cname) for n in names]
+    return out
+
+
+def generate_fewshot(items: Sequence[Datum], num_shots: int, rng: random.Random, repeat: bool = False) -> list[Datum]:
+    """K items per label, labels in first-appearance order: ``rng.sample(items, K)``, or all items if fewer than K.
+
+    With ``repeat`` a short class is padded by ``rng.choices`` (Dassl's ``repeat=True``). Called on train with K, then
+    on val with ``min(K, 4)`` with the same ``rng = random.Random(SEED)``, the picks equal Dassl's pickles whenever
+    the split JSON already exists (nothing else consumes ``random`` before the draw).
+    """
+    if num_shots < 1:
+        return list(items)
+    out: list[Datum] = []
+    for group in _group(items).values():
+        if len(group) >= num_shots:
+            out += rng.sample(group, num_shots)
+        else:
+            out += rng.choices(group, k=num_shots) if repeat else group
+    return out
+
+
+def subsample_classes(*lists: Sequence[Datum], subsample: str = "all") -> tuple[list[Datum], ...]:
+    """Keep the first ``ceil(C/2)`` labels of the FIRST list ("base") or the rest ("new"), relabelled from 0."""
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"DATASET.SUBSAMPLE_CLASSES must be all, base or new; got {subsample!r}")
+    if subsample == "all":
+        return tuple(list(x) for x in lists)
+    labels = sorted({d.label for d in lists[0]})
+    if not labels:
+        raise ValueError("subsample_classes: the first list is empty")
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {old: new for new, old in enumerate(selected)}
+    logger.info(f"SUBSAMPLE {subsample.upper()} CLASSES!")
+    return tuple([Datum(d.impath, relabel[d.label], 0, d.classname) for d in x if d.label in relabel] for x in lists)
+
+
+# ---------------------------------------------------------------- few-shot cache
+def cache_root() -> str:
+    """``$VLTUNE_CACHE_DIR`` or ``~/.cache/vltune``; used when the data root is read-only."""
+    return os.path.abspath(os.path.expanduser(os.environ.get("VLTUNE_CACHE_DIR") or "~/.cache/vltune"))
+
+
+def _is_writable(path: str) -> bool:
+    """Whether files can be created in ``path``, or ``path`` can be created in a writable existing parent."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK)
+
+
+def writable_dir(dataset_path: str, sub: str, kind: str) -> str:
+    """``<dataset_path>/<sub>`` when the data root allows it, else ``<cache_root>/<kind>/<dataset dir name>``.
+
+    The folder is created; nothing is ever created inside a read-only data root.
+    """
+    for folder in (os.path.join(dataset_path, sub), os.path.join(cache_root(), kind, os.path.basename(dataset_path))):
+        if _is_writable(folder):
+            try:
+                os.makedirs(folder, exist_ok=True)
+                return folder
+            except OSError:
+                continue
+    raise PermissionError(f"neither {dataset_path} nor {cache_root()} is writable; set VLTUNE_CACHE_DIR")
+
+
+def reroot(impath: str, image_path: str, dataset_path: str) -> str | None:
+    """Map an absolute path from another machine onto ``image_path``, or None if it is not under a matching folder.
+
+    The relative part is what follows the last ``<dataset dir name>/<image dir>`` in the old path.
+    """
+    marker = os.path.relpath(image_path, os.path.dirname(dataset_path)).split(os.sep)
+    parts = [p for p in re.split(r"[\\/]", impath) if p]
+    for i in range(len(parts) - len(marker), -1, -1):
+        if parts[i : i + len(marker)] == marker and i + len(marker) < len(parts):
+            return os.path.join(image_path, *parts[i + len(marker) :])
+    return None
+
+
+def fewshot_name(num_shots: int, seed: int) -> str:
+    return f"shot_{num_shots}-seed_{seed}"
+
+
+def _legacy_fewshot(path: str, image_path: str, dataset_path: str, known: dict[str, int]) -> dict | None:
+    """A Dassl few-shot pickle re-rooted onto this machine, or None if it does not match the current split."""
+    data = load_legacy_pickle(path)
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        logger.warning(f"Ignoring {path}: not a Dassl few-shot pickle")
+        return None
+    out = {}
+    for key, items in data.items():
+        out[key] = []
+        for d in items:
+            new = reroot(d.impath, image_path, dataset_path) if isinstance(d, Datum) else None
+            if new is None or known.get(new) != d.label:
+                logger.warning(f"Ignoring {path}: {getattr(d, 'impath', d)!r} is not in the current split; re-drawing")
+                return None
+            out[key].append(Datum(new, d.label, d.domain, d.classname))
+    return out
+
+
+def load_fewshot_cache(
+    dataset_path: str, image_path: str, num_shots: int, seed: int, split_sha256: str, known: Iterable[Datum]
+) -> dict[str, list[Datum]] | None:
+    """A cached few-shot draw ``{"train": [...], "val": [...]}`` (val absent for ImageNet), or None.
+
+    Order: Dassl's ``<dataset>/split_fewshot/shot_K-seed_S.pkl`` (restricted unpickler; absolute paths re-rooted and
+    checked against ``known``, the current train+val), then vltune's JSON cache in ``split_fewshot/`` and in the
+    cache dir. A JSON cache drawn from a different split (sha256 mismatch) is ignored.
+    """
+    name = fewshot_name(num_shots, seed)
+    legacy = os.path.join(dataset_path, "split_fewshot", name + ".pkl")
+    if os.path.isfile(legacy):
+        data = _legacy_fewshot(legacy, image_path, dataset_path, {d.impath: d.label for d in known})
+        if data is not None:
+            logger.info(f"Loading preprocessed few-shot data from {legacy}")
+            return data
+    for folder in (
+        os.path.join(dataset_path, "split_fewshot"),
+        os.path.join(cache_root(), "fewshot", os.path.basename(dataset_path)),
+    ):
+        path = os.path.join(folder, name + ".json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            obj = json.load(f)
+        if obj.get("split_sha256") != split_sha256:
+            logger.info(f"Ignoring {path}: drawn from another version of the split")
+            continue
+        logger.info(f"Loading preprocessed few-shot data from {path}")
+        return {
+            k: [Datum(os.path.join(image_path, p), int(y), classname=c) for p, y, c in obj[k]]
+            for k in ("train", "val")
+            if k in obj
+        }
+    return None
+
+
+def save_fewshot_cache(
+    dataset_path: str, image_path: str, num_shots: int, seed: int, split_sha256: str, data: dict[str, list[Datum]]
+) -> str | None:
+    """Write the draw as JSON (paths relative to ``image_path``) to ``split_fewshot/`` or the cache dir.
+
+    Never a pickle; returns the path written, or None when no location is writable.
+    """
+    try:
+        folder = writable_dir(dataset_path, "split_fewshot", "fewshot")
+    except PermissionError as e:
+        logger.warning(f"Few-shot draw not cached: {e}")
+        return None
+    path = os.path.join(folder, fewshot_name(num_shots, seed) + ".json")
+    logger.info(f"Saving preprocessed few-shot data to {path}")
+    obj = {
+        "num_shots": num_shots,
+        "seed": seed,
+        "split_sha256": split_sha256,
+        **{k: [(_strip(d.impath, image_path), d.label, d.classname) for d in v] for k, v in data.items()},
+    }
+    atomic_write(path, json.dumps(obj, indent=1).encode())
+    return path
