@@ -13,6 +13,8 @@ import sys
 import time
 
 _FORMAT = "%(message)s"
+# vltune's own loggers log at INFO; everything else (open_clip logs through the root logger) only from WARNING up.
+_OWN = ("vltune", "trainers", "datasets", "train", "parallel_runner")
 
 
 def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> str | None:
@@ -22,7 +24,9 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> s
         if getattr(handler, "_vltune", False):
             root.removeHandler(handler)
             handler.close()
-    root.setLevel(level)
+    root.setLevel(logging.WARNING)
+    for name in _OWN:
+        logging.getLogger(name).setLevel(level)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     path = None
     if output_dir:

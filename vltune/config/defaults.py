@@ -130,5 +130,5 @@ def get_cfg_default() -> CN:
 
     _C.TRAINER = CN()
     _C.TRAINER.NAME = ""  # trainer registry name (CoOp, ZeroshotCLIP, …)
-    _C.TRAINER.PREC = "fp32"  # [vltune] global precision when the trainer node has no PREC: fp32 | amp | fp16
+    _C.TRAINER.PREC = "fp16"  # precision of every trainer whose own node leaves PREC empty: fp16 (CUDA) | amp | fp32
     return _C

@@ -64,9 +64,8 @@ class EpochLRSchedule:
         self.recount = optim.WARMUP_RECOUNT
         self.max_epoch = int(optim.MAX_EPOCH)
         stepsize = optim.STEPSIZE if isinstance(optim.STEPSIZE, (list, tuple)) else (optim.STEPSIZE,)
-        self.stepsize, self.gamma = [int(s) for s in stepsize], optim.GAMMA
-        if self.kind in ("single_step", "multi_step") and min(self.stepsize) <= 0:
-            raise ValueError(f"OPTIM.STEPSIZE must be positive for {self.kind}, got {optim.STEPSIZE}")
+        # Dassl's default STEPSIZE (-1,) reaches torch's StepLR(step_size=-1), which decays every epoch: keep that.
+        self.stepsize, self.gamma = [max(int(s), 1) for s in stepsize], optim.GAMMA
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]

@@ -216,7 +216,7 @@ class TrainerX(TrainerBase):
         self.cost.reset_peak()
 
     # ---- configuration ---------------------------------------------------------------------------------------
-    #: the method's config node under TRAINER (e.g. "COOP"); its PREC key wins over TRAINER.PREC
+    #: the method's config node under TRAINER (e.g. "COOP"); a non-empty PREC there wins over TRAINER.PREC
     config_node: str | None = None
 
     def check_cfg(self, cfg: CfgNode) -> None:
@@ -224,9 +224,7 @@ class TrainerX(TrainerBase):
 
     def precision_mode(self) -> str:
         node = self.cfg.TRAINER.get(self.config_node) if self.config_node else None
-        if node is not None and "PREC" in node:
-            return node.PREC
-        return self.cfg.TRAINER.PREC
+        return (node.get("PREC") if node is not None else "") or self.cfg.TRAINER.PREC
 
     # ---- building --------------------------------------------------------------------------------------------
     def build_data_loader(self) -> None:
@@ -358,6 +356,8 @@ class TrainerX(TrainerBase):
         names = [n for n in self.get_model_names(names) if self._optims[n] is not None]
         if not torch.isfinite(loss).all():
             raise FloatingPointError("Loss is infinite or NaN!")
+        if not names:  # nothing trainable (zero-shot): a step changes nothing
+            return
         for n in names:
             self._optims[n].zero_grad(set_to_none=True)
         self.precision.backward(loss)

@@ -1,0 +1,79 @@
+"""Shared fixtures: the generated digits dataset in CoOp layout and tiny CLIP weights (random and pretrained).
+
+The pretrained tiny CLIP takes about a minute to build on 2 cores, so it is cached under ``.pytest_cache`` keyed by
+a hash of the code and settings that produce it; any change to them rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import vltune  # noqa: E402,F401  (compat shim first)
+
+CACHE = REPO / ".pytest_cache" / "vltune-fixtures"
+PRETRAIN = dict(steps=300, lr=5e-4, batch_size=128, seed=0)
+
+
+def _source_key(*files: str, extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for f in files:
+        h.update((REPO / f).read_bytes())
+    return h.hexdigest()[:12]
+
+
+@pytest.fixture(scope="session")
+def digits_root() -> str:
+    """Data root holding ``digits/`` (images + split_zhou_Digits.json)."""
+    from vltune.data.synthetic import write_digits_dataset
+
+    root = CACHE / f"data-{_source_key('vltune/data/synthetic.py')}"
+    write_digits_dataset(str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_weights(digits_root: str) -> str:
+    """A vltune-tiny CLIP contrastively pretrained on the digits TRAIN split (plain state dict)."""
+    from vltune.clip.pretrain import pretrain
+
+    key = _source_key("vltune/clip/pretrain.py", "vltune/data/synthetic.py", extra=repr(sorted(PRETRAIN.items())))
+    path = CACHE / f"tiny-digits-{key}.pt"
+    if not path.exists():
+        folder = os.path.join(digits_root, "digits")
+        pretrain(os.path.join(folder, "split_zhou_Digits.json"), os.path.join(folder, "images"), str(path), **PRETRAIN)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def random_clip_weights() -> str:
+    """A randomly initialised vltune-tiny CLIP (seed 0) as a plain state dict."""
+    import open_clip
+    import torch
+
+    import vltune.clip  # noqa: F401
+
+    path = CACHE / "tiny-random.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(open_clip.create_model("vltune-tiny", pretrained=None).state_dict(), path)
+    return str(path)
+
+
+def tiny_opts(root: str, weights: str, **extra: object) -> list[str]:
+    """Opts for a fast CPU run of any trainer on the digits dataset with a tiny CLIP."""
+    opts = {"DATASET.ROOT": root, "DATASET.NAME": "Digits", "MODEL.BACKBONE.NAME": "vltune-tiny",
+            "MODEL.BACKBONE.WEIGHTS": weights, "INPUT.SIZE": "(32, 32)", "INPUT.INTERPOLATION": "bicubic",
+            "INPUT.PIXEL_MEAN": "[0.48145466, 0.4578275, 0.40821073]",
+            "INPUT.PIXEL_STD": "[0.26862954, 0.26130258, 0.27577711]", "INPUT.TRANSFORMS": "('normalize',)",
+            "DATALOADER.NUM_WORKERS": "0", "TRAINER.PREC": "fp32", "USE_CUDA": "False"}
+    opts.update({k: str(v) for k, v in extra.items()})
+    return [x for kv in opts.items() for x in kv]

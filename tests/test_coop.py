@@ -1,0 +1,103 @@
+"""CoOp's prompt construction (end / middle / front, CSC, CTX_INIT) and its checkpoint compatibility."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_opts
+
+from trainers.coop import PromptLearner
+from vltune.clip import build_backbone
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+from vltune.engine.checkpoint import atomic_torch_save
+
+NAMES = ["sea lion", "cat", "ice_cream cone"]
+
+
+@pytest.fixture(scope="module")
+def clip(random_clip_weights):
+    return build_backbone("vltune-tiny", random_clip_weights)
+
+
+def _ids_of(clip, text: str) -> list[int]:
+    ids = clip.tokenize([text])[0]
+    return ids[1:int(clip.eot_index(ids[None])[0])].tolist()
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_prompt_layout_places_the_class_tokens(clip, position):
+    pl = PromptLearner(clip, NAMES, 4, "", False, position)
+    prompts, eot = pl()
+    table = clip.model.token_embedding.weight
+    for i, name in enumerate(NAMES):
+        name_ids = _ids_of(clip, name.replace("_", " "))
+        start = {"end": 1 + 4, "middle": 1 + 2, "front": 1}[position]
+        expected = table[name_ids]
+        torch.testing.assert_close(prompts[i, start:start + len(name_ids)], expected, rtol=0, atol=0)
+        ctx_rows = {"end": [1, 2, 3, 4], "middle": [1, 2, 3 + len(name_ids), 4 + len(name_ids)],
+                    "front": [1 + len(name_ids) + k for k in range(4)]}[position]
+        torch.testing.assert_close(prompts[i, ctx_rows], pl.ctx, rtol=0, atol=0)
+        assert int(eot[i]) == 1 + 4 + len(name_ids) + 1  # [SOS] ctx name "." → EOT
+    assert prompts.shape[1] == int(eot.max()) + 1  # cut to the longest prompt
+
+
+def test_ctx_init_counts_bpe_tokens_not_words(clip):
+    phrase = "a photo of a pet,"  # 5 words, 6 BPE tokens ("pet" and ",")
+    pl = PromptLearner(clip, NAMES, 16, phrase, False, "end")
+    assert pl.n_ctx == len(_ids_of(clip, phrase)) == 6
+    torch.testing.assert_close(pl.ctx.data, clip.model.token_embedding.weight[_ids_of(clip, phrase)])
+    prompts, eot = pl()
+    ids = clip.tokenize([f"{phrase} {n.replace('_', ' ')}." for n in NAMES])
+    features = clip.encode_text_from_embeddings(prompts, eot)
+    torch.testing.assert_close(features, clip.encode_text(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_class_specific_context_has_one_context_per_class(clip):
+    pl = PromptLearner(clip, NAMES, 4, "", True, "end")
+    assert pl.ctx.shape == (len(NAMES), 4, clip.width_text)
+    prompts, _ = pl()
+    torch.testing.assert_close(prompts[:, 1:5], pl.ctx, rtol=0, atol=0)
+
+
+def _trainer(root, weights, out, **extra):
+    opts = {"TRAINER.NAME": "CoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 1, "OPTIM.MAX_EPOCH": 1}
+    opts.update(extra)
+    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)), eval_only=True)
+
+
+def test_csc_with_ctx_init_is_rejected(digits_root, random_clip_weights, tmp_path):
+    with pytest.raises(ValueError, match="CSC needs random init"):
+        _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.COOP.CSC": True,
+                                                                     "TRAINER.COOP.CTX_INIT": "a_photo"})
+
+
+def test_generic_context_transfers_to_another_class_set_and_csc_does_not(digits_root, random_clip_weights, tmp_path):
+    base = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **{"DATASET.SUBSAMPLE_CLASSES": "base"})
+    base.save_model(0, str(tmp_path / "a"))
+    new = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **{"DATASET.SUBSAMPLE_CLASSES": "new"})
+    new.load_model(str(tmp_path / "a"), epoch=1)
+    assert torch.equal(new.model.prompt_learner.ctx, base.model.prompt_learner.ctx)
+
+    csc = _trainer(digits_root, random_clip_weights, str(tmp_path / "c"),
+                   **{"DATASET.SUBSAMPLE_CLASSES": "base", "TRAINER.COOP.CSC": True})
+    csc.save_model(0, str(tmp_path / "c"))
+    csc_new = _trainer(digits_root, random_clip_weights, str(tmp_path / "d"),
+                       **{"DATASET.SUBSAMPLE_CLASSES": "all", "TRAINER.COOP.CSC": True})
+    with pytest.raises(ValueError, match=r"key 'ctx' has shape \(5, 16, 64\).*expects \(10, 16, 64\)"):
+        csc_new.load_model(str(tmp_path / "c"), epoch=1)
+
+
+def test_upstream_checkpoint_with_prompt_buffers_and_fp16_ctx_loads(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "run"))
+    ctx = torch.randn(16, 64).half()
+    state = {"state_dict": {"ctx": ctx, "token_prefix": torch.zeros(10, 1, 64).half(),
+                            "token_suffix": torch.zeros(10, 60, 64).half()},
+             "epoch": 50, "optimizer": None, "scheduler": None}
+    atomic_torch_save(state, str(tmp_path / "upstream" / "prompt_learner" / "model.pth.tar-50"))
+    trainer.load_model(str(tmp_path / "upstream"), epoch=50)
+    assert torch.equal(trainer.model.prompt_learner.ctx.data, ctx.float())
+    state["state_dict"]["meta_net.weight"] = torch.zeros(2, 2)
+    atomic_torch_save(state, str(tmp_path / "bad" / "prompt_learner" / "model.pth.tar-50"))
+    with pytest.raises(KeyError, match="unexpected \\['meta_net.weight'\\]"):
+        trainer.load_model(str(tmp_path / "bad"), epoch=50)

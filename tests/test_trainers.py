@@ -1,0 +1,125 @@
+"""The same invariant checks for every registered trainer (the registry is enumerated, so new methods join for free).
+
+Per-trainer differences live in one table: the ``test_overrides`` given at registration
+(``TRAINERS.register(..., test_overrides=dict(opts={...}, trainable=False))``), never in ``if`` chains here.
+The checks run on a randomly initialised tiny CLIP and the generated digits dataset:
+finite (B, C) logits; after 3 steps every trainable tensor changed and got a gradient while every other tensor is
+bitwise equal and gradient-free; the optimizers hold exactly the trainable set; save → load in a fresh trainer
+gives equal logits; batched inference equals per-sample inference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_opts
+
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+from vltune.registry import TRAINERS
+
+get_cfg()  # imports trainers/ so the registry is complete at collection time
+NAMES = TRAINERS.registered_names()
+
+
+def _overrides(name: str) -> dict:
+    return dict(TRAINERS.meta(name).get("test_overrides") or {})
+
+
+def _cfg(name: str, root: str, weights: str, out: str):
+    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
+            "OPTIM.LR_SCHEDULER": "cosine",
+            "SEED": 1}
+    opts.update(_overrides(name).get("opts", {}))
+    return get_cfg(opts=tiny_opts(root, weights, **opts))
+
+
+def _train_steps(trainer, n: int = 3) -> None:
+    trainer.set_model_mode("train")
+    batches = iter(trainer.train_loader_x)
+    for _ in range(n):
+        trainer.forward_backward(trainer.to_device(next(batches)))
+
+
+def _test_images(trainer, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = next(iter(trainer.test_loader))
+    return batch["img"][:n], batch["label"][:n]
+
+
+@torch.no_grad()
+def _logits(trainer, images: torch.Tensor) -> torch.Tensor:
+    trainer.set_model_mode("eval")
+    trainer.before_evaluate()
+    try:
+        return trainer.model_inference(images)
+    finally:
+        trainer.after_evaluate()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, digits_root, random_clip_weights):
+    """name → a trainer after 3 training steps, plus the parameters it started from."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = str(tmp_path_factory.mktemp(name))
+            trainer = build_trainer(_cfg(name, digits_root, random_clip_weights, out))
+            before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+            _train_steps(trainer)
+            cache[name] = (trainer, before, out)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_are_finite_with_one_column_per_class(name, built):
+    trainer, _, _ = built(name)
+    images, _ = _test_images(trainer)
+    logits = _logits(trainer, images)
+    assert logits.shape == (len(images), trainer.num_classes)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_only_declared_trainable_parameters_change(name, built):
+    trainer, before, _ = built(name)
+    trainable = {id(p) for p in trainer.trainable_parameters()}
+    params = dict(trainer.model.named_parameters())
+    changed = {k for k, p in params.items() if not torch.equal(p.detach(), before[k])}
+    declared = {k for k, p in params.items() if id(p) in trainable}
+    if _overrides(name).get("trainable", True):
+        assert declared, f"{name} declares no trainable parameters"
+        assert changed == declared, f"changed but frozen: {changed - declared}; declared but unchanged: " \
+                                    f"{declared - changed}"
+        assert all(params[k].grad is not None for k in declared)
+    else:
+        assert not declared and not changed and trainer.n_trainable == 0
+    assert all(p.grad is None for k, p in params.items() if k not in declared), "a frozen parameter got a gradient"
+    assert all(not p.requires_grad for k, p in params.items() if k not in declared)
+    held = {id(p) for o in trainer._optims.values() if o for g in o.param_groups for p in g["params"]}
+    assert held == trainable
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_then_load_gives_equal_logits(name, built, digits_root, random_clip_weights, tmp_path):
+    trainer, _, out = built(name)
+    images, _ = _test_images(trainer)
+    expected = _logits(trainer, images)
+    trainer.save_model(0, str(tmp_path))
+    fresh = build_trainer(_cfg(name, digits_root, random_clip_weights, str(tmp_path / "fresh")), eval_only=True)
+    if _overrides(name).get("trainable", True):
+        assert not torch.allclose(_logits(fresh, images), expected), "training changed nothing"
+    fresh.load_model(str(tmp_path), epoch=1)
+    torch.testing.assert_close(_logits(fresh, images), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_inference_equals_per_sample(name, built):
+    trainer, _, _ = built(name)
+    images, _ = _test_images(trainer)
+    batched = _logits(trainer, images)
+    single = torch.cat([_logits(trainer, images[i:i + 1]) for i in range(len(images))])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)

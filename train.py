@@ -1,0 +1,151 @@
+"""Run one job with Dassl's command line: train (then test), or ``--eval-only`` a saved run.
+
+    python train.py --root DATA --seed 1 --trainer CoOp \
+        --dataset-config-file configs/datasets/oxford_pets.yaml \
+        --config-file configs/trainers/CoOp/vit_b16_ep50.yaml \
+        --output-dir output/coop/oxford_pets/seed1 DATASET.NUM_SHOTS 16
+
+Writes ``log.txt`` (Dassl's lines), ``config.yaml`` and ``result.json`` (the record tables are built from) into the
+output dir. A finished output dir (``result.json`` with status success and the same config) is not run again; an
+interrupted one resumes from its newest checkpoint. A failure writes ``exceptions.txt`` and a ``failed`` record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import sys
+import traceback
+from typing import Any
+
+import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
+from vltune.config import ConfigError, get_cfg
+from vltune.engine import build_trainer, set_random_seed
+from vltune.logs import setup_logging
+from vltune.registry import RegistryError
+from vltune.results.record import SCHEMA, config_hash, config_to_dict, environment, read_record, write_json_atomic
+
+logger = logging.getLogger("train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--root", type=str, default="", help="path to the datasets' parent folder")
+    p.add_argument("--output-dir", type=str, default="", help="run folder")
+    p.add_argument("--resume", type=str, default="", help="checkpoint folder to resume from (default: output dir)")
+    p.add_argument("--seed", type=int, default=-1, help="fixed seed if >= 0 (0 included)")
+    p.add_argument("--source-domains", type=str, nargs="+", help="accepted and ignored (Dassl DA/DG)")
+    p.add_argument("--target-domains", type=str, nargs="+", help="accepted and ignored (Dassl DA/DG)")
+    p.add_argument("--transforms", type=str, nargs="+", help="training augmentations")
+    p.add_argument("--trainer", type=str, default="", help="trainer name (CoOp, ZeroshotCLIP, ...)")
+    p.add_argument("--backbone", type=str, default="", help="CLIP architecture (ViT-B/16, RN50, ...)")
+    p.add_argument("--head", type=str, default="", help="accepted and ignored")
+    p.add_argument("--config-file", type=str, default="", help="trainer yaml")
+    p.add_argument("--dataset-config-file", type=str, default="", help="dataset yaml")
+    p.add_argument("--eval-only", action="store_true", help="evaluate only")
+    p.add_argument("--model-dir", type=str, default="", help="run folder whose checkpoints --eval-only loads")
+    p.add_argument("--load-epoch", type=int, help="checkpoint epoch to load (-1: newest; absent: model-best)")
+    p.add_argument("--no-train", action="store_true", help="build the trainer but do not train")
+    p.add_argument("--pre_train_exp_name", type=str, default="", help="accepted for CoPrompt scripts")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p
+
+
+def job_identity(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+    config = os.path.splitext(os.path.basename(args.config_file))[0] if args.config_file else ""
+    return {"trainer": cfg.TRAINER.NAME, "config": config, "dataset": cfg.DATASET.NAME,
+            "shots": int(cfg.DATASET.NUM_SHOTS), "subsample": cfg.DATASET.SUBSAMPLE_CLASSES, "seed": int(cfg.SEED),
+            "phase": "eval" if args.eval_only else "train", "source": os.path.abspath(args.model_dir) if
+            args.model_dir else ""}
+
+
+def make_record(status: str, args: argparse.Namespace, cfg: Any, trainer: Any, error: str = "") -> dict[str, Any]:
+    import torch
+
+    device = trainer.device if trainer is not None else torch.device("cpu")
+    metrics = {k: v for k, v in (trainer.last_metrics if trainer is not None else {}).items()
+               if k in ("accuracy", "error", "macro_f1", "per_class")}
+    record = {"schema": SCHEMA, "status": status, "created_at": datetime.datetime.now().isoformat(timespec="seconds"),
+              "job": job_identity(args, cfg), "metrics": metrics,
+              "cost": trainer.cost_record() if trainer is not None else {}, "env": environment(device),
+              "config_hash": config_hash(cfg), "config": config_to_dict(cfg)}
+    if trainer is not None:
+        record["job"]["resumed_from_epoch"] = trainer.resumed_from
+        if trainer.loaded_epoch is not None:
+            record["job"]["load_epoch"] = trainer.loaded_epoch
+    if error:
+        record["error"] = error
+    return record
+
+
+def already_finished(output_dir: str, cfg: Any) -> bool:
+    """True when ``output_dir`` holds a successful record of this config; raise if it holds another config's."""
+    record = read_record(os.path.join(output_dir, "result.json"))
+    if not record or record.get("status") != "success":
+        return False
+    if record.get("config_hash") != config_hash(cfg):
+        raise SystemExit(f"error: {output_dir} holds a finished run of a different config "
+                         f"(hash {record.get('config_hash')} vs {config_hash(cfg)}); use another --output-dir, "
+                         "or delete that folder to rerun")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = get_cfg(args)
+    except (ConfigError, RegistryError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = cfg.OUTPUT_DIR
+    if already_finished(out, cfg):
+        print("This task was already finished")
+        return 0
+    os.makedirs(out, exist_ok=True)
+    if os.path.exists(os.path.join(out, "exceptions.txt")):
+        os.remove(os.path.join(out, "exceptions.txt"))
+    setup_logging(out)
+    if cfg.SEED >= 0:
+        logger.info(f"Setting fixed seed: {cfg.SEED}")
+        set_random_seed(cfg.SEED)
+    logger.info("***************\n** Arguments **\n***************")
+    for key in sorted(vars(args)):
+        logger.info(f"{key}: {getattr(args, key)}")
+    logger.info("************\n** Config **\n************")
+    logger.info(cfg.dump())
+    logger.info(f"Collecting env info ...\n** System info **\nPython {platform.python_version()} on "
+                f"{platform.platform()}")
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        f.write(cfg.dump())
+
+    trainer = None
+    try:
+        trainer = build_trainer(cfg, eval_only=args.eval_only)
+        if args.eval_only:
+            if args.model_dir:
+                trainer.load_model(args.model_dir, epoch=args.load_epoch)
+            trainer.test()
+        elif args.no_train:
+            return 0
+        else:
+            trainer.train()
+    except KeyboardInterrupt:
+        write_json_atomic(os.path.join(out, "result.json"), make_record("cancelled", args, cfg, trainer))
+        return 130
+    except Exception as e:  # noqa: BLE001  (any failure is recorded, then reported through the exit code)
+        tb = traceback.format_exc()
+        with open(os.path.join(out, "exceptions.txt"), "w") as f:
+            f.write(tb)
+        logger.error(tb)
+        write_json_atomic(os.path.join(out, "result.json"),
+                          make_record("failed", args, cfg, trainer, error=f"{type(e).__name__}: {e}"))
+        return 1
+    write_json_atomic(os.path.join(out, "result.json"), make_record("success", args, cfg, trainer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""CoOp: Zhou, Yang, Loy, Liu, *Learning to Prompt for Vision-Language Models*, IJCV 2022
+(https://arxiv.org/abs/2109.01134). Reference: KaiyangZhou/CoOp ``trainers/coop.py``.
+
+Trainable: the context vectors ``ctx`` (M × D, or C × M × D with CSC), registered as ``prompt_learner``.
+Prompt for class c: ``[SOS][ctx][name_c][.][EOS]`` (``end``), ctx split around the name (``middle``) or after it
+(``front``). Both encoders are frozen; L = CE(τ · f · Tᵀ, y).
+
+Departures from upstream: ``CTX_INIT`` counts BPE tokens, not words; the prompt prefix/suffix are non-persistent
+buffers rebuilt from the class names (never saved), so checkpoints hold ``ctx`` only and load strictly; the
+image features are computed without autograd (nothing on the image path trains); text features are computed once
+per evaluation instead of per test batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode as CN
+
+from vltune.engine import TrainerX
+from vltune.registry import TRAINERS
+
+POSITIONS = ("end", "middle", "front")
+
+
+def add_config(cfg: CN) -> None:
+    """``TRAINER.COOP`` (also read by methods built on CoOp's context: ProGrad, KgCoOp, TCP)."""
+    cfg.TRAINER.COOP = CN()
+    cfg.TRAINER.COOP.N_CTX = 16  # number of context vectors M (ignored when CTX_INIT is set)
+    cfg.TRAINER.COOP.CSC = False  # class-specific context (random init only)
+    cfg.TRAINER.COOP.CTX_INIT = ""  # initialisation phrase, e.g. "a photo of a" (M = its token count)
+    cfg.TRAINER.COOP.PREC = ""  # fp16 (CUDA) | amp | fp32; empty: TRAINER.PREC (default fp16, as upstream)
+    cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
+    cfg.TRAINER.COOP.W = 8.0  # owned by other methods (KgCoOp λ, TCP mix weight); unused by CoOp
+    cfg.TRAINER.COOP.ALPHA = 1.0  # SkipTuning leftover; unused
+
+
+class PromptLearner(nn.Module):
+    """Learnable context around frozen class-name token embeddings.
+
+    Output of ``forward()``: prompt token embeddings (C, L, D) without positional embedding, and EOT indices (C,),
+    with L cut to the longest prompt (text truncation gives identical features).
+    """
+
+    def __init__(self, clip: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str, csc: bool,
+                 position: str) -> None:
+        super().__init__()
+        names = [c.replace("_", " ") for c in classnames]
+        dim = clip.width_text
+        with torch.no_grad():
+            if ctx_init:
+                phrase = ctx_init.replace("_", " ")
+                ids = clip.tokenize([phrase])
+                n_ctx = int(clip.eot_index(ids)[0]) - 1
+                ctx = clip.token_embedding(ids)[0, 1:1 + n_ctx].clone()
+                prefix_text = phrase
+            else:
+                ctx = torch.empty(len(names), n_ctx, dim) if csc else torch.empty(n_ctx, dim)
+                nn.init.normal_(ctx, std=0.02)
+                prefix_text = " ".join(["X"] * n_ctx)
+            ids = clip.tokenize([f"{prefix_text} {name}." for name in names])
+            eot = clip.eot_index(ids)
+            length = int(eot.max()) + 1
+            embedding = clip.token_embedding(ids[:, :length]).clone()
+            name_lens = clip.eot_index(clip.tokenize(names)) - 1
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx, self.position = n_ctx, position
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)  # name, ".", EOS, pad
+        self.register_buffer("eot", eot, persistent=False)
+        self.name_lens = name_lens.tolist()
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_cls = self.token_prefix.shape[0]
+        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        prefix, suffix = self.token_prefix, self.token_suffix
+        if self.position == "end":
+            return torch.cat([prefix, ctx, suffix], dim=1), self.eot
+        prompts = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
+            if self.position == "middle":
+                parts = [prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest]
+            else:
+                parts = [prefix[i:i + 1], name, ctx[i:i + 1], rest]
+            prompts.append(torch.cat(parts, dim=1))
+        return torch.cat(prompts, dim=0), self.eot
+
+
+class CoOpModel(nn.Module):
+    """Frozen CLIP + prompt learner. ``forward`` (B, 3, H, W) → logits (B, C)."""
+
+    def __init__(self, clip: nn.Module, prompt_learner: PromptLearner) -> None:
+        super().__init__()
+        self.clip, self.prompt_learner = clip, prompt_learner
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised class text features (C, E) from the current context."""
+        prompts, eot = self.prompt_learner()
+        return F.normalize(self.clip.encode_text_from_embeddings(prompts, eot), dim=-1)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # nothing on the image path is trainable
+            return self.clip.encode_image(images, normalize=True)
+
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        image = self.image_features(images)
+        text = self.text_features() if text_features is None else text_features
+        return self.clip.logit_scale * image @ text.t().to(image.dtype)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(dim=1) == labels).float().mean() * 100)
+
+
+@TRAINERS.register("CoOp", add_config=add_config, family="prompt")
+class CoOp(TrainerX):
+    """Context optimisation: learn the prompt's context words, keep CLIP frozen."""
+
+    config_node = "COOP"
+    checkpoint_ignore_keys = ("token_prefix", "token_suffix", "token_midfix")
+
+    def check_cfg(self, cfg: CN) -> None:
+        c = cfg.TRAINER.COOP
+        if c.CLASS_TOKEN_POSITION not in POSITIONS:
+            raise ValueError(f"TRAINER.COOP.CLASS_TOKEN_POSITION {c.CLASS_TOKEN_POSITION!r}: choose from {POSITIONS}")
+        if c.CSC and c.CTX_INIT:
+            raise ValueError("TRAINER.COOP.CSC needs random init: set TRAINER.COOP.CTX_INIT to '' or CSC to False")
+        if not c.CTX_INIT and c.N_CTX < 1:
+            raise ValueError(f"TRAINER.COOP.N_CTX must be >= 1, got {c.N_CTX}")
+
+    def build_model(self) -> None:
+        c = self.cfg.TRAINER.COOP
+        clip = self.build_clip()
+        prompt_learner = PromptLearner(clip, self.classnames, c.N_CTX, c.CTX_INIT, c.CSC, c.CLASS_TOKEN_POSITION)
+        self.model = CoOpModel(clip, prompt_learner)
+        self.register_model("prompt_learner", prompt_learner)
+        self._text: torch.Tensor | None = None
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.model(batch["img"])
+        return F.cross_entropy(logits, batch["label"]), {"acc": accuracy(logits, batch["label"])}
+
+    def before_evaluate(self) -> None:
+        self._text = self.model.text_features()
+
+    def after_evaluate(self) -> None:
+        self._text = None
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images, self._text)
