@@ -342,6 +342,7 @@ def test_cache_falls_back_to_cache_dir_when_root_read_only(tmp_path, monkeypatch
         cached = tmp_path / "cache" / "fewshot" / "oxford_pets" / "shot_2-seed_1.json"
         assert cached.is_file()
         assert not (data / "oxford_pets" / "split_fewshot").exists()  # no mkdir inside the read-only root
+        caplog.clear()  # only the second build's records count
         with caplog.at_level(logging.INFO):
             second = build_dataset(_cfg(data, shots=2))
         assert f"Loading preprocessed few-shot data from {cached}" in caplog.text
