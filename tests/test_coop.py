@@ -101,3 +101,46 @@ def test_upstream_checkpoint_with_prompt_buffers_and_fp16_ctx_loads(digits_root,
     atomic_torch_save(state, str(tmp_path / "bad" / "prompt_learner" / "model.pth.tar-50"))
     with pytest.raises(KeyError, match="unexpected \\['meta_net.weight'\\]"):
         trainer.load_model(str(tmp_path / "bad"), epoch=50)
+
+
+def _train_cfg(root, weights, out, **extra):
+    opts = {"TRAINER.NAME": "CoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "OPTIM.NAME": "sgd", "OPTIM.LR": 1.0, "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0,
+            "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1}
+    opts.update(extra)
+    return get_cfg(opts=tiny_opts(root, weights, **opts))
+
+
+def test_engine_clips_the_gradient_norm(digits_root, random_clip_weights, tmp_path):
+    steps = {}
+    for max_norm in (0.0, 1e-3):
+        trainer = build_trainer(_train_cfg(digits_root, random_clip_weights, str(tmp_path / str(max_norm)),
+                                           **{"OPTIM.MAX_GRAD_NORM": max_norm}))
+        before = trainer.model.prompt_learner.ctx.detach().clone()
+        trainer.set_model_mode("train")
+        trainer.forward_backward(trainer.to_device(next(iter(trainer.train_loader_x))))
+        steps[max_norm] = float((trainer.model.prompt_learner.ctx.detach() - before).norm())
+    assert steps[1e-3] == pytest.approx(1e-3, rel=1e-3)  # SGD, lr 1, no momentum: the step is the clipped gradient
+    assert steps[0.0] > 10 * steps[1e-3]
+
+
+def test_amp_trains_in_bf16_on_cpu_with_float_master_weights(digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_train_cfg(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.PREC": "amp",
+                                                                                          "OPTIM.LR": 0.01}))
+    assert trainer.precision.dtype == torch.bfloat16
+    before = trainer.model.prompt_learner.ctx.detach().clone()
+    trainer.set_model_mode("train")
+    metrics = trainer.forward_backward(trainer.to_device(next(iter(trainer.train_loader_x))))
+    ctx = trainer.model.prompt_learner.ctx
+    assert ctx.dtype == torch.float32 and not torch.equal(ctx.detach(), before)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert trainer.test() > 0
+
+
+def test_init_weights_loads_a_checkpoint_into_the_prompt_learner(digits_root, random_clip_weights, tmp_path):
+    first = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
+    first.save_model(0, str(tmp_path / "a"))
+    path = str(tmp_path / "a" / "prompt_learner" / "model.pth.tar-1")
+    second = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **{"MODEL.INIT_WEIGHTS": path,
+                                                                                 "SEED": 7})
+    assert torch.equal(second.model.prompt_learner.ctx, first.model.prompt_learner.ctx)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import vltune.clip  # noqa: F401  (registers vltune's tiny open_clip configs)
+from vltune.clip import create_clip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -65,7 +65,7 @@ def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune
     torch.manual_seed(seed)
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None)
+    model = create_clip(arch)
     tokenizer = open_clip.get_tokenizer(arch)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     x, y, names = load_split_images(split_path, image_dir, size)

@@ -289,6 +289,8 @@ class TrainerX(TrainerBase):
             p.requires_grad_(id(p) in wanted)
         if len(wanted) != sum(1 for p in self.model.parameters() if id(p) in wanted):
             raise ValueError("trainable_parameters() returned parameters that are not part of self.model")
+        if self.cfg.MODEL.INIT_WEIGHTS:
+            self._load_init_weights(self.cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
         self.precision.prepare(self.model)
         if not self.eval_only:
@@ -310,6 +312,16 @@ class TrainerX(TrainerBase):
         logger.info(f"trainable params: {n_train:,} || all params: {n_total:,} || "
                     f"trainable%: {100.0 * n_train / max(n_total, 1):.4f}")
         logger.info(f"Trainable params: {n_train}")
+
+    def _load_init_weights(self, path: str) -> None:
+        """``MODEL.INIT_WEIGHTS``: a checkpoint file of the (single) registered module, loaded strictly."""
+        if len(self._models) != 1:
+            raise ValueError(f"MODEL.INIT_WEIGHTS needs exactly one registered module, {type(self).__name__} has "
+                             f"{list(self._models)}; use --model-dir with --eval-only instead")
+        name = next(iter(self._models))
+        state = load_checkpoint(path)
+        self.load_trainable_state(name, state.get("state_dict", state), path)
+        logger.info(f'Initialised {name} from "{path}"')
 
     # ---- training --------------------------------------------------------------------------------------------
     def train(self, start_epoch: int | None = None, max_epoch: int | None = None) -> None:
