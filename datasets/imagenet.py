@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from vltune.data import CoOpDataset, Datum, load_legacy_pickle, splits
+from vltune.data import CoOpDataset, Datum, cache, load_legacy_pickle, splits
 from vltune.registry import DATASETS
 
 
@@ -54,7 +54,7 @@ class ImageNet(CoOpDataset):
     def _reroot(self, items: list[Datum], pkl: str) -> list[Datum]:
         out = []
         for d in items:
-            new = splits.reroot(d.impath, self.image_path, self.dataset_path)
+            new = cache.reroot(d.impath, self.image_path, self.dataset_path)
             if new is None:
                 raise ValueError(f"{pkl}: cannot map {d.impath!r} under {self.image_path}; delete the stale pickle")
             out.append(Datum(new, d.label, d.domain, d.classname))

@@ -1,6 +1,6 @@
 """Data layer: ``Datum``, split utilities, the CoOp dataset family, CLIP transforms and loaders."""
 
-from vltune.data import splits
+from vltune.data import cache, splits
 from vltune.data.base import CoOpDataset, DatasetBase, build_dataset
 from vltune.data.datum import Datum, load_legacy_pickle
 from vltune.data.loader import DataManager, build_data_loader
@@ -15,5 +15,6 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "load_legacy_pickle",
+    "cache",
     "splits",
 ]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from yacs.config import CfgNode
 
-from vltune.data import splits
+from vltune.data import cache, splits
 from vltune.data.datum import Datum
 from vltune.registry import DATASETS
 
@@ -151,14 +151,14 @@ class CoOpDataset(DatasetBase):
         """Read the split JSON (data root, then the cache dir), else ``build_split`` and save the JSON."""
         if not self.split_file:
             return self.build_split()
-        cached = os.path.join(splits.cache_root(), "splits", self.dataset_dir, self.split_file)
+        cached = os.path.join(cache.cache_root(), "splits", self.dataset_dir, self.split_file)
         for path in (self.split_path, cached):
             if os.path.isfile(path):
                 with open(path, "rb") as f:
                     self._split_sha256 = hashlib.sha256(f.read()).hexdigest()
                 return splits.read_split(path, self.image_path)
         train, val, test = self.build_split()
-        path = os.path.join(splits.writable_dir(self.dataset_path, "", "splits"), self.split_file)
+        path = os.path.join(cache.writable_dir(self.dataset_path, "", "splits"), self.split_file)
         self._split_sha256 = hashlib.sha256(splits.save_split(train, val, test, path, self.image_path)).hexdigest()
         return train, val, test
 
@@ -171,12 +171,12 @@ class CoOpDataset(DatasetBase):
             return self._draw(train, val, num_shots)
         sha = self._split_sha256 or hashlib.sha256(splits.dump_split(train, val, test, self.image_path)).hexdigest()
         args = (self.dataset_path, self.image_path, num_shots, self.seed, sha)
-        cached = splits.load_fewshot_cache(*args, known=train + val)
+        cached = cache.load_fewshot_cache(*args, known=train + val)
         if cached is not None:
             return cached["train"], cached.get("val", val)
         logger.info(f"Creating a {num_shots}-shot dataset")
         train, val = self._draw(train, val, num_shots)
-        splits.save_fewshot_cache(*args, {"train": train, "val": val} if self.fewshot_val else {"train": train})
+        cache.save_fewshot_cache(*args, {"train": train, "val": val} if self.fewshot_val else {"train": train})
         return train, val
 
     def _draw(self, train: list[Datum], val: list[Datum], num_shots: int) -> tuple[list[Datum], list[Datum]]:
