@@ -82,7 +82,9 @@ def build_data_loader(
         num_workers=workers,
         drop_last=is_train and len(data) >= batch_size,
         pin_memory=bool(cfg.USE_CUDA) and torch.cuda.is_available(),
-        persistent_workers=workers > 0,
+        # Seeded runs start fresh workers each epoch: their seeds then come from the generator, which the engine
+        # reseeds per epoch, so a resumed run replays the same augmentations as an uninterrupted one.
+        persistent_workers=workers > 0 and not seeded,
         generator=torch.Generator().manual_seed(cfg.SEED) if seeded else None,
         worker_init_fn=seed_worker if seeded else None,
     )
