@@ -6,7 +6,8 @@ import logging
 
 from yacs.config import CfgNode
 
-from vltune.engine.trainer import TrainerBase, TrainerX, set_random_seed
+from vltune.engine.base import TrainerBase
+from vltune.engine.trainer import TrainerX, set_random_seed
 from vltune.registry import TRAINERS
 
 __all__ = ["TrainerBase", "TrainerX", "set_random_seed", "build_trainer"]
