@@ -144,3 +144,21 @@ def test_init_weights_loads_a_checkpoint_into_the_prompt_learner(digits_root, ra
     second = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **{"MODEL.INIT_WEIGHTS": path,
                                                                                  "SEED": 7})
     assert torch.equal(second.model.prompt_learner.ctx, first.model.prompt_learner.ctx)
+
+
+@pytest.mark.parametrize("name,path,encoder", [("ZeroshotCLIP", "", "encode_text"),
+                                                ("CoOp", "clip", "encode_text_from_embeddings")])
+def test_class_text_features_are_computed_once_per_evaluation(name, path, encoder, digits_root, random_clip_weights,
+                                                              tmp_path, monkeypatch):
+    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.NAME": name,
+                                                                           "DATALOADER.TEST.BATCH_SIZE": 16})
+    clip = trainer.model.get_submodule(path)
+    original, calls = getattr(clip, encoder), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(clip, encoder, counted)
+    trainer.test()
+    assert len(trainer.test_loader) > 1 and len(calls) == 1

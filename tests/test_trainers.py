@@ -1,7 +1,8 @@
 """The same invariant checks for every registered trainer (the registry is enumerated, so new methods join for free).
 
 Per-trainer differences live in one table: the ``test_overrides`` given at registration
-(``TRAINERS.register(..., test_overrides=dict(opts={...}, trainable=False))``), never in ``if`` chains here.
+(``TRAINERS.register(..., test_overrides=dict(trainable_params=N, opts={...}, trainable=False))``), never in ``if``
+chains here. ``trainable_params`` is required: the recorded trainable-parameter count on the tiny CLIP (width 64).
 The checks run on a randomly initialised tiny CLIP and the generated digits dataset:
 finite (B, C) logits; after 3 steps every trainable tensor changed and got a gradient while every other tensor is
 bitwise equal and gradient-free; the optimizers hold exactly the trainable set; save → load in a fresh trainer
@@ -101,6 +102,14 @@ def test_only_declared_trainable_parameters_change(name, built):
     assert all(not p.requires_grad for k, p in params.items() if k not in declared)
     held = {id(p) for o in trainer._optims.values() if o for g in o.param_groups for p in g["params"]}
     assert held == trainable
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trainable_parameter_count_equals_the_recorded_value(name, built):
+    trainer, _, _ = built(name)
+    recorded = _overrides(name).get("trainable_params")
+    assert recorded is not None, f"record {name}'s count in TRAINERS.register(test_overrides=dict(trainable_params=N))"
+    assert trainer.n_trainable == sum(p.numel() for p in trainer.trainable_parameters()) == recorded
 
 
 @pytest.mark.parametrize("name", NAMES)

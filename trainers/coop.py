@@ -118,7 +118,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean() * 100)
 
 
-@TRAINERS.register("CoOp", add_config=add_config, family="prompt")
+@TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
 class CoOp(TrainerX):
     """Context optimisation: learn the prompt's context words, keep CLIP frozen."""
 

@@ -17,7 +17,7 @@ from vltune.clip import IMAGENET_TEMPLATES_SELECT
 from vltune.engine import TrainerX
 from vltune.registry import TRAINERS
 
-_NO_TRAIN = dict(trainable=False)
+_NO_TRAIN = dict(trainable=False, trainable_params=0)
 
 
 @TRAINERS.register("ZeroshotCLIP", aliases=("ZeroShotCLIP",), family="zero-shot", test_overrides=_NO_TRAIN)
