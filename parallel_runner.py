@@ -34,7 +34,7 @@ def prepare_demo_assets(data_root: str, weights: str, backbone: str) -> None:
     if not os.path.isfile(weights):
         from vltune.clip.pretrain import pretrain
 
-        print(f"Pretraining {backbone} on the digits train split -> {weights} (about a minute on 2 cores)")
+        print(f"Pretraining {backbone} on the digits train split -> {weights} (about 30 s on 2 cores)")
         pretrain(os.path.join(folder, "split_zhou_Digits.json"), os.path.join(folder, "images"), weights,
                  arch=backbone)
 

@@ -150,3 +150,15 @@ def test_killed_run_resumes_from_its_last_checkpoint(runs, tmp_path):
     assert f"Found checkpoint at {out} (will resume training)" in logs
     assert rec["metrics"]["accuracy"] == _record(reference)["metrics"]["accuracy"]
     assert rec["metrics"]["per_class"] == _record(reference)["metrics"]["per_class"]
+
+
+def test_best_val_model_is_deployed_and_reloaded_by_default(runs, tmp_path):
+    out, opts = str(tmp_path / "best"), (*_coop_opts(4), "TEST.FINAL_MODEL", "best_val")
+    assert train.main(_argv("CoOp", COOP_CFG, runs["root"], out, runs["weights"], opts=opts)) == 0
+    assert os.path.isfile(os.path.join(out, "prompt_learner", "model-best.pth.tar"))
+    log = open(os.path.join(out, "log.txt")).read()
+    assert "Deploy the model with the best val performance" in log and "Evaluate on the *val* set" in log
+    again = str(tmp_path / "again")
+    argv = _argv("CoOp", COOP_CFG, runs["root"], again, runs["weights"], "--eval-only", "--model-dir", out, opts=opts)
+    assert train.main(argv) == 0  # no --load-epoch: model-best.pth.tar, as in Dassl
+    assert _record(again)["metrics"]["accuracy"] == _record(out)["metrics"]["accuracy"]

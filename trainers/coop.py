@@ -126,6 +126,7 @@ class CoOp(TrainerX):
     checkpoint_ignore_keys = ("token_prefix", "token_suffix", "token_midfix")
 
     def check_cfg(self, cfg: CN) -> None:
+        super().check_cfg(cfg)
         c = cfg.TRAINER.COOP
         if c.CLASS_TOKEN_POSITION not in POSITIONS:
             raise ValueError(f"TRAINER.COOP.CLASS_TOKEN_POSITION {c.CLASS_TOKEN_POSITION!r}: choose from {POSITIONS}")

@@ -33,14 +33,14 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], directory: str, is_best: bool = False) -> str:
-    """Write ``model.pth.tar-<state['epoch']>`` (and ``model-best.pth.tar`` when ``is_best``); return its path."""
-    fpath = os.path.join(directory, f"model.pth.tar-{state['epoch']}")
+    """Write ``model.pth.tar-<state['epoch']>`` and point ``checkpoint`` at it, or only ``model-best.pth.tar`` when
+    ``is_best``; return the path written."""
+    fpath = os.path.join(directory, BEST if is_best else f"model.pth.tar-{state['epoch']}")
     atomic_torch_save(state, fpath)
-    with open(os.path.join(directory, "checkpoint.tmp"), "w") as f:
-        f.write(os.path.basename(fpath) + "\n")
-    os.replace(os.path.join(directory, "checkpoint.tmp"), os.path.join(directory, "checkpoint"))
-    if is_best:
-        atomic_torch_save(state, os.path.join(directory, BEST))
+    if not is_best:
+        with open(os.path.join(directory, "checkpoint.tmp"), "w") as f:
+            f.write(os.path.basename(fpath) + "\n")
+        os.replace(os.path.join(directory, "checkpoint.tmp"), os.path.join(directory, "checkpoint"))
     logger.info(f"Checkpoint saved to {fpath}")
     return fpath
 

@@ -81,6 +81,7 @@ class TrainerX(TrainerBase):
         self.loaded_epoch: int | None = None
         self.resumed_from = 0
         self.last_metrics: dict[str, Any] = {}
+        self.best_result = -float("inf")
         self.build_data_loader()
         self.build_model()
         self._setup_model()
@@ -92,7 +93,9 @@ class TrainerX(TrainerBase):
     config_node: str | None = None
 
     def check_cfg(self, cfg: CfgNode) -> None:
-        """Validate method-specific settings before anything is built (override and call super)."""
+        """Validate settings before anything is built (methods override and call super)."""
+        if cfg.TEST.FINAL_MODEL not in ("last_step", "best_val"):
+            raise ValueError(f"TEST.FINAL_MODEL {cfg.TEST.FINAL_MODEL!r}: choose 'last_step' or 'best_val'")
 
     def precision_mode(self) -> str:
         node = self.cfg.TRAINER.get(self.config_node) if self.config_node else None
@@ -309,6 +312,11 @@ class TrainerX(TrainerBase):
 
     def after_epoch(self) -> None:
         self.update_lr()
+        if self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
+            result = self.test(split="val")
+            if result > self.best_result:
+                self.best_result = result
+                self.save_model(self.epoch, self.output_dir, is_best=True, val_result=result)
         last = self.epoch + 1 == self.max_epoch
         freq = self.cfg.TRAIN.CHECKPOINT_FREQ
         keep = last or (freq > 0 and (self.epoch + 1) % freq == 0)
@@ -331,7 +339,11 @@ class TrainerX(TrainerBase):
         logger.info(f"Training time: {self.cost.seconds.get('train', 0.0):.2f}s, "
                     f"Speed: {self.cost.throughput('train'):.2f} img/s")
         if not self.cfg.TEST.NO_TEST:
-            logger.info("Deploy the last-epoch model")
+            if self.cfg.TEST.FINAL_MODEL == "best_val" and self._models and self.val_loader is not None:
+                logger.info("Deploy the model with the best val performance")
+                self.load_model(self.output_dir)
+            else:
+                logger.info("Deploy the last-epoch model")
             self.test()
         elapsed = str(datetime.timedelta(seconds=round(time.time() - self.time_start)))
         logger.info(f"Elapsed: {elapsed}")
@@ -352,7 +364,8 @@ class TrainerX(TrainerBase):
         loader = self.val_loader if split == "val" and self.val_loader is not None else self.test_loader
         split = "val" if loader is self.val_loader else "test"
         logger.info(f"Evaluate on the *{split}* set")
-        with self.cost.phase("eval"):
+        phase = "eval" if split == "test" else "val"  # model selection on val is not the reported eval cost
+        with self.cost.phase(phase):
             with self.precision.autocast():
                 self.before_evaluate()
             try:
@@ -361,11 +374,13 @@ class TrainerX(TrainerBase):
                     with self.precision.autocast():
                         logits = self.model_inference(images)
                     self.evaluator.process(logits.float(), batch["label"])
-                    self.cost.count("eval", len(images))
+                    self.cost.count(phase, len(images))
             finally:
                 self.after_evaluate()
         self.last_metrics = self.evaluator.evaluate()
-        logger.info(f"Test time: {self.cost.seconds['eval']:.2f}s, Speed: {self.cost.throughput('eval'):.2f} img/s")
+        if phase == "eval":
+            seconds, speed = self.cost.seconds["eval"], self.cost.throughput("eval")
+            logger.info(f"Test time: {seconds:.2f}s, Speed: {speed:.2f} img/s")
         return self.last_metrics["accuracy"]
 
     # ---- the record ------------------------------------------------------------------------------------------
