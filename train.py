@@ -17,7 +17,9 @@ import datetime
 import logging
 import os
 import platform
+import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -93,6 +95,10 @@ def already_finished(output_dir: str, cfg: Any) -> bool:
     return True
 
 
+def _cancel_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         f.write(cfg.dump())
 
     trainer = None
+    # A runner stops jobs with SIGTERM: record them as cancelled instead of dying without a record.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _cancel_on_sigterm) if in_main_thread else None
     try:
         trainer = build_trainer(cfg, eval_only=args.eval_only)
         if args.eval_only:
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train()
     except KeyboardInterrupt:
         write_json_atomic(os.path.join(out, "result.json"), make_record("cancelled", args, cfg, trainer))
+        logger.info("Cancelled")
         return 130
     except Exception as e:  # noqa: BLE001  (any failure is recorded, then reported through the exit code)
         tb = traceback.format_exc()
@@ -143,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(os.path.join(out, "result.json"),
                           make_record("failed", args, cfg, trainer, error=f"{type(e).__name__}: {e}"))
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     write_json_atomic(os.path.join(out, "result.json"), make_record("success", args, cfg, trainer))
     return 0
 

@@ -23,8 +23,8 @@ COOP_CFG = str(REPO / "configs/trainers/CoOp/tiny_ep10.yaml")
 ZS_CFG = str(REPO / "configs/trainers/ZeroshotCLIP/tiny.yaml")
 DIGITS = str(REPO / "configs/datasets/digits.yaml")
 MARGIN = 5.0
-# Runs train.py and SIGKILLs the process in the middle of the third epoch (after epoch 2's checkpoint is written).
-KILL_IN_EPOCH_3 = """
+# Runs train.py and sends itself signal SIG in the middle of the third epoch (after epoch 2's checkpoint is written).
+SIGNAL_IN_EPOCH_3 = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
 import train
@@ -32,7 +32,7 @@ from vltune.engine import TrainerX
 step = TrainerX.forward_backward
 def forward_backward(self, batch):
     if self.epoch == 2 and self.batch_idx == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIG)
     return step(self, batch)
 TrainerX.forward_backward = forward_backward
 sys.exit(train.main(sys.argv[1:]))
@@ -138,7 +138,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(runs, tmp_path):
 
     out = str(tmp_path / "killed")
     argv = _argv("CoOp", COOP_CFG, runs["root"], out, runs["weights"], opts=_coop_opts(epochs))
-    proc = subprocess.run([sys.executable, "-c", KILL_IN_EPOCH_3, *argv], cwd=REPO, capture_output=True, timeout=300)
+    script = SIGNAL_IN_EPOCH_3.replace("SIG)", "SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert os.path.isfile(os.path.join(out, "prompt_learner", "model.pth.tar-2"))
     assert not os.path.exists(os.path.join(out, "result.json"))
@@ -162,3 +163,14 @@ def test_best_val_model_is_deployed_and_reloaded_by_default(runs, tmp_path):
     argv = _argv("CoOp", COOP_CFG, runs["root"], again, runs["weights"], "--eval-only", "--model-dir", out, opts=opts)
     assert train.main(argv) == 0  # no --load-epoch: model-best.pth.tar, as in Dassl
     assert _record(again)["metrics"]["accuracy"] == _record(out)["metrics"]["accuracy"]
+
+
+def test_sigterm_records_a_cancelled_run_that_a_rerun_resumes(runs, tmp_path):
+    out = str(tmp_path / "terminated")
+    argv = _argv("CoOp", COOP_CFG, runs["root"], out, runs["weights"], opts=_coop_opts(4))
+    script = SIGNAL_IN_EPOCH_3.replace("SIG)", "SIGTERM)")
+    proc = subprocess.run([sys.executable, "-c", script, *argv], cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr.decode()[-2000:]
+    assert _record(out)["status"] == "cancelled"
+    assert train.main(argv) == 0
+    assert _record(out)["status"] == "success" and _record(out)["job"]["resumed_from_epoch"] == 2

@@ -289,6 +289,7 @@ class TrainerX(TrainerBase):
                 metrics = self.forward_backward(batch)
                 n = len(batch["label"])
                 self.cost.count("train", n)
+                self.cost.count("train_batches", 1)
                 for k, v in metrics.items():
                     meters.setdefault(k, _Meter()).update(float(v), n)
                 batch_time.update(time.time() - end)
@@ -336,8 +337,9 @@ class TrainerX(TrainerBase):
 
     def after_train(self) -> None:
         logger.info("Finish training")
-        logger.info(f"Training time: {self.cost.seconds.get('train', 0.0):.2f}s, "
-                    f"Speed: {self.cost.throughput('train'):.2f} img/s")
+        seconds = self.cost.seconds.get("train", 0.0)
+        batches_per_s = self.cost.images.get("train_batches", 0) / seconds if seconds else 0.0
+        logger.info(f"Training time: {seconds:.2f}s, Speed: {batches_per_s:.2f} batch/s")  # SkipTuning's line
         if not self.cfg.TEST.NO_TEST:
             if self.cfg.TEST.FINAL_MODEL == "best_val" and self._models and self.val_loader is not None:
                 logger.info("Deploy the model with the best val performance")
