@@ -18,3 +18,6 @@ import datasets.oxford_pets
 import datasets.stanford_cars
 import datasets.sun397
 import datasets.ucf101
+from vltune.registry import DATASETS, mirror_into_dassl
+
+mirror_into_dassl(DATASETS, "dassl.data.datasets", "DATASET_REGISTRY")

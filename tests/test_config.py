@@ -109,3 +109,21 @@ def test_registry_did_you_mean_and_aliases():
 def test_unknown_trainer_in_cfg_fails_with_suggestion():
     with pytest.raises(RegistryError, match="did you mean 'CoOp'"):
         get_cfg(_args(trainer="COOP"))
+
+
+def test_registries_are_mirrored_into_dassl_when_it_is_installed(monkeypatch):
+    import sys
+    import types
+
+    from vltune.registry import DATASETS, mirror_into_dassl
+
+    get_cfg()
+    fake = Registry("TRAINER")  # same register()/registered_names() surface as Dassl's Registry
+    module = types.ModuleType("dassl.engine")
+    module.TRAINER_REGISTRY = fake
+    monkeypatch.setitem(sys.modules, "dassl", types.ModuleType("dassl"))
+    monkeypatch.setitem(sys.modules, "dassl.engine", module)
+    assert mirror_into_dassl(TRAINERS, "dassl.engine", "TRAINER_REGISTRY")
+    assert {"CoOp", "ZeroshotCLIP", "ZeroshotCLIP2"} <= set(fake.registered_names())
+    assert fake.get("CoOp") is TRAINERS.get("CoOp")
+    assert not mirror_into_dassl(DATASETS, "dassl_is_not_installed", "DATASET_REGISTRY")

@@ -1,6 +1,9 @@
-"""Every method, registered by its Dassl name on import. One line per module."""
+"""Every method, registered by its Dassl name on import. Add a method with one import line below."""
 
-from trainers import (
-    coop,  # noqa: F401
-    zsclip,  # noqa: F401
-)
+# ruff: noqa: F401
+
+import trainers.coop
+import trainers.zsclip
+from vltune.registry import TRAINERS, mirror_into_dassl
+
+mirror_into_dassl(TRAINERS, "dassl.engine", "TRAINER_REGISTRY")

@@ -7,6 +7,8 @@ and ``test_overrides`` used by the registry-driven test matrix). Unknown names f
 from __future__ import annotations
 
 import difflib
+import importlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -86,6 +88,26 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._objects)
+
+
+def mirror_into_dassl(registry: Registry, module: str, attr: str) -> bool:
+    """When Dassl is installed, also register every entry in Dassl's own registry (e.g. ``dassl.engine``'s
+    ``TRAINER_REGISTRY``), so Dassl's own ``train.py`` finds vltune's trainers and datasets. Returns whether it did.
+
+    Dassl keys its registries by ``obj.__name__``; an entry registered under another name (an alias) is left out.
+    """
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return False
+    present = set(target.registered_names())
+    for name in registry.registered_names():
+        obj = registry.get(name)
+        if obj.__name__ == name and name not in present:
+            target.register(obj)
+        elif obj.__name__ != name:
+            logging.getLogger(__name__).debug(f"{name}: class name {obj.__name__} differs; not mirrored into Dassl")
+    return True
 
 
 TRAINERS = Registry("trainer")

@@ -48,6 +48,11 @@ class DatasetBase:
         return self._train_x
 
     @property
+    def train_u(self) -> None:
+        """Dassl's unlabelled split; CLIP adaptation has none (Dassl's DataManager reads the attribute)."""
+        return None
+
+    @property
     def val(self) -> list[Datum]:
         return self._val
 
