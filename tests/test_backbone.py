@@ -15,7 +15,6 @@ from clip_fixtures import TINY_RN, make_tiny_backbone
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from vltune.clip import (
-    CUSTOM_TEMPLATES,
     IMAGENET_TEMPLATES,
     IMAGENET_TEMPLATES_SELECT,
     BlockHooks,
@@ -247,9 +246,4 @@ def test_templates() -> None:
     assert list(IMAGENET_TEMPLATES) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]  # open_clip's copy of CLIP's
     assert isinstance(IMAGENET_TEMPLATES_SELECT, tuple) and len(IMAGENET_TEMPLATES_SELECT) == 7
     assert set(IMAGENET_TEMPLATES_SELECT) <= set(IMAGENET_TEMPLATES)
-    assert all(t.count("{}") == 1 for t in (*IMAGENET_TEMPLATES, *CUSTOM_TEMPLATES.values()))
-    assert CUSTOM_TEMPLATES["DescribableTextures"] == "{} texture."
-    assert CUSTOM_TEMPLATES["EuroSAT"] == "a centered satellite photo of {}."
-    assert len(CUSTOM_TEMPLATES) == 15
-    with pytest.raises(TypeError):
-        CUSTOM_TEMPLATES["OxfordPets"] = "x {}"  # type: ignore[index]
+    assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)

@@ -90,6 +90,22 @@ def test_all_fifteen_registered_with_yaml():
             assert yaml.safe_load(f) == {"DATASET": {"NAME": name}}
 
 
+# CoOp's CUSTOM_TEMPLATES (methods.md §1): each dataset class carries its entry as ``template``.
+COOP_TEMPLATES = {
+    "OxfordPets": "a photo of a {}, a type of pet.", "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.", "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.", "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.", "SUN397": "a photo of a {}.", "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.", "ImageNet": "a photo of a {}.", "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.", "ImageNetA": "a photo of a {}.", "ImageNetR": "a photo of a {}.",
+}
+
+
+@pytest.mark.parametrize("name", sorted(COOP_TEMPLATES))
+def test_dataset_template_is_coops(name):
+    assert DATASETS.get(name).template == COOP_TEMPLATES[name]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_dataset_loads(tmp_path, name, caplog):
     layout = make_layout(name, tmp_path)

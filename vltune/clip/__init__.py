@@ -11,10 +11,9 @@ import torch
 
 from vltune.clip.backbone import BlockHooks, CLIPBackbone
 from vltune.clip.loading import create_clip, list_backbones, load_clip, resolve_arch
-from vltune.clip.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+from vltune.clip.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
 __all__ = [
-    "CUSTOM_TEMPLATES",
     "IMAGENET_TEMPLATES",
     "IMAGENET_TEMPLATES_SELECT",
     "BlockHooks",

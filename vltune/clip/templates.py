@@ -1,37 +1,16 @@
 """Hand-written prompt templates for zero-shot CLIP and the methods that use it as a teacher or initialisation.
 
-``CUSTOM_TEMPLATES``: CoOp's one template per dataset, keyed by ``DATASET.NAME`` (methods.md §1).
 ``IMAGENET_TEMPLATES``: the 80 ImageNet prompts of the CLIP paper (Radford et al. 2021, "Prompt Engineering for
 ImageNet"); PromptSRC's teacher averages over all of them. ``IMAGENET_TEMPLATES_SELECT``: the 7 of them used by
 CoOp's ``ZeroshotCLIP2`` ensemble.
 
-Everything here is immutable (tuples, a read-only mapping): upstream ``ZeroshotCLIP2`` appended to the module-level
-list, so each new instance in a process duplicated templates. Build a new list when you need to add one.
+Each dataset's own hand-written template (CoOp's ``CUSTOM_TEMPLATES``) is the ``template`` attribute of its class in
+``datasets/``, so a new dataset brings its template along. Everything here is immutable (tuples): upstream
+``ZeroshotCLIP2`` appended to the module-level list, so each new instance in a process duplicated templates. Build a
+new list when you need to add one.
 """
 
 from __future__ import annotations
-
-from types import MappingProxyType
-
-CUSTOM_TEMPLATES: MappingProxyType[str, str] = MappingProxyType(
-    {
-        "OxfordPets": "a photo of a {}, a type of pet.",
-        "OxfordFlowers": "a photo of a {}, a type of flower.",
-        "FGVCAircraft": "a photo of a {}, a type of aircraft.",
-        "DescribableTextures": "{} texture.",
-        "EuroSAT": "a centered satellite photo of {}.",
-        "StanfordCars": "a photo of a {}.",
-        "Food101": "a photo of {}, a type of food.",
-        "SUN397": "a photo of a {}.",
-        "Caltech101": "a photo of a {}.",
-        "UCF101": "a photo of a person doing {}.",
-        "ImageNet": "a photo of a {}.",
-        "ImageNetSketch": "a photo of a {}.",
-        "ImageNetV2": "a photo of a {}.",
-        "ImageNetA": "a photo of a {}.",
-        "ImageNetR": "a photo of a {}.",
-    }
-)
 
 IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a bad photo of a {}.",

@@ -81,7 +81,7 @@ class CoOpDataset(DatasetBase):
         dataset_dir: folder under the root (``oxford_pets``).
         image_dir: image folder under ``dataset_dir`` ("" = ``dataset_dir`` itself); split paths are relative to it.
         split_file: split JSON under ``dataset_dir`` ("" when the split always comes from ``build_split``).
-        template: CoOp's hand-written prompt (``CUSTOM_TEMPLATES``).
+        template: the hand-written prompt, one ``{}`` for the class name (CoOp's ``CUSTOM_TEMPLATES`` entry).
         layout: the expected folder contents, quoted when something is missing.
         test_only: evaluation-only data (ImageNet variants): ``train_x = test``; NUM_SHOTS/SUBSAMPLE ignored.
         fewshot_val: draw val too (``min(K, 4)``); False for ImageNet, whose val is its test set.

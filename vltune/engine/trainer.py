@@ -131,11 +131,8 @@ class TrainerX(TrainerBase):
 
     @property
     def template(self) -> str:
-        """The dataset's hand-written prompt template (CoOp's CUSTOM_TEMPLATES entry)."""
-        from vltune.clip import CUSTOM_TEMPLATES
-
-        return getattr(self.dm.dataset, "template", None) or CUSTOM_TEMPLATES.get(self.cfg.DATASET.NAME,
-                                                                                 "a photo of a {}.")
+        """The dataset's hand-written prompt template (CoOp's CUSTOM_TEMPLATES entry), e.g. "{} texture."."""
+        return self.dm.dataset.template
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The declared trainable set; by default every parameter of the registered modules."""
