@@ -117,23 +117,26 @@ class TrainerBase:
             save_checkpoint(state, os.path.join(directory, name), is_best=is_best)
 
     def resume_model_if_exist(self, directory: str) -> int:
-        """Resume every registered module from its newest checkpoint; return the epoch to start from (0 if none)."""
+        """Resume every registered module from the newest epoch they all saved; return the epoch to start from.
+
+        A run killed between two modules' saves leaves them an epoch apart: the common epoch keeps them consistent.
+        """
         names = self.get_model_names()
-        if not names or not all(saved_epochs(os.path.join(directory, n)) for n in names):
+        common = set.intersection(*(set(saved_epochs(os.path.join(directory, n))) for n in names)) if names else set()
+        if not common:
             logger.info("No checkpoint found, train from scratch")
             return 0
         logger.info(f"Found checkpoint at {directory} (will resume training)")
-        start = None
+        epoch = max(common)
         for name in names:
-            path = resolve_checkpoint(os.path.join(directory, name), -1)
+            path = resolve_checkpoint(os.path.join(directory, name), epoch)
             ckpt = load_checkpoint(path, self.device)
             self.load_trainable_state(name, ckpt["state_dict"], path)
             if self._optims[name] is not None and ckpt.get("optimizer"):
                 self._optims[name].load_state_dict(ckpt["optimizer"])
             if self._scheds[name] is not None and ckpt.get("scheduler"):
                 self._scheds[name].load_state_dict(ckpt["scheduler"])
-            start = ckpt["epoch"] if start is None else min(start, ckpt["epoch"])
-        return int(start or 0)
+        return epoch
 
     def load_model(self, directory: str, epoch: int | None = None) -> None:
         """Load trainable weights from a previous run folder (``--model-dir``/``--load-epoch``)."""
