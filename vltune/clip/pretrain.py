@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vltune.clip import create_clip
+from vltune.fileio import atomic_write
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -85,10 +86,7 @@ def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune
         loss.backward()
         optimizer.step()
         schedule.step()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)) or ".", exist_ok=True)
-    tmp = out_path + ".tmp"
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, out_path)
+    atomic_write(out_path, lambda f: torch.save(model.state_dict(), f))
     return {"seconds": time.time() - start, "final_loss": float(loss.detach())}
 
 

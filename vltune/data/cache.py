@@ -15,7 +15,8 @@ import re
 from collections.abc import Iterable
 
 from vltune.data.datum import Datum, load_legacy_pickle
-from vltune.data.splits import _strip, atomic_write
+from vltune.data.splits import _strip
+from vltune.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 
 from vltune.data.datum import Datum
+from vltune.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +48,6 @@ def read_classnames(path: str) -> dict[str, str]:
             if wnid:
                 out[wnid] = name
     return out
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _strip(impath: str, prefix: str) -> str:

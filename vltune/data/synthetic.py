@@ -14,6 +14,8 @@ import random
 import numpy as np
 from PIL import Image
 
+from vltune.fileio import atomic_write
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -46,8 +48,5 @@ def write_digits_dataset(root: str, image_size: int = 32, seed: int = 0) -> str:
             ("test", items[n_train + n_val :]),
         ):
             split[key] += [[rel, label, DIGIT_NAMES[label]] for rel in part]
-    tmp = split_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(split, f, indent=4, separators=(",", ": "))
-    os.replace(tmp, split_path)
+    atomic_write(split_path, json.dumps(split, indent=4, separators=(",", ": ")).encode())
     return folder

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vltune.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 BEST = "model-best.pth.tar"
@@ -25,11 +27,8 @@ _EPOCH_FILE = re.compile(r"^model\.pth\.tar-(\d+)$")
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(state: dict[str, Any], directory: str, is_best: bool = False) -> str:
@@ -38,9 +37,7 @@ def save_checkpoint(state: dict[str, Any], directory: str, is_best: bool = False
     fpath = os.path.join(directory, BEST if is_best else f"model.pth.tar-{state['epoch']}")
     atomic_torch_save(state, fpath)
     if not is_best:
-        with open(os.path.join(directory, "checkpoint.tmp"), "w") as f:
-            f.write(os.path.basename(fpath) + "\n")
-        os.replace(os.path.join(directory, "checkpoint.tmp"), os.path.join(directory, "checkpoint"))
+        atomic_write(os.path.join(directory, "checkpoint"), (os.path.basename(fpath) + "\n").encode())
     logger.info(f"Checkpoint saved to {fpath}")
     return fpath
 

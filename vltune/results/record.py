@@ -16,21 +16,16 @@ from typing import Any
 import torch
 from yacs.config import CfgNode
 
+from vltune.fileio import atomic_write
+
 SCHEMA = 1
 # Keys that do not change what a run computes: where it writes, where the data sits, how chatty it is.
 _HASH_EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "DATALOADER.NUM_WORKERS")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path`` and rename it over ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_record(path: str) -> dict[str, Any] | None:
