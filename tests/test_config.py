@@ -127,3 +127,8 @@ def test_registries_are_mirrored_into_dassl_when_it_is_installed(monkeypatch):
     assert {"CoOp", "ZeroshotCLIP", "ZeroshotCLIP2"} <= set(fake.registered_names())
     assert fake.get("CoOp") is TRAINERS.get("CoOp")
     assert not mirror_into_dassl(DATASETS, "dassl_is_not_installed", "DATASET_REGISTRY")
+
+
+def test_unknown_dataset_fails_at_config_time_with_suggestion():
+    with pytest.raises(RegistryError, match="did you mean 'OxfordPets'"):
+        get_cfg(opts=["DATASET.NAME", "OxfordPet"])

@@ -18,7 +18,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from vltune.config.defaults import get_cfg_default
-from vltune.registry import TRAINERS
+from vltune.registry import DATASETS, TRAINERS
 
 __all__ = ["CN", "ConfigError", "get_cfg", "get_cfg_default", "extend_cfg", "merge_file", "merge_opts", "flat_keys"]
 
@@ -160,6 +160,10 @@ def get_cfg(args: Namespace | None = None, *, dataset_config_file: str = "", con
     merge_opts(cfg, opts)
     if cfg.TRAINER.NAME:
         cfg.TRAINER.NAME = TRAINERS.canonical(cfg.TRAINER.NAME)
+    if cfg.DATASET.NAME:  # fail before anything runs, with a did-you-mean
+        import datasets  # noqa: F401
+
+        DATASETS.canonical(cfg.DATASET.NAME)
     if freeze:
         cfg.freeze()
     return cfg
