@@ -99,7 +99,8 @@ def _cancel_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, console: bool = True) -> int:
+    """Run one job; returns the exit code. ``console=False`` logs to ``log.txt`` only (suites run in-process)."""
     args = build_parser().parse_args(argv)
     try:
         cfg = get_cfg(args)
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     if os.path.exists(os.path.join(out, "exceptions.txt")):
         os.remove(os.path.join(out, "exceptions.txt"))
-    setup_logging(out)
+    setup_logging(out, console=console)
     if cfg.SEED >= 0:
         logger.info(f"Setting fixed seed: {cfg.SEED}")
         set_random_seed(cfg.SEED)

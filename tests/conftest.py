@@ -47,7 +47,7 @@ def tiny_clip_weights(digits_root: str) -> str:
     path = CACHE / f"tiny-digits-{key}.pt"
     if not path.exists():
         folder = os.path.join(digits_root, "digits")
-        pretrain(os.path.join(folder, "split_zhou_Digits.json"), os.path.join(folder, "images"), str(path))
+        pretrain([(os.path.join(folder, "split_zhou_Digits.json"), os.path.join(folder, "images"))], str(path))
     return str(path)
 
 

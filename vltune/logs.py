@@ -17,8 +17,8 @@ _FORMAT = "%(message)s"
 _OWN = ("vltune", "trainers", "datasets", "train", "parallel_runner")
 
 
-def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> str | None:
-    """Configure the root logger; returns the log file path (None without an output dir)."""
+def setup_logging(output_dir: str | None = None, level: int = logging.INFO, console: bool = True) -> str | None:
+    """Configure the root logger (stdout unless ``console`` is False); returns the log file path, if any."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_vltune", False):
@@ -27,7 +27,7 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> s
     root.setLevel(logging.WARNING)
     for name in _OWN:
         logging.getLogger(name).setLevel(level)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)] if console else []
     path = None
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

@@ -10,15 +10,18 @@ of the number {}.") then carry words the model never saw, so zero-shot accuracy 
 real CLIP does, and prompt learning has that gap to close: the situation CoOp was designed for.
 
     python -m vltune.clip.pretrain --split data/digits/split_zhou_Digits.json --out weights/tiny-digits.pt
+    (repeat --split to pretrain on several datasets)
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -57,10 +60,19 @@ def _augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 3) ->
     return padded[:, :, dy:dy + h, dx:dx + w]
 
 
-def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune-tiny", steps: int = 400,
+def pretrain(sources: Sequence[tuple[str, str]], out_path: str, arch: str = "vltune-tiny", steps: int = 400,
              batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
              templates: tuple[str, ...] = CAPTION_TEMPLATES) -> dict[str, float]:
-    """Train ``arch`` from scratch and save its state dict to ``out_path``; returns timing and final loss."""
+    """Train ``arch`` from scratch on the train splits of ``sources`` and save its state dict to ``out_path``.
+
+    Args:
+        sources: ``(split JSON, image folder)`` per dataset. Step ``i`` draws its batch from dataset ``i mod n`` and
+            contrasts it with that dataset's class captions only, so datasets whose classes overlap in meaning
+            ("circle" and "red circle") never count each other's images as negatives.
+
+    Returns:
+        Wall-clock seconds and the final loss.
+    """
     import open_clip
 
     torch.manual_seed(seed)
@@ -69,14 +81,17 @@ def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune
     model = create_clip(arch)
     tokenizer = open_clip.get_tokenizer(arch)
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    x, y, names = load_split_images(split_path, image_dir, size)
-    names = [n.replace("_", " ") for n in names]
+    data = []
+    for split_path, image_dir in sources:
+        x, y, names = load_split_images(split_path, image_dir, size)
+        data.append((x, y, [n.replace("_", " ") for n in names]))
     optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if n != "logit_scale"], lr=lr,
                                   weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     start, loss = time.time(), torch.tensor(0.0)
-    for _ in range(steps):
+    for step in range(steps):
+        x, y, names = data[step % len(data)]
         idx = torch.randint(0, len(x), (batch_size,), generator=generator)
         captions = [rng.choice(templates).format(n) for n in names]
         image = F.normalize(model.encode_image(_augment(x[idx], generator)), dim=-1)
@@ -90,17 +105,34 @@ def pretrain(split_path: str, image_dir: str, out_path: str, arch: str = "vltune
     return {"seconds": time.time() - start, "final_loss": float(loss.detach())}
 
 
+MINIBENCH_STEPS = 800
+
+
+def build_minibench_clip(folders: dict[str, str] | list[str], out_path: str, arch: str = "vltune-tiny",
+                         steps: int = MINIBENCH_STEPS, seed: int = 0) -> dict[str, float]:
+    """The mini CLIP: pretrained on the train splits of every dataset folder that has one (test-only ones skipped)."""
+    sources = []
+    for folder in sorted(folders.values() if isinstance(folders, dict) else folders):
+        for split in sorted(glob.glob(os.path.join(folder, "split_zhou_*.json"))):
+            with open(split) as f:
+                if json.load(f)["train"]:
+                    sources.append((split, os.path.join(folder, "images")))
+    if not sources:
+        raise FileNotFoundError(f"no split_zhou_*.json with a train split in {sorted(folders)}")
+    return pretrain(sources, out_path, arch=arch, steps=steps, seed=seed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--split", required=True, help="split_zhou_*.json of the dataset")
-    p.add_argument("--image-dir", default="", help="image folder (default: <split folder>/images)")
+    p.add_argument("--split", required=True, action="append", help="split_zhou_*.json (repeat for several datasets;"
+                   " images are read from <split folder>/images)")
     p.add_argument("--out", required=True, help="output state dict path")
     p.add_argument("--arch", default="vltune-tiny")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    image_dir = a.image_dir or os.path.join(os.path.dirname(a.split), "images")
-    print(pretrain(a.split, image_dir, a.out, arch=a.arch, steps=a.steps, seed=a.seed))
+    sources = [(split, os.path.join(os.path.dirname(split), "images")) for split in a.split]
+    print(pretrain(sources, a.out, arch=a.arch, steps=a.steps, seed=a.seed))
 
 
 if __name__ == "__main__":
