@@ -13,6 +13,7 @@ import datasets.fgvc_aircraft
 import datasets.food101
 import datasets.imagenet
 import datasets.imagenet_variants
+import datasets.minibench
 import datasets.oxford_flowers
 import datasets.oxford_pets
 import datasets.stanford_cars
