@@ -1,18 +1,36 @@
 """The runner's experiment file: shared settings (``base``), tasks, and the pipeline that orders them.
 
-The default suite runs offline on a CPU: scikit-learn's digits in CoOp layout and a tiny CLIP pretrained on the
-digits train split (both generated on first use). To run real benchmarks, point ``base`` at your CoOp data root and
-CLIP weights (e.g. ``backbone="ViT-B/16", weights="~/.cache/clip/ViT-B-16.pt"``) and use the ``vit_b16*`` configs.
+The default suite is MiniBench: every protocol in miniature, offline, on a CPU. Its datasets (digits, shapes,
+textures, coloured objects, and a broad union with four domain-shifted variants) and a mini CLIP pretrained on their
+train splits are generated on first use (``prepare="minibench"``).
+
+To run real benchmarks: set ``data.root`` to your CoOp data folder, ``model`` to a real CLIP
+(``backbone="ViT-B/16", weights="~/.cache/clip/ViT-B-16.pt"``), drop ``prepare``, and use the real dataset names
+(``oxford_pets``, ``imagenet``, …; one yaml each under configs/datasets/) with the ``vit_b16*`` trainer configs.
 """
 
 base = dict(
     data=dict(root="data"),  # parent folder of the dataset folders (CoOp layout)
-    model=dict(backbone="vltune-tiny", weights="weights/vltune-tiny-digits.pt"),
-    output=dict(root="output"),
+    model=dict(backbone="vltune-tiny", weights="weights/minibench-clip.pt"),
+    output=dict(root="output/minibench"),
+    prepare="minibench",  # generate the MiniBench datasets and mini CLIP when missing
 )
 
-# One task = one trainer × config × protocol over datasets (configs/datasets/<name>.yaml) and seeds.
-zeroshot_digits = dict(trainer="ZeroshotCLIP", config="tiny", datasets=["digits"], seeds=[1], eval_only=True)
-coop_digits = dict(trainer="CoOp", config="tiny_ep10", datasets=["digits"], seeds=[1], shots=4)
+MINI = ["digits", "mini_shapes", "mini_textures", "mini_objects"]  # base-to-new and few-shot datasets
+SOURCE = "mini_union"  # plays ImageNet: the source of cross-dataset transfer
+VARIANTS = ["mini_union_v2", "mini_union_sketch", "mini_union_noise", "mini_union_inverted"]  # play ImageNet-V2/S/A/R
+SEEDS = [1]
 
-pipeline = [dict(gpu_ids=[], tasks=["zeroshot_digits", "coop_digits"])]
+# One task = one trainer × config × protocol over datasets and seeds. eval_only: zero-shot, nothing is trained.
+zs_b2n = dict(trainer="ZeroshotCLIP", config="tiny", protocol="b2n", datasets=MINI, seeds=SEEDS, eval_only=True)
+coop_b2n = dict(trainer="CoOp", config="mini", protocol="b2n", datasets=MINI, seeds=SEEDS, shots=16)
+zs_fewshot = dict(trainer="ZeroshotCLIP", config="tiny", protocol="fewshot", datasets=MINI, seeds=SEEDS,
+                  eval_only=True)
+coop_fewshot = dict(trainer="CoOp", config="mini", protocol="fewshot", datasets=MINI, seeds=SEEDS,
+                    shots=[1, 2, 4, 8, 16])
+zs_xd = dict(trainer="ZeroshotCLIP", config="tiny", protocol="xd", source=SOURCE, datasets=MINI, variants=VARIANTS,
+             seeds=SEEDS, eval_only=True)
+coop_xd = dict(trainer="CoOp", config="mini", protocol="xd", source=SOURCE, datasets=MINI, variants=VARIANTS,
+               seeds=SEEDS, shots=16)
+
+pipeline = [dict(gpu_ids=[], tasks=["zs_b2n", "coop_b2n", "zs_fewshot", "coop_fewshot", "zs_xd", "coop_xd"])]

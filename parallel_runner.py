@@ -1,86 +1,85 @@
-"""Run the experiments of ``configs.py`` and print an accuracy and cost table from their ``result.json`` records.
+"""Run the experiment suite of ``configs.py`` and write its accuracy and cost tables (``<output>/report.md``).
 
-This is the sequential first version: it prepares the offline demo assets (digits data, tiny CLIP weights) when the
-configured ones are missing, runs each job as its own ``train.py`` process (an argv list, never a shell string) and
-skips jobs whose output dir already holds a successful record. The GPU-pipelined runner (job graph, slots per GPU,
-resume, tables, mail) replaces the loop below.
+    python parallel_runner.py                  # the default suite (MiniBench, offline, CPU)
+    python parallel_runner.py --only coop_b2n  # some tasks
+    python parallel_runner.py --dry-run        # list the jobs
+    python parallel_runner.py --tables-only    # rebuild the tables from the output folder
+
+With ``base["prepare"] = "minibench"`` the MiniBench datasets and the mini CLIP are generated on first use. Jobs run
+one after another in this process; a finished job (``result.json`` with status success and the same config) is
+skipped, so an interrupted suite continues where it stopped. The GPU-pipelined executor (job graph, GPU slots,
+process groups, mail) replaces the sequential loop with the runner issue; tasks and tables stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, REPO)
+
+import vltune  # noqa: E402,F401  (compat shim first)
+from vltune.fileio import atomic_write  # noqa: E402
+from vltune.results.tables import collect, render_report  # noqa: E402
+from vltune.runner.suite import expand_pipeline, load_experiments, run_inline  # noqa: E402
 
 
-def load_experiments(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("vltune_experiments", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return {k: getattr(module, k) for k in dir(module) if not k.startswith("_")}
+def prepare_minibench(base: dict) -> None:
+    """Generate the MiniBench datasets and pretrain the mini CLIP on their train splits when they are missing."""
+    from vltune.clip.pretrain import build_minibench_clip
+    from vltune.data.minibench import write_minibench
 
-
-def prepare_demo_assets(data_root: str, weights: str, backbone: str) -> None:
-    """Generate the digits dataset and pretrain the tiny CLIP on its train split when they are missing."""
-    sys.path.insert(0, REPO)
-    from vltune.data.synthetic import write_digits_dataset
-
-    folder = write_digits_dataset(data_root)
+    started = time.time()
+    folders = write_minibench(base["data"]["root"])
+    weights = base["model"]["weights"]
     if not os.path.isfile(weights):
-        from vltune.clip.pretrain import pretrain
-
-        print(f"Pretraining {backbone} on the digits train split -> {weights} (about 30 s on 2 cores)")
-        pretrain(os.path.join(folder, "split_zhou_Digits.json"), os.path.join(folder, "images"), weights,
-                 arch=backbone)
-
-
-def job_argv(task: dict, base: dict, dataset: str, seed: int, out: str) -> list[str]:
-    trainer, config = task["trainer"], task["config"]
-    argv = [sys.executable, os.path.join(REPO, "train.py"), "--root", base["data"]["root"], "--seed", str(seed),
-            "--trainer", trainer, "--dataset-config-file", os.path.join(REPO, "configs/datasets", f"{dataset}.yaml"),
-            "--config-file", os.path.join(REPO, "configs/trainers", trainer, f"{config}.yaml"), "--output-dir", out]
-    if task.get("eval_only"):
-        argv.append("--eval-only")
-    argv += ["MODEL.BACKBONE.NAME", base["model"]["backbone"], "MODEL.BACKBONE.WEIGHTS", base["model"]["weights"]]
-    if task.get("shots"):
-        argv += ["DATASET.NUM_SHOTS", str(task["shots"])]
-    return argv + [str(x) for x in task.get("opts", [])]
+        print(f"Pretraining the mini CLIP on the MiniBench train splits -> {weights} (about 1-2 min on 2 cores)",
+              flush=True)
+        build_minibench_clip(folders, weights, arch=base["model"]["backbone"])
+    print(f"MiniBench ready in {time.time() - started:.0f} s: {', '.join(sorted(folders))}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=os.path.join(REPO, "configs.py"), help="experiment file")
+    parser.add_argument("--only", nargs="+", help="run only these tasks")
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs and exit")
+    parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the output folder")
     args = parser.parse_args(argv)
-    exp = load_experiments(args.config)
-    base = exp["base"]
-    if base["model"]["backbone"] == "vltune-tiny":
-        prepare_demo_assets(base["data"]["root"], base["model"]["weights"], base["model"]["backbone"])
-    rows, failed = [], 0
-    for stage in exp["pipeline"]:
-        for name in stage["tasks"]:
-            task = exp[name]
-            for dataset in task["datasets"]:
-                for seed in task["seeds"]:
-                    out = os.path.join(base["output"]["root"], task["trainer"], dataset, task["config"], f"seed{seed}")
-                    print(f"[{name}] {task['trainer']} on {dataset}, seed {seed} -> {out}", flush=True)
-                    job = job_argv(task, base, dataset, seed, out)
-                    code = subprocess.run(job, stdout=subprocess.DEVNULL).returncode
-                    failed += code != 0
-                    path = os.path.join(out, "result.json")
-                    record = json.load(open(path)) if os.path.isfile(path) else {"status": f"exit {code}"}
-                    rows.append((name, dataset, seed, record))
-    print("\n| task | dataset | seed | status | accuracy | macro-F1 | train s | eval s | trainable params |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, dataset, seed, r in rows:
-        m, c = r.get("metrics", {}), r.get("cost", {})
-        print(f"| {name} | {dataset} | {seed} | {r['status']} | {m.get('accuracy', float('nan')):.2f} | "
-              f"{m.get('macro_f1', float('nan')):.2f} | {c.get('train_time_s', 0):.1f} | "
-              f"{c.get('eval_time_s', 0):.1f} | {c.get('trainable_params', 0):,} |")
+    try:
+        experiments = load_experiments(args.config)
+        base = experiments["base"]
+    except (FileNotFoundError, KeyError) as e:
+        print(f"error: {args.config}: {e} (an experiment file defines base, the tasks and pipeline)", file=sys.stderr)
+        return 2
+    report_path = os.path.join(base["output"]["root"], "report.md")
+    if args.tables_only:
+        report = render_report(collect(base["output"]["root"]))
+        atomic_write(report_path, report.encode())
+        print(report)
+        return 0
+    try:
+        jobs = expand_pipeline(experiments, REPO, args.only)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for j in jobs:
+            print(f"{j.task:16s} {j.role:8s} {j.dataset:20s} seed {j.seed} shots {j.shots:2d} -> {j.out}")
+        print(f"{len(jobs)} jobs")
+        return 0
+    if base.get("prepare") == "minibench":
+        prepare_minibench(base)
+    started = time.time()
+    rows = run_inline(jobs)
+    report = render_report(rows)
+    atomic_write(report_path, report.encode())
+    failed = sum(1 for _, r in rows if not r or r.get("status") != "success")
+    print(f"\n{report}\n{len(rows) - failed}/{len(rows)} jobs succeeded in {time.time() - started:.0f} s; "
+          f"tables in {report_path}")
     return 1 if failed else 0
 
 

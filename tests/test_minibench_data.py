@@ -224,8 +224,9 @@ def test_variants_are_shifted(root):
     for name in UNION:
         clean = np.stack([_pixels(p) for p in v2[name]])
         edges = np.stack([_pixels(p) for p in sketch[name]])
-        assert (edges == edges[..., :1]).all() and edges.max() == 255, name  # grey strokes
-        assert name in TEXTURES or (edges >= 250).mean() >= 0.25, name  # on white (textures: edges everywhere)
+        assert (edges == edges[..., :1]).all(), name  # grey
+        assert edges.min() <= 100 and edges.max() >= 200, name  # dark strokes on a light page
+        assert name in TEXTURES or (edges >= 160).mean() >= 0.25, name  # mostly light (textures: strokes everywhere)
         noisy = np.stack([_pixels(p) for p in noise[name]])
         roughness = lambda x: np.abs(np.diff(x, axis=1)).mean() + np.abs(np.diff(x, axis=2)).mean()  # noqa: E731
         assert roughness(noisy) > 1.4 * roughness(clean), name  # speckle, already rough, is the closest (1.7×)

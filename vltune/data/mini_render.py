@@ -162,11 +162,12 @@ def texture(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ domain shifts (MiniUnion's test-only variants)
-def sketch(image: np.ndarray) -> np.ndarray:
-    """Edge map, dark strokes on white, grey RGB.
+def sketch(image: np.ndarray, shading: float = 0.35) -> np.ndarray:
+    """A pencil sketch: dark strokes on white over a faint grey shading of the image, grey RGB.
 
-    Sobel gradient magnitude over the three colour channels (a yellow shape on light grey has little luminance
-    contrast), after a 3×3 binomial blur that keeps pixel noise out of the strokes; max-normalised.
+    Strokes: Sobel gradient magnitude over the three colour channels (a yellow shape on light grey has little
+    luminance contrast), after a 3×3 binomial blur that keeps pixel noise out of the strokes; max-normalised.
+    ``shading`` mixes in the grey image, as hand sketches shade their subject.
     """
     x = np.pad(image.astype(np.float32), ((2, 2), (2, 2), (0, 0)), mode="edge")
     x = (x[:-2] + 2 * x[1:-1] + x[2:]) / 4  # blur rows
@@ -176,8 +177,8 @@ def sketch(image: np.ndarray) -> np.ndarray:
     gx, gy = smooth_y[:, 2:] - smooth_y[:, :-2], smooth_x[2:] - smooth_x[:-2]
     edges = np.sqrt((gx**2 + gy**2).sum(axis=2))
     edges = np.clip((edges / max(float(edges.max()), 1e-6) - 0.15) / 0.6, 0, 1)  # drop faint (noise) edges
-    out = (255 * (1 - edges)).round().astype(np.uint8)
-    return np.repeat(out[:, :, None], 3, axis=2)
+    out = (1 - shading) * 255 * (1 - edges) + shading * _luma(image.astype(np.float32))
+    return np.repeat(out.round().clip(0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def noisy_occluded(image: np.ndarray, rng: np.random.Generator, noise: float = 55.0) -> np.ndarray:
