@@ -23,6 +23,7 @@ sys.path.insert(0, REPO)
 
 import vltune  # noqa: E402,F401  (compat shim first)
 from vltune.fileio import atomic_write  # noqa: E402
+from vltune.logs import setup_logging  # noqa: E402
 from vltune.results.tables import collect, render_report  # noqa: E402
 from vltune.runner.suite import expand_pipeline, load_experiments, run_inline  # noqa: E402
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and exit")
     parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the output folder")
     args = parser.parse_args(argv)
+    setup_logging(console=False)  # jobs log to their own log.txt; this console shows progress and tables only
     try:
         experiments = load_experiments(args.config)
         base = experiments["base"]

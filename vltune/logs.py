@@ -35,6 +35,8 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO, cons
         if os.path.exists(path):
             path += time.strftime("-%Y-%m-%d-%H-%M-%S")
         handlers.append(logging.FileHandler(path))
+    if not handlers:  # a root without handlers lets the first logging.info() call (open_clip's) basicConfig stderr
+        handlers.append(logging.NullHandler())
     for handler in handlers:
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler._vltune = True  # type: ignore[attr-defined]
