@@ -8,6 +8,9 @@ import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str, write: Callable[[BinaryIO], object] | bytes) -> None:
     """Write ``path`` through a temporary file in the same folder, then ``os.replace`` it into place.
@@ -20,6 +23,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], object] | bytes) -> None
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             if isinstance(write, bytes):
                 f.write(write)
