@@ -1,19 +1,23 @@
-"""Run the experiment suite of ``configs.py`` and write its accuracy and cost tables (``<output>/report.md``).
+"""Run the experiment suite of ``configs.py`` on the GPUs (or the CPU) and write its tables, plots and report.
 
-    python parallel_runner.py                  # the default suite (MiniBench, offline, CPU)
-    python parallel_runner.py --only coop_b2n  # some tasks
-    python parallel_runner.py --dry-run        # list the jobs
-    python parallel_runner.py --tables-only    # rebuild the tables from the output folder
+    python parallel_runner.py                     # the default suite (MiniBench, offline, CPU)
+    python parallel_runner.py --only coop_b2n     # some tasks of the pipeline
+    python parallel_runner.py --dry-run           # list the jobs and what a run would do with each
+    python parallel_runner.py --gpus 0 1 --slots-per-gpu 2
+    python parallel_runner.py --rerun-failed      # retry the jobs that failed in an earlier run
+    python parallel_runner.py --tables-only       # rebuild tables, plots and report.md from the output folder
 
-With ``base["prepare"] = "minibench"`` the MiniBench datasets and the mini CLIP are generated on first use. Jobs run
-one after another in this process; a finished job (``result.json`` with status success and the same config) is
-skipped, so an interrupted suite continues where it stopped. The GPU-pipelined executor (job graph, GPU slots,
-process groups, mail) replaces the sequential loop with the runner issue; tasks and tables stay as they are.
+Each job is ``train.py`` in its own process group with ``CUDA_VISIBLE_DEVICES`` set to its GPU, in its own folder
+(``stdout.log``, ``stderr.log``, ``log.txt``, ``config.yaml``, ``result.json``). Evaluations start as soon as their
+own train job has succeeded. A finished job is not run again, so an interrupted suite continues where it stopped.
+Ctrl-C ends the jobs this runner started and records them as cancelled. Exit code: 0 when every job succeeded,
+1 when any failed, was cancelled or skipped, 2 on a bad experiment file, 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -22,67 +26,191 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import vltune  # noqa: E402,F401  (compat shim first)
-from vltune.fileio import atomic_write  # noqa: E402
-from vltune.logs import setup_logging  # noqa: E402
-from vltune.results.tables import collect, render_report  # noqa: E402
-from vltune.runner.suite import expand_pipeline, load_experiments, run_inline  # noqa: E402
+from vltune.runner.executor import CPU, InlineExecutor, LocalExecutor  # noqa: E402
+from vltune.runner.jobs import Job, expand  # noqa: E402
+from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
+from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
+from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
+
+logger = logging.getLogger("parallel_runner")
 
 
-def prepare_minibench(base: dict) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.split("\n")[1:]))
+    p.add_argument("--config", default=os.path.join(REPO, "configs.py"), help="experiment file (default: configs.py)")
+    p.add_argument("--only", nargs="+", metavar="TASK", help="run only these tasks of the pipeline")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and what a run would do, then exit")
+    p.add_argument("--rerun-failed", action="store_true", help="run again the jobs an earlier run recorded failed")
+    p.add_argument("--force", action="store_true", help="rerun every selected job from an emptied folder")
+    p.add_argument("--gpus", nargs="+", metavar="ID", help="run every pipeline on these GPU ids ('cpu': no GPU)")
+    p.add_argument("--slots-per-gpu", type=int, default=0, metavar="N", help="jobs per GPU at once")
+    p.add_argument("--tables-only", action="store_true", help="rebuild tables/plots/report from the output folder")
+    p.add_argument("--debug", action="store_true", help="run jobs one by one in this process (no subprocesses)")
+    p.add_argument("--no-mail", action="store_true", help="send no mail even if configs.py enables it")
+    p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    return p
+
+
+def parse_gpus(values: list[str] | None) -> list[int] | None:
+    if values is None:
+        return None
+    ids = [v for value in values for v in value.split(",") if v]
+    if ids in (["cpu"], ["none"]):
+        return []
+    try:
+        return [int(v) for v in ids]
+    except ValueError:
+        raise SuiteError(f"--gpus takes GPU ids (e.g. --gpus 0 1) or 'cpu'; got {' '.join(values)}") from None
+
+
+def lanes_of(experiments: Experiments) -> list[Lane]:
+    return [Lane(devices=list(s.gpu_ids) or [CPU], slots=s.slots_per_gpu, tasks=list(s.tasks))
+            for s in experiments.pipeline]
+
+
+def prepare_minibench(experiments: Experiments) -> None:
     """Generate the MiniBench datasets and pretrain the mini CLIP on their train splits when they are missing."""
     from vltune.clip.pretrain import build_minibench_clip
     from vltune.data.minibench import write_minibench
 
+    base = experiments.base
     started = time.time()
-    folders = write_minibench(base["data"]["root"])
-    weights = base["model"]["weights"]
-    if not os.path.isfile(weights):
-        print(f"Pretraining the mini CLIP on the MiniBench train splits -> {weights} (about 1-2 min on 2 cores)",
+    folders = write_minibench(base.data_root)
+    if not os.path.isfile(base.weights):
+        print(f"Pretraining the mini CLIP on the MiniBench train splits -> {base.weights} (about 2 min on 2 cores)",
               flush=True)
-        build_minibench_clip(folders, weights, arch=base["model"]["backbone"])
+        build_minibench_clip(folders, base.weights, arch=base.backbone)
     print(f"MiniBench ready in {time.time() - started:.0f} s: {', '.join(sorted(folders))}", flush=True)
 
 
+def print_plan(scheduler: Scheduler, experiments: Experiments) -> None:
+    root = experiments.base.output_root
+    index = {s.job.out: i for i, s in enumerate(scheduler.states)}
+    word = {"pending": "run", "success": "done", "failed": "failed earlier", "skipped": "skip"}
+    for i, s in enumerate(scheduler.states):
+        j = s.job
+        dep = f"after #{index[j.depends_on]}" if j.depends_on in index else ""
+        grid = f" {j.grid_name}" if j.grid_name else ""
+        print(f"#{i:<4d} {word.get(s.status, s.status):14s} {j.task:18s} {j.role:8s} {j.dataset:22s} seed{j.seed} "
+              f"shots{j.shots}{grid} {dep:10s} {os.path.relpath(j.out, root)}")
+    counts = {k: sum(s.status == k for s in scheduler.states) for k in word}
+    lanes = "; ".join(f"{'+'.join(map(str, lane.devices))} x{lane.slots}: {', '.join(lane.tasks)}"
+                      for lane in scheduler.lanes)
+    print(f"{len(scheduler.states)} jobs: {counts['pending']} to run, {counts['success']} done, {counts['failed']} "
+          f"failed earlier (--rerun-failed retries them), {counts['skipped']} to skip | lanes: {lanes}")
+
+
+class Notifier:
+    """Mails a summary after each task and at the end; a mail problem is logged and never stops the run."""
+
+    def __init__(self, experiments: Experiments, enabled: bool) -> None:
+        self.settings = experiments.base.mail
+        self.enabled = enabled and bool(self.settings and self.settings.enabled)
+        self.root = experiments.base.output_root
+
+    def send(self, title: str, rows: list, failures: list[dict]) -> None:
+        if not self.enabled:
+            return
+        try:
+            from vltune.notify import send_mail, summary_body, summary_subject
+            from vltune.results.plots import write_plots
+            from vltune.results.tables import render_report
+
+            counts = {k: sum(1 for _, r in rows if (r or {}).get("status") == k)
+                      for k in ("success", "failed", "skipped", "cancelled")}
+            plots = write_plots(rows, self.root)
+            body = summary_body(title, render_report(rows), failures)
+            subject = summary_subject(title, counts["success"], counts["failed"], counts["skipped"],
+                                      counts["cancelled"])
+            send_mail(self.settings, subject, body, [os.path.join(self.root, p) for p in plots])
+        except Exception:  # noqa: BLE001  (mail is a courtesy: never let it end the suite)
+            logger.exception("could not build or send the summary mail; the run goes on")
+
+    def task_done(self, task: str, result: SuiteResult) -> None:
+        self.send(task, [(j, r) for j, r in result.rows if j.task == task], result.failures(task))
+
+
+def write_outputs(root: str) -> str:
+    """Tables (md, csv, tex), plots and report.md from every record in the output folder; returns the report."""
+    from vltune.results.report import rebuild
+
+    return rebuild(root)
+
+
+def _setup_logging(root: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    file_handler = logging.FileHandler(os.path.join(root, "runner.log"))
+    for name in ("parallel_runner", "vltune.notify", "vltune.runner"):
+        log = logging.getLogger(name)
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        log.addHandler(file_handler)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=os.path.join(REPO, "configs.py"), help="experiment file")
-    parser.add_argument("--only", nargs="+", help="run only these tasks")
-    parser.add_argument("--dry-run", action="store_true", help="print the jobs and exit")
-    parser.add_argument("--tables-only", action="store_true", help="rebuild the tables from the output folder")
-    args = parser.parse_args(argv)
-    setup_logging(console=False)  # jobs log to their own log.txt; this console shows progress and tables only
+    args = build_parser().parse_args(argv)
     try:
-        experiments = load_experiments(args.config)
-        base = experiments["base"]
-    except (FileNotFoundError, KeyError) as e:
-        print(f"error: {args.config}: {e} (an experiment file defines base, the tasks and pipeline)", file=sys.stderr)
-        return 2
-    report_path = os.path.join(base["output"]["root"], "report.md")
-    if args.tables_only:
-        report = render_report(collect(base["output"]["root"]))
-        atomic_write(report_path, report.encode())
-        print(report)
-        return 0
-    try:
-        jobs = expand_pipeline(experiments, REPO, args.only)
-    except (ValueError, FileNotFoundError) as e:
+        experiments = load_experiments(args.config, REPO, gpus=parse_gpus(args.gpus),
+                                       slots_per_gpu=args.slots_per_gpu)
+        root = experiments.base.output_root
+        if args.tables_only:
+            print(write_outputs(root))
+            return 0
+        jobs = expand(experiments, REPO, args.only)
+        scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed)
+        if args.dry_run:
+            print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
+            return 0
+    except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        for j in jobs:
-            print(f"{j.task:16s} {j.role:8s} {j.dataset:20s} seed {j.seed} shots {j.shots:2d} -> {j.out}")
-        print(f"{len(jobs)} jobs")
-        return 0
-    if base.get("prepare") == "minibench":
-        prepare_minibench(base)
+    _setup_logging(root)
+    try:
+        with RunnerLock(root):
+            return run(experiments, jobs, args, scheduler_args)
+    except LockedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, scheduler_args: dict) -> int:
+    """Run the jobs under the lock; write tables, plots and report; mail; return the exit code."""
+    from vltune.runner.progress import Progress
+
+    root = experiments.base.output_root
+    if experiments.base.prepare == "minibench":
+        prepare_minibench(experiments)
+    notifier = Notifier(experiments, enabled=not args.no_mail)
+    progress = Progress(live=False if args.plain else None)
+    scheduler = Scheduler(jobs, lanes_of(experiments), InlineExecutor() if args.debug else LocalExecutor(),
+                          on_event=progress.event, on_task_done=notifier.task_done, **scheduler_args)
+    done_before = sum(s.previous for s in scheduler.states)
+    if done_before:
+        print(f"resuming: {done_before} of {len(jobs)} jobs have results from an earlier run", flush=True)
     started = time.time()
-    rows = run_inline(jobs)
-    report = render_report(rows)
-    atomic_write(report_path, report.encode())
-    failed = sum(1 for _, r in rows if not r or r.get("status") != "success")
-    print(f"\n{report}\n{len(rows) - failed}/{len(rows)} jobs succeeded in {time.time() - started:.0f} s; "
-          f"tables in {report_path}")
-    return 1 if failed else 0
+    progress.attach(scheduler)
+    try:
+        result = scheduler.run(tick=progress.tick)
+    finally:
+        progress.close()
+    report = write_outputs(root)
+    notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
+    c = result.counts
+    print(f"\n{report}\n{c['success']}/{len(jobs)} jobs succeeded, {c['failed']} failed, {c['skipped']} skipped, "
+          f"{c['cancelled']} cancelled in {time.time() - started:.0f} s; report: {os.path.join(root, 'report.md')}")
+    for f in result.failures():
+        print(f"  {f['status']}: {f['job']} (exit code {f['exit_code']}) -> {f['folder']}", file=sys.stderr)
+    if result.interrupted:
+        return 130
+    return 0 if c["success"] == len(jobs) else 1
 
 
 if __name__ == "__main__":

@@ -76,3 +76,18 @@ def tiny_opts(root: str, weights: str, **extra: object) -> list[str]:
             "DATALOADER.NUM_WORKERS": "0", "TRAINER.PREC": "fp32", "USE_CUDA": "False"}
     opts.update({k: str(v) for k, v in extra.items()})
     return [x for kv in opts.items() for x in kv]
+
+
+@pytest.fixture(scope="session")
+def minibench(tmp_path_factory):
+    """(data root, mini CLIP weights), generated and pretrained once, cached by the code that makes them."""
+    from vltune.clip.pretrain import build_minibench_clip
+    from vltune.data.minibench import write_minibench
+
+    key = _source_key("vltune/data/minibench.py", "vltune/data/mini_render.py", "vltune/data/synthetic.py")
+    root = str(CACHE / f"minibench-{key}")
+    folders = write_minibench(root)
+    weights = CACHE / f"minibench-clip-{_source_key('vltune/clip/pretrain.py', extra=key)}.pt"
+    if not weights.exists():
+        build_minibench_clip(folders, str(weights))
+    return root, str(weights)

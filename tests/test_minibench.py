@@ -12,39 +12,32 @@ import os
 from statistics import mean
 
 import pytest
-from conftest import CACHE, REPO, _source_key
+from conftest import REPO
 
+import parallel_runner
 from vltune.results.tables import collect, render_report
-from vltune.runner.suite import expand_pipeline, load_experiments, run_inline
+from vltune.runner.jobs import expand
+from vltune.runner.schema import load_experiments
 
 FEWSHOT_TOLERANCE = 2.0  # points a larger K may lose to the K before it on the dataset average (one seed is noisy)
 
 
-@pytest.fixture(scope="session")
-def minibench(tmp_path_factory):
-    """(data root, mini CLIP weights), generated and pretrained once, cached by the code that makes them."""
-    from vltune.clip.pretrain import build_minibench_clip
-    from vltune.data.minibench import write_minibench
-
-    key = _source_key("vltune/data/minibench.py", "vltune/data/mini_render.py", "vltune/data/synthetic.py")
-    root = str(CACHE / f"minibench-{key}")
-    folders = write_minibench(root)
-    weights = CACHE / f"minibench-clip-{_source_key('vltune/clip/pretrain.py', extra=key)}.pt"
-    if not weights.exists():
-        build_minibench_clip(folders, str(weights))
-    return root, str(weights)
-
-
 @pytest.fixture(scope="module")
 def suite(minibench, tmp_path_factory):
-    """The shipped configs.py suite, run into a temporary output folder."""
+    """The shipped configs.py suite, run by ``parallel_runner.py`` into a temporary output folder.
+
+    Jobs run in-process (``--debug``) to spare 58 interpreter start-ups; the subprocess executor is covered by
+    test_runner.py and test_runner_minibench.py.
+    """
     root, weights = minibench
-    experiments = load_experiments(str(REPO / "configs.py"))
-    out = str(tmp_path_factory.mktemp("suite"))
-    experiments["base"] = {**experiments["base"], "data": {"root": root},
-                           "model": {**experiments["base"]["model"], "weights": weights}, "output": {"root": out}}
-    rows = run_inline(expand_pipeline(experiments, str(REPO)))
-    return experiments, rows, out
+    out = tmp_path_factory.mktemp("suite")
+    config = out / "configs.py"
+    config.write_text(f"exec(open({str(REPO / 'configs.py')!r}).read())\n"
+                      f"base.update(data=dict(root={root!r}), output=dict(root={str(out / 'output')!r}),\n"
+                      f"            model=dict(base['model'], weights={weights!r}), prepare='')\n")
+    assert parallel_runner.main(["--config", str(config), "--debug", "--plain"]) == 0
+    experiments = load_experiments(str(REPO / "configs.py"), str(REPO))
+    return experiments, collect(str(out / "output")), str(out / "output")
 
 
 def _acc(rows, task: str, **match) -> list[float]:
@@ -53,10 +46,10 @@ def _acc(rows, task: str, **match) -> list[float]:
 
 
 def test_every_job_of_the_default_suite_succeeds(suite):
-    _, rows, out = suite
+    experiments, rows, _ = suite
     failed = [(j.task, j.role, j.dataset) for j, r in rows if not r or r["status"] != "success"]
     assert not failed
-    assert len(rows) == len(collect(out))  # job.json + result.json on disk rebuild the same rows
+    assert len(rows) == len(expand(experiments, str(REPO), hashes=False))  # every job left job.json and a record
 
 
 def test_mini_clip_zero_shot_is_well_above_chance_on_every_mini_dataset(suite):
@@ -76,7 +69,7 @@ def test_coop_16_shot_base_accuracy_beats_zero_shot(suite):
 
 def test_few_shot_accuracy_grows_with_shots_on_average(suite):
     experiments, rows, _ = suite
-    shots = experiments["coop_fewshot"]["shots"]
+    shots = experiments.tasks["coop_fewshot"].shots
     curve = [mean(_acc(rows, "coop_fewshot", shots=k)) for k in shots]
     assert all(b >= a - FEWSHOT_TOLERANCE for a, b in zip(curve, curve[1:])), curve
     assert curve[-1] > curve[0], curve

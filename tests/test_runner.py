@@ -1,0 +1,256 @@
+"""The runner's scheduler on fake jobs (processes that sleep, print and fail): slots, devices, dependencies without a
+barrier, failure isolation, resume after a killed runner, Ctrl-C, and the output-folder lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from fakejobs import HASH, fake_job, read_events, run_spec
+
+from vltune.results.record import read_record
+from vltune.runner.executor import LocalExecutor
+from vltune.runner.lock import LockedError, RunnerLock
+from vltune.runner.scheduler import Lane, Scheduler
+from vltune.runner.schema import SuiteError
+
+
+def _intervals(events: list[dict]) -> dict[str, tuple[float, float, dict]]:
+    start = {e["name"]: e for e in events if e["event"] == "start"}
+    end = {e["name"]: e["t"] for e in events if e["event"] == "end"}
+    return {n: (e["t"], end.get(n, float("inf")), e) for n, e in start.items()}
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    best = cur = 0
+    for _, d in points:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0, 1], slots=2, tasks=["t"])],
+                jobs=[dict(name=f"j{i}", sleep=0.4) for i in range(10)])
+    result = run_spec(spec)
+    assert result.counts["success"] == 10
+    spans = _intervals(read_events(events))
+    assert len(spans) == 10
+    assert 2 < _max_overlap([(s, e) for s, e, _ in spans.values()]) <= 4  # parallel, never beyond 2 GPUs × 2 slots
+    for gpu in ("0", "1"):
+        on_gpu = [(s, e) for s, e, ev in spans.values() if ev["cuda"] == gpu]
+        assert on_gpu and _max_overlap(on_gpu) <= 2
+    assert {ev["cuda"] for _, _, ev in spans.values()} == {"0", "1"}
+    for j in range(10):  # the runner's device matches what the job saw
+        record = read_record(str(tmp_path / f"j{j}" / "result.json"))
+        assert record["runner"]["device"] == spans[f"j{j}"][2]["cuda"]
+
+
+def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path), events=events,
+                lanes=[dict(devices=[3], slots=1, tasks=["a"]), dict(devices=[5, 6], slots=1, tasks=["b"]),
+                       dict(devices=["cpu"], slots=1, tasks=["c"])],
+                jobs=[dict(name=f"{t}{i}", task=t, sleep=0.1) for t in "abc" for i in range(3)])
+    assert run_spec(spec).counts["success"] == 9
+    seen = {ev["name"]: ev["cuda"] for ev in read_events(events) if ev["event"] == "start"}
+    assert {seen[f"a{i}"] for i in range(3)} == {"3"}
+    assert {seen[f"b{i}"] for i in range(3)} <= {"5", "6"}
+    assert {seen[f"c{i}"] for i in range(3)} == {""}  # CUDA_VISIBLE_DEVICES="" hides every GPU
+    spans = _intervals(read_events(events))
+    assert _max_overlap([spans[f"a{i}"][:2] for i in range(3)]) == 1  # one slot on GPU 3
+    # the three lanes ran side by side
+    assert _max_overlap([(s, e) for s, e, _ in spans.values()]) >= 3
+
+
+def test_evaluation_starts_when_its_own_train_job_ends_while_other_trains_run(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    jobs = [dict(name="train_fast", sleep=0.2), dict(name="train_slow", sleep=2.5),
+            dict(name="eval_fast", depends_on="train_fast", sleep=0.1),
+            dict(name="eval_slow", depends_on="train_slow", sleep=0.1)]
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=3, tasks=["t"])], jobs=jobs)
+    assert run_spec(spec).counts["success"] == 4
+    spans = _intervals(read_events(events))
+    assert spans["eval_fast"][0] >= spans["train_fast"][1]  # after its own train job
+    assert spans["eval_fast"][0] < spans["train_slow"][1]  # not after the slow one: no barrier
+    assert spans["eval_fast"][0] - spans["train_fast"][1] < 1.0
+    assert spans["eval_slow"][0] >= spans["train_slow"][1]
+
+
+def test_a_failing_job_skips_its_dependents_and_the_others_go_on(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    jobs = [dict(name="bad", fail=3), dict(name="bad_eval", depends_on="bad"),
+            dict(name="bad_eval2", depends_on="bad_eval"), dict(name="good", sleep=0.2),
+            dict(name="good_eval", depends_on="good")]
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=2, tasks=["t"])], jobs=jobs)
+    result = run_spec(spec)
+    assert dict(result.counts) == {"failed": 1, "skipped": 2, "success": 2}
+    bad = read_record(str(tmp_path / "bad" / "result.json"))
+    assert bad["status"] == "failed" and bad["runner"]["exit_code"] == 3
+    assert "boom: job bad failed on purpose" in bad["runner"]["log_tail"]
+    for name in ("bad_eval", "bad_eval2"):
+        record = read_record(str(tmp_path / name / "result.json"))
+        assert record["status"] == "skipped" and "not run" in record["error"]
+        assert os.path.exists(tmp_path / name / "job.json")
+    assert "bad_eval" not in {e["name"] for e in read_events(events)}
+    failures = result.failures()
+    assert [f["job"] for f in failures] == ["t bad bad seed0"] and failures[0]["exit_code"] == 3
+    assert "working on bad" in (tmp_path / "bad" / "stdout.log").read_text()
+
+
+def test_resume_skips_finished_jobs_and_reruns_failed_ones_only_when_asked(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=2, tasks=["t"])],
+                jobs=[dict(name="a"), dict(name="b", fail=2), dict(name="c", depends_on="a")])
+    assert dict(run_spec(spec).counts) == {"success": 2, "failed": 1}
+    assert len(read_events(events)) == 2 * 2 + 1  # a, c: start+end; b: start
+    again = run_spec(spec)
+    assert dict(again.counts) == {"success": 2, "failed": 1} and all(s.previous for s in again.states)
+    assert len(read_events(events)) == 5  # nothing ran
+    spec["jobs"][1]["fail"] = 0
+    assert dict(run_spec(spec, rerun_failed=True).counts) == {"success": 3}
+    assert [e["name"] for e in read_events(events)[5:]] == ["b", "b"]  # only the failed job ran again
+    run_spec(spec, force=True)
+    assert sorted(e["name"] for e in read_events(events)[7:] if e["event"] == "start") == ["a", "b", "c"]
+
+
+def test_a_rerun_train_job_makes_its_evaluations_rerun(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=1, tasks=["t"])],
+                jobs=[dict(name="train"), dict(name="eval", depends_on="train")])
+    run_spec(spec)
+    os.remove(tmp_path / "train" / "result.json")  # e.g. the train job was cancelled and is resumed
+    run_spec(spec)
+    assert [e["name"] for e in read_events(events) if e["event"] == "start"] == ["train", "eval", "train", "eval"]
+
+
+def test_a_finished_folder_of_another_config_stops_the_run_before_anything_starts(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    job = fake_job(str(tmp_path), "a", events)
+    os.makedirs(job.out)
+    with open(os.path.join(job.out, "result.json"), "w") as f:
+        json.dump({"status": "success", "config_hash": "another"}, f)
+    with pytest.raises(SuiteError, match="(?s)different config.*--force"):
+        Scheduler([job], [Lane([0], 1, ["t"])], LocalExecutor())
+    assert not read_events(events)
+
+
+def _driver(tmp_path, jobs: list[dict], slots: int = 1) -> tuple[subprocess.Popen, str]:
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path / "jobs"), events=events, lanes=[dict(devices=[0], slots=slots, tasks=["t"])],
+                jobs=jobs)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fakejobs.py"), str(tmp_path / "spec.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, events
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _successes(root) -> list[str]:
+    return sorted(n for n in os.listdir(root) if (read_record(os.path.join(root, n, "result.json")) or {}).get(
+        "status") == "success")
+
+
+def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_path):
+    jobs = [dict(name=f"j{i}", sleep=1.0) for i in range(6)]
+    proc, events = _driver(tmp_path, jobs)
+    root = tmp_path / "jobs"
+    _wait_for(lambda: len([e for e in read_events(events) if e["event"] == "start"]) == 3)
+    proc.kill()
+    proc.wait()
+    # its running job dies with it (parent-death signal): no orphan keeps writing results
+    started = [e["pid"] for e in read_events(events) if e["event"] == "start"]
+    _wait_for(lambda: not any(_alive(p) for p in started), timeout=10)
+    time.sleep(1.2)
+    ended = {e["name"] for e in read_events(events) if e["event"] == "end"}
+    killed = {e["name"] for e in read_events(events) if e["event"] == "start"} - ended
+    assert len(killed) == 1  # the job running at the kill died instead of finishing as an orphan
+    done = _successes(root)
+    assert 2 <= len(done) < 6
+    before = len(read_events(events))
+    from fakejobs import run_spec as rerun
+
+    result = rerun(json.loads((tmp_path / "spec.json").read_text()))
+    assert result.counts["success"] == 6
+    reran = [e["name"] for e in read_events(events)[before:] if e["event"] == "start"]
+    assert sorted(reran) == sorted(set(f"j{i}" for i in range(6)) - set(done))  # exactly the missing ones
+    assert sum(s.previous for s in result.states) == len(done)
+
+
+def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(tmp_path):
+    jobs = [dict(name=f"j{i}", sleep=60, grandchild=True) for i in range(3)] + [dict(name="later", sleep=0)]
+    proc, events = _driver(tmp_path, jobs, slots=3)
+    _wait_for(lambda: len([e for e in read_events(events) if e["event"] == "start"]) == 3)
+    starts = [e for e in read_events(events) if e["event"] == "start"]
+    pids = [e["pid"] for e in starts] + [e["grandchild"] for e in starts]
+    assert all(_alive(p) for p in pids)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert json.loads(out.strip().splitlines()[-1]) == {"cancelled": 3, "pending": 1}
+    _wait_for(lambda: not any(_alive(p) for p in pids), timeout=5)  # jobs and their grandchildren
+    for i in range(3):
+        record = read_record(str(tmp_path / "jobs" / f"j{i}" / "result.json"))
+        assert record["status"] == "cancelled" and record["runner"]["exit_code"] == -signal.SIGTERM
+    assert not os.path.exists(tmp_path / "jobs" / "later" / "result.json")
+
+
+def test_sigterm_to_the_runner_cancels_like_ctrl_c(tmp_path):
+    proc, events = _driver(tmp_path, [dict(name="long", sleep=60)])
+    _wait_for(lambda: any(e["event"] == "start" for e in read_events(events)))
+    pid = read_events(events)[0]["pid"]
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    _wait_for(lambda: not _alive(pid), timeout=5)
+    assert read_record(str(tmp_path / "jobs" / "long" / "result.json"))["status"] == "cancelled"
+
+
+def test_a_second_runner_on_the_same_output_folder_refuses(tmp_path):
+    with RunnerLock(str(tmp_path)):
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}.*another folder"):
+            RunnerLock(str(tmp_path)).__enter__()
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+                "from vltune.runner.lock import RunnerLock, LockedError\n"
+                f"try:\n    RunnerLock({str(tmp_path)!r}).__enter__()\n"
+                "except LockedError as e:\n    print(e); sys.exit(3)")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert other.returncode == 3 and "another vltune runner" in other.stdout
+    with RunnerLock(str(tmp_path)):  # released on exit
+        pass
+
+
+def test_fake_jobs_write_what_train_py_writes(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=1, tasks=["t"])],
+                jobs=[dict(name="a")])
+    run_spec(spec)
+    record = read_record(str(tmp_path / "a" / "result.json"))
+    assert record["config_hash"] == HASH and record["status"] == "success" and "runner" in record
+    assert json.loads((tmp_path / "a" / "job.json").read_text())["config_hash"] == HASH

@@ -1,0 +1,170 @@
+"""Tasks expanded into jobs: one ``train.py`` run per (dataset, seed, shots, grid point) and protocol role.
+
+Protocols (protocols_and_numbers.md §2-5):
+
+* ``b2n``: train on the base half of the classes (``role=base``; its final test is the base accuracy), then
+  evaluate the saved model on the new half (``role=new``, eval-only, depends on the train job);
+* ``fewshot``: train on K shots per class for each K, test on all classes (``role=fewshot``);
+* ``xd``: train once on ``source`` (``role=source``), then evaluate that model on every target dataset
+  (``role=target``, cross-dataset) and every variant (``role=variant``, domain generalisation).
+
+A task with ``eval_only`` (zero-shot CLIP) trains nothing: every job evaluates and depends on nothing.
+Job folders: ``<output>/<task>/<train_base|test_new|dataset folders>/<dataset>/shots<K>/[<grid point>/]seed<S>``.
+Every job writes ``job.json`` (its place in the suite) beside ``result.json``, so tables can be rebuilt from the
+output folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vltune.fileio import atomic_write
+from vltune.runner.schema import Base, Experiments, SuiteError, Task
+
+SHOTS_KEY = "DATASET.NUM_SHOTS"
+
+
+@dataclass
+class Job:
+    """One process of the suite: its argv, its folder, what it needs first, and its place in the tables."""
+
+    task: str
+    out: str
+    argv: list[str]
+    depends_on: str = ""  # ``out`` of the job whose result this one needs (an evaluation's train job)
+    protocol: str = ""
+    role: str = ""
+    trainer: str = ""
+    config: str = ""
+    dataset: str = ""
+    seed: int = 0
+    shots: int = 0
+    grid: dict[str, Any] = field(default_factory=dict)
+    grid_name: str = ""
+    config_hash: str = ""  # the hash a successful result.json must carry to count as this job's result
+    index: int = 0  # position in the full pipeline (table order)
+
+    @property
+    def label(self) -> str:
+        parts = [self.task, self.role, self.dataset, f"seed{self.seed}"]
+        if self.shots:
+            parts.append(f"{self.shots}shot")
+        if self.grid_name:
+            parts.append(self.grid_name)
+        return " ".join(p for p in parts if p)
+
+    def write_job_file(self) -> None:
+        d = asdict(self)
+        atomic_write(os.path.join(self.out, "job.json"), (json.dumps(d, indent=2, default=str) + "\n").encode())
+
+
+def grid_label(point: dict[str, Any]) -> str:
+    """A short, folder-safe name for a grid point: the keys' last components (full keys if those collide)."""
+    short = [k.split(".")[-1] for k in point]
+    names = short if len(set(short)) == len(short) else list(point)
+    text = ",".join(f"{n}={v}" for n, v in zip(names, point.values()))
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
+
+
+def expand_task(task: Task, base: Base, repo: str) -> list[Job]:
+    """Every job of ``task``, each train job before the evaluations that depend on it."""
+    root = os.path.join(base.output_root, task.name)
+    train_py = os.path.join(repo, "train.py")
+    points = task.grid.points() if task.grid else [{}]
+
+    def job(role: str, dataset: str, seed: int, shots: int, out: str, point: dict[str, Any], subsample: str = "all",
+            model_dir: str = "", train: bool = False) -> Job:
+        argv = [sys.executable, train_py, "--root", base.data_root, "--seed", str(seed), "--trainer", task.trainer,
+                "--dataset-config-file", os.path.join(repo, "configs", "datasets", f"{dataset}.yaml"),
+                "--config-file", task.config_file, "--output-dir", out]
+        if not train:
+            argv.append("--eval-only")
+        if model_dir:
+            argv += ["--model-dir", model_dir, "--load-epoch", "-1"]
+        argv += ["MODEL.BACKBONE.NAME", base.backbone, "DATASET.SUBSAMPLE_CLASSES", subsample]
+        if base.weights:
+            argv += ["MODEL.BACKBONE.WEIGHTS", base.weights]
+        if shots > 0:
+            argv += [SHOTS_KEY, str(shots)]
+        argv += task.opts
+        for key, value in point.items():
+            if key != SHOTS_KEY:
+                argv += [key, str(value)]
+        label = grid_label({k: v for k, v in point.items() if k != SHOTS_KEY}) if point else ""
+        return Job(task=task.name, out=out, argv=argv, depends_on=model_dir, protocol=task.protocol, role=role,
+                   trainer=task.trainer, config=task.config_name, dataset=dataset, seed=seed, shots=shots,
+                   grid=dict(point), grid_name=label)
+
+    def folder(*parts: str, point: dict[str, Any], seed: int) -> str:
+        rest = {k: v for k, v in point.items() if k != SHOTS_KEY}
+        return os.path.join(root, *parts, *([grid_label(rest)] if rest else []), f"seed{seed}")
+
+    jobs: list[Job] = []
+    for point in points:
+        shots_list = [int(point[SHOTS_KEY])] if SHOTS_KEY in point else task.shots
+        for seed in task.seeds:
+            if task.protocol == "b2n":
+                k = 0 if task.eval_only else shots_list[0]
+                for d in task.datasets:
+                    train_dir = folder("train_base", d, f"shots{k}", point=point, seed=seed)
+                    new_dir = folder("test_new", d, f"shots{k}", point=point, seed=seed)
+                    jobs.append(job("base", d, seed, k, train_dir, point, "base", train=not task.eval_only))
+                    jobs.append(job("new", d, seed, k, new_dir, point, "new",
+                                    model_dir="" if task.eval_only else train_dir))
+            elif task.protocol == "fewshot":
+                for k in [0] if task.eval_only else shots_list:
+                    for d in task.datasets:
+                        jobs.append(job("fewshot", d, seed, k, folder(d, f"shots{k}", point=point, seed=seed), point,
+                                        train=not task.eval_only))
+            else:
+                k = 0 if task.eval_only else shots_list[0]
+                source_dir = folder(task.source, f"shots{k}", point=point, seed=seed)
+                jobs.append(job("source", task.source, seed, k, source_dir, point, train=not task.eval_only))
+                model_dir = "" if task.eval_only else source_dir
+                for role, names in (("target", task.datasets), ("variant", task.variants)):
+                    for d in names:
+                        jobs.append(job(role, d, seed, 0, folder(d, "eval", point=point, seed=seed), point,
+                                        model_dir=model_dir))
+    return jobs
+
+
+def expand(experiments: Experiments, repo: str, only: list[str] | None = None, hashes: bool = True) -> list[Job]:
+    """All jobs of the pipeline (or only the named tasks), with their config hashes.
+
+    Building each job's config here validates every trainer config, dataset yaml, ``opts`` and grid key before
+    anything runs; a mistake names the task and the job.
+    """
+    for name in only or []:
+        if name not in experiments.tasks:
+            raise SuiteError(f"--only: unknown task {name!r}; tasks in the pipeline: "
+                             f"{', '.join(experiments.tasks)}")
+    jobs: list[Job] = []
+    for stage in experiments.pipeline:
+        for name in stage.tasks:
+            for j in expand_task(experiments.tasks[name], experiments.base, repo):
+                j.index = len(jobs)
+                jobs.append(j)
+    if only:
+        jobs = [j for j in jobs if j.task in only]
+    if hashes:
+        fill_config_hashes(jobs)
+    return jobs
+
+
+def fill_config_hashes(jobs: list[Job]) -> None:
+    """Set ``config_hash`` of every job from the config ``train.py`` will build (fails on any bad key)."""
+    from vltune.cli import job_config
+    from vltune.config import ConfigError
+    from vltune.registry import RegistryError
+    from vltune.results.record import config_hash
+
+    for j in jobs:
+        try:
+            j.config_hash = config_hash(job_config(j.argv[2:]))
+        except (ConfigError, RegistryError, FileNotFoundError) as e:
+            raise SuiteError(f"task {j.task!r}, job {j.label}: {e}") from None

@@ -1,0 +1,363 @@
+"""``configs.py``, the runner's experiment file, validated into typed objects before anything runs.
+
+An experiment file is Python (like the SkipTuning runner's): ``base`` (shared settings), one dict per task, and
+``pipeline`` (which tasks run, in which order, on which GPUs). Every mistake (an unknown key, task, trainer, dataset,
+trainer config, grid key or GPU id) is a ``SuiteError`` naming it and the valid choices, raised on load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+PROTOCOLS = ("b2n", "fewshot", "xd")
+GRID_MODES = ("product", "zip")
+PREPARE = ("", "minibench")
+
+
+class SuiteError(ValueError):
+    """A mistake in the experiment file; the message names the file, the key and the fix."""
+
+
+def _suggest(name: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(valid), n=3, cutoff=0.5)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _check_keys(where: str, given: Iterable[str], valid: Sequence[str]) -> None:
+    for key in given:
+        if key not in valid:
+            raise SuiteError(f"{where}: unknown key {key!r}{_suggest(key, valid)}; valid keys: {', '.join(valid)}")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class Grid:
+    """A grid search over config keys.
+
+    Args:
+        params: config key -> list of values, e.g. ``{"TRAINER.SKIP.START_LAYER": [2, 4, 6]}``.
+            ``DATASET.NUM_SHOTS`` sets the job's shots (and its ``shots{K}`` folder).
+        mode: ``product`` (every combination) or ``zip`` (the i-th value of every key together).
+    """
+
+    params: dict[str, list[Any]] = field(metadata={"help": "config key -> values"})
+    mode: str = field(default="product", metadata={"help": "product | zip"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in GRID_MODES:
+            raise SuiteError(f"grid mode {self.mode!r}; choose one of {', '.join(GRID_MODES)}")
+        if not self.params:
+            raise SuiteError("grid: 'params' is empty; give at least one config key with a list of values")
+        self.params = {str(k): _as_list(v) for k, v in self.params.items()}
+        lengths = {k: len(v) for k, v in self.params.items()}
+        if any(n == 0 for n in lengths.values()):
+            raise SuiteError(f"grid: every key needs at least one value; got {lengths}")
+        if self.mode == "zip" and len(set(lengths.values())) > 1:
+            raise SuiteError(f"grid mode 'zip' needs lists of equal length; got {lengths}")
+
+    def points(self) -> list[dict[str, Any]]:
+        """Every grid point as ``{key: value}``, in order."""
+        keys = list(self.params)
+        combos = (zip(*self.params.values()) if self.mode == "zip"
+                  else itertools.product(*self.params.values()))
+        return [dict(zip(keys, values)) for values in combos]
+
+
+@dataclass
+class Task:
+    """One trainer × config × protocol over datasets, seeds, shots and grid points.
+
+    Args:
+        name: the task's name in the experiment file.
+        trainer: registered trainer name (CoOp, ZeroshotCLIP, ...).
+        config: a yaml under ``configs/trainers/<trainer>/`` (name without .yaml) or a path to a yaml file.
+        protocol: ``b2n`` (base-to-new), ``fewshot``, or ``xd`` (cross-dataset and domain generalisation).
+        datasets: dataset names (``configs/datasets/<name>.yaml``); the targets for ``xd``.
+        seeds: seeds to run.
+        shots: shots per class (a list for few-shot curves).
+        eval_only: nothing is trained (zero-shot CLIP).
+        source: the training dataset of ``xd``.
+        variants: the domain-generalisation targets of ``xd`` (ImageNet-V2/Sketch/A/R).
+        opts: extra ``KEY VALUE`` config overrides for every job.
+        grid: a ``Grid`` (or its dict) searched over.
+    """
+
+    name: str
+    trainer: str
+    config: str
+    protocol: str
+    datasets: list[str]
+    seeds: list[int] = field(default_factory=lambda: [1])
+    shots: list[int] = field(default_factory=lambda: [16])
+    eval_only: bool = False
+    source: str = ""
+    variants: list[str] = field(default_factory=list)
+    opts: list[str] = field(default_factory=list)
+    grid: Grid | None = None
+    config_file: str = field(default="", repr=False)  # resolved yaml path
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any], repo: str) -> Task:
+        valid = [f.name for f in fields(cls) if f.name not in ("name", "config_file")]
+        _check_keys(f"task {name!r}", d, valid)
+        for key in ("trainer", "config", "protocol", "datasets"):
+            if key not in d:
+                raise SuiteError(f"task {name!r}: missing key {key!r}")
+        grid = d.get("grid")
+        if isinstance(grid, dict):
+            _check_keys(f"task {name!r} grid", grid, [f.name for f in fields(Grid)])
+            try:
+                grid = Grid(**grid)
+            except (TypeError, SuiteError) as e:
+                raise SuiteError(f"task {name!r}: {e}") from None
+        task = cls(name=name, trainer=d["trainer"], config=str(d["config"]), protocol=d["protocol"],
+                   datasets=[str(x) for x in _as_list(d["datasets"])], seeds=[int(s) for s in
+                                                                             _as_list(d.get("seeds", [1]))],
+                   shots=[int(k) for k in _as_list(d.get("shots", [16]))], eval_only=bool(d.get("eval_only")),
+                   source=str(d.get("source", "")), variants=[str(x) for x in _as_list(d.get("variants", []))],
+                   opts=[str(x) for x in d.get("opts", [])], grid=grid)
+        task.validate(repo)
+        return task
+
+    def validate(self, repo: str) -> None:
+        from vltune.registry import TRAINERS, RegistryError
+
+        where = f"task {self.name!r}"
+        if self.protocol not in PROTOCOLS:
+            raise SuiteError(f"{where}: protocol {self.protocol!r}{_suggest(self.protocol, PROTOCOLS)}; choose one "
+                             f"of {', '.join(PROTOCOLS)}")
+        import trainers  # noqa: F401  (fills the registry)
+
+        try:
+            self.trainer = TRAINERS.canonical(self.trainer)
+        except RegistryError as e:
+            raise SuiteError(f"{where}: {e.args[0]}") from None
+        self.config_file = self._resolve_config(repo)
+        if not self.datasets and self.protocol != "xd":
+            raise SuiteError(f"{where}: 'datasets' is empty")
+        if self.protocol == "xd" and not self.source:
+            raise SuiteError(f"{where}: protocol 'xd' needs 'source' (the training dataset, e.g. 'imagenet')")
+        if self.protocol != "xd" and (self.source or self.variants):
+            raise SuiteError(f"{where}: 'source' and 'variants' belong to protocol 'xd' only")
+        names = [*self.datasets, *self.variants, *([self.source] if self.source else [])]
+        known = dataset_names(repo)
+        for d in names:
+            if d not in known:
+                raise SuiteError(f"{where}: unknown dataset {d!r}{_suggest(d, known)}; datasets are the yaml files "
+                                 f"in configs/datasets/: {', '.join(known)}")
+        if len(set(names)) != len(names):
+            raise SuiteError(f"{where}: a dataset is listed twice across source/datasets/variants: {names}")
+        if not self.seeds:
+            raise SuiteError(f"{where}: 'seeds' is empty")
+        if any(k < 0 for k in self.shots) or not self.shots:
+            raise SuiteError(f"{where}: 'shots' must be non-negative integers; got {self.shots}")
+        if len(self.opts) % 2:
+            raise SuiteError(f"{where}: 'opts' must be KEY VALUE pairs; got an odd list {self.opts}")
+        if self.grid and "DATASET.NUM_SHOTS" in self.grid.params and len(self.shots) > 1:
+            raise SuiteError(f"{where}: give the shots either in 'shots' or in the grid, not both")
+
+    def _resolve_config(self, repo: str) -> str:
+        if self.config.endswith((".yaml", ".yml")):
+            path = os.path.abspath(os.path.expanduser(self.config))
+            if not os.path.isfile(path):
+                raise SuiteError(f"task {self.name!r}: config file {path} not found")
+            return path
+        folder = os.path.join(repo, "configs", "trainers", self.trainer)
+        path = os.path.join(folder, f"{self.config}.yaml")
+        if not os.path.isfile(path):
+            choices = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(
+                folder) else []
+            raise SuiteError(f"task {self.name!r}: trainer config {self.config!r} not found in {folder}"
+                             f"{_suggest(self.config, choices)}; choices: {', '.join(choices) or 'none'}")
+        return path
+
+    @property
+    def config_name(self) -> str:
+        return os.path.splitext(os.path.basename(self.config_file or self.config))[0]
+
+
+@dataclass
+class Stage:
+    """One pipeline entry: its tasks run in order on its GPU group.
+
+    Args:
+        gpu_ids: GPUs of this group (indices of the GPUs the runner sees); ``[]`` runs on the CPU.
+        tasks: task names, in order.
+        slots_per_gpu: jobs per GPU at once (default: ``base["slots_per_gpu"]``).
+    """
+
+    gpu_ids: list[int]
+    tasks: list[str]
+    slots_per_gpu: int = 0
+
+
+@dataclass
+class Base:
+    """Settings shared by every task.
+
+    Args:
+        data_root: the datasets' parent folder (CoOp layout).
+        output_root: where job folders, tables, plots and report.md go.
+        backbone: CLIP architecture (``MODEL.BACKBONE.NAME``).
+        weights: local CLIP checkpoint (``MODEL.BACKBONE.WEIGHTS``); empty for an architecture's own default.
+        prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
+        slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
+        mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
+    """
+
+    data_root: str
+    output_root: str
+    backbone: str
+    weights: str = ""
+    prepare: str = ""
+    slots_per_gpu: int = 1
+    mail: Any = None
+
+    KEYS = ("data", "model", "output", "prepare", "slots_per_gpu", "mail")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], folder: str, repo: str) -> Base:
+        from vltune.notify import MailSettings
+
+        _check_keys("base", d, cls.KEYS)
+        for key in ("data", "model", "output"):
+            if not isinstance(d.get(key), dict):
+                raise SuiteError(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
+                                 "model=dict(backbone='ViT-B/16', weights='...'), output=dict(root='output'))")
+        _check_keys("base['data']", d["data"], ("root",))
+        _check_keys("base['model']", d["model"], ("backbone", "weights"))
+        _check_keys("base['output']", d["output"], ("root",))
+        if d.get("prepare", "") not in PREPARE:
+            raise SuiteError(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
+
+        def path(p: str) -> str:
+            return os.path.normpath(os.path.join(folder, os.path.expanduser(p))) if p else ""
+
+        try:
+            mail = MailSettings.from_dict(d.get("mail"), repo)
+        except ValueError as e:
+            raise SuiteError(str(e)) from None
+        base = cls(data_root=path(d["data"].get("root", "")), output_root=path(d["output"].get("root", "")),
+                   backbone=str(d["model"].get("backbone", "")), weights=path(d["model"].get("weights", "")),
+                   prepare=d.get("prepare", ""), slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail)
+        if not base.output_root or not base.backbone:
+            raise SuiteError("base: output.root and model.backbone must be set")
+        if base.slots_per_gpu < 1:
+            raise SuiteError(f"base['slots_per_gpu'] = {base.slots_per_gpu}; it must be at least 1")
+        return base
+
+
+@dataclass
+class Experiments:
+    """A validated experiment file."""
+
+    path: str
+    base: Base
+    tasks: dict[str, Task]
+    pipeline: list[Stage]
+
+    def stage_of(self, task: str) -> Stage:
+        return next(s for s in self.pipeline if task in s.tasks)
+
+
+def dataset_names(repo: str) -> list[str]:
+    """The dataset names a task may use: the yaml files in ``configs/datasets/``."""
+    folder = os.path.join(repo, "configs", "datasets")
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml"))
+
+
+def available_gpus() -> list[int]:
+    """Indices of the GPUs this process sees (none on a CPU-only machine)."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _read_module(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise SuiteError(f"experiment file not found: {path}")
+    spec = importlib.util.spec_from_file_location("vltune_experiments", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001  (any error in the user's file is reported with its name)
+        raise SuiteError(f"{path} failed to load: {type(e).__name__}: {e}") from e
+    return {k: getattr(module, k) for k in dir(module) if not k.startswith("_")}
+
+
+def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, slots_per_gpu: int = 0,
+                     overrides: dict[str, Any] | None = None) -> Experiments:
+    """Read and validate an experiment file.
+
+    Args:
+        path: the experiment file (``configs.py``).
+        repo: the repository root (``configs/`` lives there).
+        gpus: replace every pipeline's ``gpu_ids`` (``--gpus``); they must exist on this machine.
+        slots_per_gpu: replace every stage's slots (``--slots-per-gpu``); 0 keeps the file's.
+        overrides: replace entries of ``base`` before validation (tests: another data or output folder).
+    """
+    path = os.path.abspath(path)
+    names = _read_module(path)
+    for key in ("base", "pipeline"):
+        if key not in names:
+            raise SuiteError(f"{path}: no {key!r} defined; an experiment file defines base, its tasks and pipeline")
+    raw_base = {**names["base"], **(overrides or {})}
+    try:
+        base = Base.from_dict(raw_base, os.path.dirname(path), repo)
+    except SuiteError as e:
+        raise SuiteError(f"{path}: {e}") from None
+    task_dicts = {k: v for k, v in names.items() if isinstance(v, dict) and "trainer" in v}
+    stages: list[Stage] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(_as_list(names["pipeline"])):
+        where = f"{path}: pipeline[{i}]"
+        if not isinstance(raw, dict):
+            raise SuiteError(f"{where} must be a dict(gpu_ids=[...], tasks=[...])")
+        try:
+            _check_keys(where, raw, [f.name for f in fields(Stage)])
+        except SuiteError as e:
+            raise SuiteError(str(e)) from None
+        stage = Stage(gpu_ids=[int(g) for g in _as_list(raw.get("gpu_ids", []))],
+                      tasks=[str(t) for t in _as_list(raw.get("tasks", []))],
+                      slots_per_gpu=int(slots_per_gpu or raw.get("slots_per_gpu", 0) or base.slots_per_gpu))
+        for t in stage.tasks:
+            if t not in task_dicts:
+                raise SuiteError(f"{where}: unknown task {t!r}{_suggest(t, task_dicts)}; tasks defined: "
+                                 f"{', '.join(task_dicts) or 'none'}")
+            if t in seen:
+                raise SuiteError(f"{where}: task {t!r} is already in pipeline[{seen[t]}]; a task runs in one stage")
+            seen[t] = i
+        if gpus is not None:
+            stage.gpu_ids = list(gpus)
+        if stage.slots_per_gpu < 1:
+            raise SuiteError(f"{where}: slots_per_gpu must be at least 1")
+        stages.append(stage)
+    check_gpus([g for s in stages for g in s.gpu_ids], available_gpus() if any(s.gpu_ids for s in stages) else [],
+               path)
+    tasks = {}
+    for name in seen:
+        try:
+            tasks[name] = Task.from_dict(name, task_dicts[name], repo)
+        except SuiteError as e:
+            raise SuiteError(f"{path}: {e}") from None
+    if not tasks:
+        raise SuiteError(f"{path}: the pipeline has no tasks")
+    return Experiments(path=path, base=base, tasks=tasks, pipeline=stages)
+
+
+def check_gpus(wanted: Iterable[int], available: Sequence[int], where: str) -> None:
+    """Fail on a GPU id this machine does not have, naming the valid ones."""
+    for g in wanted:
+        if g not in available:
+            have = ", ".join(map(str, available)) if available else "none (no CUDA GPU is visible)"
+            raise SuiteError(f"{where}: GPU id {g} does not exist; valid GPU ids: {have}. Use gpu_ids=[] to run on "
+                             "the CPU, or --gpus to choose others")
