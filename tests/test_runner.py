@@ -254,3 +254,14 @@ def test_fake_jobs_write_what_train_py_writes(tmp_path):
     record = read_record(str(tmp_path / "a" / "result.json"))
     assert record["config_hash"] == HASH and record["status"] == "success" and "runner" in record
     assert json.loads((tmp_path / "a" / "job.json").read_text())["config_hash"] == HASH
+
+
+def test_a_job_that_cannot_start_is_recorded_failed_and_the_rest_run(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    broken = fake_job(str(tmp_path), "broken", events)
+    broken.argv = [str(tmp_path / "no-such-interpreter"), "-c", "pass"]
+    jobs = [broken, fake_job(str(tmp_path), "fine", events)]
+    result = Scheduler(jobs, [Lane([0], 1, ["t"])], LocalExecutor(), poll_s=0.02).run()
+    assert dict(result.counts) == {"failed": 1, "success": 1}
+    record = read_record(str(tmp_path / "broken" / "result.json"))
+    assert record["status"] == "failed" and "no-such-interpreter" in record["runner"]["log_tail"]

@@ -12,7 +12,6 @@ from statistics import mean, pstdev
 
 import pytest
 from aiosmtpd.controller import Controller
-from conftest import REPO
 from test_mail import Recorder, free_port
 
 import parallel_runner

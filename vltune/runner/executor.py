@@ -118,4 +118,6 @@ class InlineExecutor:
             handle.returncode = 1
             with open(os.path.join(job.out, "stderr.log"), "a") as f:
                 f.write(f"{type(e).__name__}: {e}\n")
+        if handle.returncode == 130:  # the job caught Ctrl-C and recorded itself cancelled: stop the run too
+            raise KeyboardInterrupt
         return handle

@@ -209,7 +209,15 @@ class Scheduler:
                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", str(self.threads)),
                "CUDA_VISIBLE_DEVICES": self._visible(device)}
         s.status = "running"
-        s.handle = self.executor.start(job, device, env)
+        try:
+            s.handle = self.executor.start(job, device, env)
+        except KeyboardInterrupt:  # an in-process job was interrupted: it counts as cancelled, then the run stops
+            s.handle = Handle(job=job, device=device, returncode=130, cancelled=True)
+            raise
+        except Exception as e:  # noqa: BLE001  (a job that cannot start is a failed job, not a crashed runner)
+            s.handle = Handle(job=job, device=device, returncode=-1)
+            with open(os.path.join(job.out, "stderr.log"), "a") as f:
+                f.write(f"could not start {job.argv[:2]}: {type(e).__name__}: {e}\n")
         self.on_event("running", s)
 
     def _visible(self, device: str | int) -> str:
@@ -306,6 +314,9 @@ class Scheduler:
         except KeyboardInterrupt:
             interrupted = True
             self.cancel()
+        except BaseException:  # a bug or a bad lane: leave no job running behind the error
+            self.cancel()
+            raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
