@@ -265,3 +265,10 @@ def test_a_job_that_cannot_start_is_recorded_failed_and_the_rest_run(tmp_path):
     assert dict(result.counts) == {"failed": 1, "success": 1}
     record = read_record(str(tmp_path / "broken" / "result.json"))
     assert record["status"] == "failed" and "no-such-interpreter" in record["runner"]["log_tail"]
+
+
+def test_gpu_ids_index_the_runners_own_visible_devices(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    jobs = [fake_job(str(tmp_path), "a", events)]
+    Scheduler(jobs, [Lane([1], 1, ["t"])], LocalExecutor(), cuda_visible=["4", "7"], poll_s=0.02).run()
+    assert [e["cuda"] for e in read_events(events) if e["event"] == "start"] == ["7"]
