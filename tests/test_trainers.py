@@ -4,7 +4,8 @@ Per-trainer differences live in one table: the ``test_overrides`` given at regis
 (``TRAINERS.register(..., test_overrides=dict(trainable_params=N, opts={...}, trainable=False))``), never in ``if``
 chains here. ``trainable_params`` is required: the recorded trainable-parameter count on the tiny CLIP (width 64).
 The checks run on a randomly initialised tiny CLIP and the generated digits dataset:
-finite (B, C) logits; after 3 steps every trainable tensor changed and got a gradient while every other tensor is
+finite (B, C) logits; training on the base classes then evaluating the saved model on the new ones; after 3
+steps every trainable tensor changed and got a gradient while every other tensor is
 bitwise equal and gradient-free; the optimizers hold exactly the trainable set; save → load in a fresh trainer
 gives equal logits; batched inference equals per-sample inference.
 """
@@ -27,10 +28,10 @@ def _overrides(name: str) -> dict:
     return dict(TRAINERS.meta(name).get("test_overrides") or {})
 
 
-def _cfg(name: str, root: str, weights: str, out: str):
+def _cfg(name: str, root: str, weights: str, out: str, subsample: str = "all"):
     opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
             "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "OPTIM.LR_SCHEDULER": "cosine",
+            "OPTIM.LR_SCHEDULER": "cosine", "DATASET.SUBSAMPLE_CLASSES": subsample,
             "SEED": 1}
     opts.update(_overrides(name).get("opts", {}))
     return get_cfg(opts=tiny_opts(root, weights, **opts))
@@ -132,3 +133,17 @@ def test_batched_inference_equals_per_sample(name, built):
     batched = _logits(trainer, images)
     single = torch.cat([_logits(trainer, images[i:i + 1]) for i in range(len(images))])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_on_base_classes_then_evaluate_on_new_ones(name, digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_cfg(name, digits_root, random_clip_weights, str(tmp_path / "base"), "base"))
+    _train_steps(trainer, 1)
+    trainer.save_model(0, str(tmp_path / "base"))
+    new = build_trainer(_cfg(name, digits_root, random_clip_weights, str(tmp_path / "new"), "new"), eval_only=True)
+    new.load_model(str(tmp_path / "base"), epoch=1)
+    assert set(new.classnames).isdisjoint(trainer.classnames) and new.num_classes == 10 - trainer.num_classes
+    images, labels = _test_images(new)
+    logits = _logits(new, images)
+    assert logits.shape == (len(images), new.num_classes) and torch.isfinite(logits).all()
+    assert int(labels.max()) < new.num_classes  # labels relabelled from 0 within the new classes

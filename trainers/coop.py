@@ -13,6 +13,7 @@ per evaluation instead of per test batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -113,6 +114,19 @@ class CoOpModel(nn.Module):
         return self.clip.logit_scale * image @ text.t().to(image.dtype)
 
 
+@dataclass
+class SimParts:
+    """What a prompt learner computes for a batch, for plugins such as DePT that build on it.
+
+    ``image``: normalised image features (B, E); ``text``: normalised class text features, (C, E) or per image
+    (B, C, E); ``logits``: the similarity logits τ · f · Tᵀ (B, C).
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    logits: torch.Tensor
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return float((logits.argmax(dim=1) == labels).float().mean() * 100)
@@ -143,9 +157,20 @@ class CoOp(TrainerX):
         self.register_model("prompt_learner", prompt_learner)
         self._text: torch.Tensor | None = None
 
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        """Image features, class text features (``text`` if given: cached at evaluation) and their logits."""
+        image = self.model.image_features(images)
+        text = self.model.text_features() if text is None else text
+        return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
+
+    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
+        """A method's regulariser added to the classification loss (none for CoOp; KgCoOp's knowledge loss)."""
+        return parts.logits.new_zeros(())
+
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.model(batch["img"])
-        return F.cross_entropy(logits, batch["label"]), {"acc": accuracy(logits, batch["label"])}
+        parts = self.forward_parts(batch["img"])
+        loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
+        return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
     def before_evaluate(self) -> None:
         self._text = self.model.text_features()
@@ -154,4 +179,4 @@ class CoOp(TrainerX):
         self._text = None
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images, self._text)
+        return self.forward_parts(images, self._text).logits

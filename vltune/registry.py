@@ -65,9 +65,9 @@ class Registry:
         if name in self._aliases:
             return self._aliases[name]
         choices = sorted([*self._objects, *self._aliases])
-        close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-        if not close:  # case-insensitive fallback catches 'coop' → 'CoOp'
-            close = [c for c in choices if c.lower() == str(name).lower()]
+        same_letters = [c for c in choices if c.lower() == str(name).lower()]  # 'coop' → 'CoOp' first
+        close = same_letters + [c for c in difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+                                if c not in same_letters]
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise RegistryError(f"unknown {self.name} {name!r}{hint} Registered: {', '.join(sorted(self._objects))}")
 
