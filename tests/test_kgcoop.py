@@ -1,0 +1,96 @@
+"""KgCoOp's knowledge-guided loss: zero at the hand-crafted prompt, a pull toward it, and CoOp's loss at W = 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_opts
+
+from trainers.kgcoop import knowledge_loss
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+
+DIGITS_PHRASE = "a photo of the number"  # the generated digits dataset's template is "a photo of the number {}."
+
+
+def _trainer(root, weights, out, **extra):
+    opts = {"TRAINER.NAME": "KgCoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "OPTIM.NAME": "sgd", "OPTIM.LR": 0.1, "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0,
+            "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1,
+            "TRAINER.COOP.CTX_INIT": "a photo of a"}
+    opts.update(extra)
+    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+
+
+def _batch(trainer):
+    return trainer.to_device(next(iter(trainer.train_loader_x)))
+
+
+def test_knowledge_loss_is_one_minus_mean_cosine_of_unit_vectors():
+    a, b = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    expected = 1 - F.cosine_similarity(a, b, dim=-1).mean()  # the official code's form
+    torch.testing.assert_close(knowledge_loss(a, b), expected)
+    torch.testing.assert_close(knowledge_loss(a, b), (a - b).pow(2).sum(-1).mean() / 2)  # the paper's, halved
+    per_image = a.expand(3, -1, -1)  # (B, C, E) text features (CoCoOp-style) broadcast against (C, E)
+    torch.testing.assert_close(knowledge_loss(per_image, b), expected)
+
+
+def test_extra_loss_is_exactly_zero_at_the_hand_crafted_prompt_and_positive_elsewhere(digits_root, random_clip_weights,
+                                                                                     tmp_path):
+    same = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **{"TRAINER.COOP.CTX_INIT": DIGITS_PHRASE})
+    assert same.kg_template == "a photo of the number {}."
+    parts = same.forward_parts(_batch(same)["img"])
+    assert same.extra_loss({}, parts).item() == 0.0  # learned prompt == hand-crafted prompt, bit for bit
+
+    other = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"))  # "a photo of a <name>."
+    parts = other.forward_parts(_batch(other)["img"])
+    kg = knowledge_loss(parts.text, other.hand_crafted_features())
+    assert kg.item() > 0
+    torch.testing.assert_close(other.extra_loss({}, parts), 8.0 * kg)  # W = TRAINER.COOP.W (default 8.0)
+
+
+def test_a_step_on_the_knowledge_loss_alone_pulls_the_features_toward_the_hand_crafted_ones(
+        digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+    hand_crafted = trainer.hand_crafted_features()
+    ctx = trainer.model.prompt_learner.ctx
+
+    def cosine() -> torch.Tensor:
+        return F.cosine_similarity(trainer.model.text_features(), hand_crafted, dim=-1)
+
+    before = cosine().detach()
+    loss = knowledge_loss(trainer.model.text_features(), hand_crafted)
+    loss.backward()
+    with torch.no_grad():
+        ctx -= 0.01 * ctx.grad / ctx.grad.norm()  # a small step along −∇L_kg
+    after = cosine().detach()
+    assert knowledge_loss(trainer.model.text_features(), hand_crafted).item() < loss.item()
+    assert after.mean() > before.mean()
+
+
+def test_w_zero_gives_coops_loss_and_w_adds_the_weighted_knowledge_loss(digits_root, random_clip_weights, tmp_path):
+    coop = _trainer(digits_root, random_clip_weights, str(tmp_path / "coop"), **{"TRAINER.NAME": "CoOp"})
+    batch = _batch(coop)
+    coop_loss, _ = coop.loss(batch)
+    kg0 = _trainer(digits_root, random_clip_weights, str(tmp_path / "w0"), **{"TRAINER.COOP.W": 0.0})
+    assert torch.equal(kg0.loss(batch)[0], coop_loss)
+    kg2 = _trainer(digits_root, random_clip_weights, str(tmp_path / "w2"), **{"TRAINER.COOP.W": 2.0})
+    parts = kg2.forward_parts(batch["img"])
+    expected = coop_loss + 2.0 * knowledge_loss(parts.text, kg2.hand_crafted_features())
+    torch.testing.assert_close(kg2.loss(batch)[0], expected)
+    assert kg2.loss(batch)[0] > coop_loss
+
+
+def test_only_the_context_is_saved_and_eval_only_skips_the_hand_crafted_features(digits_root, random_clip_weights,
+                                                                                tmp_path):
+    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
+    assert set(trainer.trainable_state("prompt_learner")) == {"ctx"}
+    cfg = get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{"TRAINER.NAME": "KgCoOp",
+                                                                      "OUTPUT_DIR": str(tmp_path / "b")}))
+    assert build_trainer(cfg, eval_only=True)._hand_crafted is None
+
+
+def test_negative_w_is_rejected(digits_root, random_clip_weights, tmp_path):
+    with pytest.raises(ValueError, match="TRAINER.COOP.W"):
+        _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.COOP.W": -1.0})
