@@ -2,7 +2,12 @@
 
 # ruff: noqa: F401
 
+import trainers.cocoop
 import trainers.coop
+import trainers.dept
+import trainers.kgcoop
+import trainers.prograd
+import trainers.tcp
 import trainers.zsclip
 from vltune.registry import TRAINERS, mirror_into_dassl
 

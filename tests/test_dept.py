@@ -1,0 +1,326 @@
+"""DePT as one plugin (trainers/dept.py): staged LR, the training loss, where the head is fused at test time, strict
+checkpoints across class sets, the config aliases, and the registration of the variants.
+
+Runs on the random tiny CLIP (E = 64) and the generated digits dataset: 10 classes, ``base`` = the first 5, ``new``
+= the last 5 (relabelled from 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import REPO, tiny_opts
+
+import trainers.dept as dept
+from trainers.coop import CoOp, SimParts
+from trainers.dept import DePTHead, DePTMixin, register_dept, resolve_settings, with_dept
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+from vltune.registry import TRAINERS, Registry
+
+COOP = "ExtrasLinearProbeCoOp"
+VARIANTS = ["ExtrasLinearProbeCoOp", "ExtrasLinearProbeCoCoOp", "ExtrasLinearProbeKgCoOp"]
+
+
+def _cfg(root: str, weights: str, out: str, **extra):
+    opts = {"TRAINER.NAME": COOP, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
+            "OPTIM.LR_SCHEDULER": "cosine", "TRAINER.COOP.N_CTX": 4, "SEED": 1}
+    opts.update(extra)
+    return get_cfg(opts=tiny_opts(root, weights, **opts))
+
+
+def _train(trainer, steps: int = 3):
+    trainer.set_model_mode("train")
+    done = 0
+    while done < steps:
+        for batch in trainer.train_loader_x:
+            trainer.forward_backward(trainer.to_device(batch))
+            done += 1
+            if done == steps:
+                break
+    return trainer
+
+
+@torch.no_grad()
+def _eval(trainer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(DePT logits, z_sim, normalised image features) of ``images`` in one evaluation."""
+    trainer.set_model_mode("eval")
+    trainer.before_evaluate()
+    try:
+        logits = trainer.model_inference(images)
+        parts = trainer.forward_parts(images)
+        return logits, parts.logits, parts.image
+    finally:
+        trainer.after_evaluate()
+
+
+def _head(trainer, image: torch.Tensor) -> torch.Tensor:
+    """head(FiLM_img(f)) written out: (B, E) → (B, C_train)."""
+    d = trainer.dept
+    return (image * d.film_img.scale + d.film_img.bias) @ d.head.weight.t() + d.head.bias
+
+
+def _images(trainer, n: int = 8) -> torch.Tensor:
+    return next(iter(trainer.test_loader))["img"][:n]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_root, random_clip_weights):
+    """subsample → (trainer after 3 steps, folder with its epoch-1 checkpoint)."""
+    cache = {}
+
+    def get(subsample: str):
+        if subsample not in cache:
+            out = str(tmp_path_factory.mktemp(f"dept-{subsample}"))
+            trainer = _train(build_trainer(_cfg(digits_root, random_clip_weights, out,
+                                                **{"DATASET.SUBSAMPLE_CLASSES": subsample})))
+            trainer.save_model(0, out)
+            cache[subsample] = trainer, out
+        return cache[subsample]
+
+    return get
+
+
+def _eval_only(root, weights, out, source: str | None, **extra):
+    trainer = build_trainer(_cfg(root, weights, out, **extra), eval_only=True)
+    if source:
+        trainer.load_model(source, epoch=1)
+    return trainer
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+def test_film_and_head_train_at_lr_times_lr_exp_after_a_shared_warmup(digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
+        "OPTIM.MAX_EPOCH": 3, "OPTIM.WARMUP_EPOCH": 1, "OPTIM.WARMUP_TYPE": "constant",
+        "OPTIM.WARMUP_CONS_LR": 1e-5, "TRAINER.DEPT.LR_EXP": 4.0}))
+    dept_params = {id(p) for p in trainer.dept.parameters()}
+    assert {id(p) for g in trainer._optims["dept"].param_groups for p in g["params"]} == dept_params
+    assert len(dept_params) == 6  # FiLM scale/bias ×2, head weight/bias
+    lrs = lambda name: [g["lr"] for g in trainer._optims[name].param_groups]  # noqa: E731
+    assert lrs("dept") == lrs("prompt_learner") == [1e-5]  # warmup holds every group
+    trainer.update_lr()  # epoch 1: cosine at its start, the base LR
+    assert lrs("prompt_learner") == [pytest.approx(0.05)] and lrs("dept") == [pytest.approx(0.05 * 4.0)]
+    before = {k: v.detach().clone() for k, v in trainer.dept.named_parameters()}
+    ctx = trainer.model.prompt_learner.ctx.detach().clone()
+    _train(trainer)
+    for k, p in trainer.dept.named_parameters():
+        assert not torch.equal(p.detach(), before[k]), f"{k} did not train"
+    assert not torch.equal(trainer.model.prompt_learner.ctx.detach(), ctx)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_loss_is_the_weighted_sum_plus_the_base_extra_loss(name, digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
+        "TRAINER.NAME": name, "TRAINER.DEPT.SIM_WEIGHT": 0.4, "TRAINER.DEPT.CLS_WEIGHT": 0.5}))
+    _train(trainer, 2)  # FiLM away from the identity
+    batch = trainer.to_device(next(iter(trainer.train_loader_x)))
+    y = batch["label"]
+    with torch.no_grad():
+        loss, _ = trainer.loss(batch)
+        parts = trainer.forward_parts(batch["img"])
+        t_y = parts.text[y] if parts.text.dim() == 2 else parts.text[torch.arange(len(y)), y]  # CoCoOp: per image
+        d = trainer.dept
+        feats = torch.cat([t_y * d.film_txt.scale + d.film_txt.bias, parts.image * d.film_img.scale + d.film_img.bias])
+        extra = trainer.extra_loss(batch, parts)
+        expected = (0.4 * F.cross_entropy(parts.logits, y) + 0.5 * F.cross_entropy(d.head(feats), torch.cat([y, y]))
+                    + extra)
+    torch.testing.assert_close(loss, expected)
+    if name == "ExtrasLinearProbeKgCoOp":
+        assert float(extra) > 0  # W · L_kg of the trained context
+    trainer.extra_loss = lambda batch, parts: parts.logits.new_tensor(2.5)  # the hook is called, and added once
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.loss(batch)[0], expected - extra + 2.5)
+
+
+def test_per_image_text_features_use_each_images_own_true_class(digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4, 64, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4, 10, 64, generator=g), dim=-1)  # (B, C, E), as CoCoOp's
+    logits = torch.randn(4, 10, generator=g)
+    trainer.forward_parts = lambda images, text_=None: SimParts(image, text, logits)
+    trainer.extra_loss = lambda batch, parts: logits.new_zeros(())
+    y = torch.tensor([3, 0, 7, 3])
+    with torch.no_grad():
+        loss, _ = trainer.loss({"img": None, "label": y})
+        head = trainer.dept.head(torch.cat([text[torch.arange(4), y], image]))  # FiLM is the identity at init
+        expected = 0.3 * F.cross_entropy(logits, y) + 0.7 * F.cross_entropy(head, torch.cat([y, y]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(digits_root, random_clip_weights,
+                                                                         tmp_path):
+    class CtxOnly(CoOp):
+        def trainable_parameters(self):
+            return [self.model.prompt_learner.ctx]
+
+    trainer = with_dept(CtxOnly)(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    declared = {id(p) for p in trainer.trainable_parameters()}
+    assert {id(p) for p in trainer.dept.parameters()} <= declared
+    assert all(p.requires_grad for p in trainer.dept.parameters())
+    assert trainer.n_trainable == 4 * 64 + 2 * 2 * 64 + 65 * 10
+
+
+# ---- test-time fusion ----------------------------------------------------------------------------------------------
+def test_training_classes_fuse_by_the_formula(runs):
+    trainer, _ = runs("all")
+    logits, z_sim, image = _eval(trainer, _images(trainer))
+    expected = 0.3 * z_sim + 0.7 * _head(trainer, image)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, z_sim, atol=1e-2)
+
+
+def test_a_subset_of_the_training_classes_fuses_with_its_rows(runs, digits_root, random_clip_weights, tmp_path):
+    trainer, source = runs("all")
+    new = _eval_only(digits_root, random_clip_weights, str(tmp_path), source, **{"DATASET.SUBSAMPLE_CLASSES": "new"})
+    assert new.classnames == trainer.classnames[5:] and new.dept.head.weight.shape[0] == 10
+    logits, z_sim, image = _eval(new, _images(new))
+    torch.testing.assert_close(logits, 0.3 * z_sim + 0.7 * _head(new, image)[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_follow_the_evaluated_names_and_order():
+    head = DePTHead(4, ["a", "b", "c", "d", "e"])
+    assert head.trained_classnames() == ["a", "b", "c", "d", "e"]
+    assert head.rows_for(["e", "d", "c", "b", "a"]).tolist() == [4, 3, 2, 1, 0]
+    assert head.rows_for(["b", "c", "d"]).tolist() == [1, 2, 3]
+    assert head.rows_for(["d", "a"]).tolist() == [3, 0]
+    assert head.rows_for(["a", "x"]) is None  # one unseen class: the head does not apply
+    assert head.rows_for(["a", "a"]) is None
+    twice = DePTHead(4, ["crane", "b", "crane"])  # a name of two classes maps in order; a partial set is ambiguous
+    assert twice.rows_for(["crane", "b", "crane"]).tolist() == [0, 1, 2]
+    assert twice.rows_for(["b", "crane"]) is None
+    image = torch.randn(3, 4)
+    torch.testing.assert_close(head.image_logits(image)[:, head.rows_for(["e", "a"])],
+                               head.image_logits(image)[:, [4, 0]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["TRAINER.DEPT.TEST_TIME_FUSION", "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION"])
+def test_fusion_off_gives_z_sim(key, runs, digits_root, random_clip_weights, tmp_path):
+    _, source = runs("all")
+    off = _eval_only(digits_root, random_clip_weights, str(tmp_path), source, **{key: False})
+    logits, z_sim, _ = _eval(off, _images(off))
+    assert torch.equal(logits, z_sim)
+
+
+# ---- checkpoints across class sets ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("subsample", ["new", "all"])
+def test_base_checkpoint_loads_strictly_elsewhere_and_gives_z_sim(subsample, runs, digits_root, random_clip_weights,
+                                                                   tmp_path):
+    base, source = runs("base")
+    other = _eval_only(digits_root, random_clip_weights, str(tmp_path), source,
+                       **{"DATASET.SUBSAMPLE_CLASSES": subsample})  # raises on any missing/unexpected/misshaped key
+    assert other.dept.trained_classnames() == base.classnames != other.classnames
+    for k, v in base.dept.state_dict().items():
+        assert torch.equal(other.dept.state_dict()[k], v), k
+    logits, z_sim, _ = _eval(other, _images(other))
+    assert logits.shape == (8, other.num_classes) and torch.equal(logits, z_sim)
+
+
+def test_same_classes_reload_reproduces_the_fused_logits(runs, digits_root, random_clip_weights, tmp_path):
+    base, source = runs("base")
+    again = _eval_only(digits_root, random_clip_weights, str(tmp_path), source,
+                       **{"DATASET.SUBSAMPLE_CLASSES": "base"})
+    images = _images(base)
+    expected, z_sim, _ = _eval(base, images)
+    torch.testing.assert_close(_eval(again, images)[0], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(expected, z_sim, atol=1e-2)
+
+
+def test_loading_stays_strict_on_the_dept_keys(runs, digits_root, random_clip_weights, tmp_path):
+    _, source = runs("base")
+    path = os.path.join(source, "dept", "model.pth.tar-1")
+    ckpt = torch.load(path, weights_only=True)
+
+    def write(folder: str, state: dict) -> str:
+        os.makedirs(os.path.join(tmp_path, folder, "dept"))
+        os.symlink(os.path.join(source, "prompt_learner"), os.path.join(tmp_path, folder, "prompt_learner"))
+        torch.save({**ckpt, "state_dict": state}, os.path.join(tmp_path, folder, "dept", "model.pth.tar-1"))
+        return str(tmp_path / folder)
+
+    state = ckpt["state_dict"]
+    extra = write("extra", {**state, "linear_probe.weight": torch.zeros(1)})
+    missing = write("missing", {k: v for k, v in state.items() if k != "classnames"})
+    film = write("film", {**state, "film_img.scale": torch.ones(32)})
+    opts = {"DATASET.SUBSAMPLE_CLASSES": "new"}
+    with pytest.raises(KeyError, match=r"unexpected \['linear_probe.weight'\]"):
+        _eval_only(digits_root, random_clip_weights, str(tmp_path / "a"), extra, **opts)
+    with pytest.raises(KeyError, match=r"missing \['classnames'\]"):
+        _eval_only(digits_root, random_clip_weights, str(tmp_path / "b"), missing, **opts)
+    with pytest.raises(ValueError, match="film_img.scale"):
+        _eval_only(digits_root, random_clip_weights, str(tmp_path / "c"), film, **opts)
+    training = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "d")))  # 10 classes, optimizer
+    with pytest.raises(ValueError, match="another class set"):  # the head's names or rows: 5 vs 10 classes
+        training.load_model(source, epoch=1)
+
+
+# ---- configuration -------------------------------------------------------------------------------------------------
+def _settings(**opts):
+    return resolve_settings(get_cfg(opts=[x for kv in opts.items() for x in (kv[0], str(kv[1]))]))
+
+
+def test_defaults_and_the_linear_probe_alias(digits_root, random_clip_weights, tmp_path):
+    assert _settings() == dept.Settings(0.3, 0.7, 6.5, True)
+    assert _settings(**{"TRAINER.LINEAR_PROBE.WEIGHT": 0.6}) == dept.Settings(pytest.approx(0.4), 0.6, 6.5, True)
+    assert _settings(**{"TRAINER.LINEAR_PROBE.WEIGHT": 0.6, "TRAINER.DEPT.CLS_WEIGHT": 0.6}).cls_weight == 0.6
+    assert _settings(**{"OPTIM.LR_EXP": 3.0}).lr_exp == 3.0
+    assert _settings(**{"TRAINER.DEPT.SIM_WEIGHT": 0.5, "TRAINER.DEPT.CLS_WEIGHT": 0.5}) == dept.Settings(
+        0.5, 0.5, 6.5, True)  # SkipTuning's independent weights
+    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
+        "TRAINER.LINEAR_PROBE.WEIGHT": 0.6}), eval_only=True)
+    assert dataclasses.astuple(trainer.dept_settings) == pytest.approx((0.4, 0.6, 6.5, True))
+
+
+@pytest.mark.parametrize("opts,keys", [
+    ({"TRAINER.DEPT.CLS_WEIGHT": 0.5, "TRAINER.LINEAR_PROBE.WEIGHT": 0.6},
+     ("TRAINER.DEPT.CLS_WEIGHT", "TRAINER.LINEAR_PROBE.WEIGHT")),
+    ({"TRAINER.DEPT.SIM_WEIGHT": 0.5, "TRAINER.LINEAR_PROBE.WEIGHT": 0.6},
+     ("TRAINER.DEPT.SIM_WEIGHT", "TRAINER.LINEAR_PROBE.WEIGHT")),
+    ({"TRAINER.DEPT.LR_EXP": 2.0, "OPTIM.LR_EXP": 3.0}, ("TRAINER.DEPT.LR_EXP", "OPTIM.LR_EXP")),
+    ({"TRAINER.DEPT.TEST_TIME_FUSION": False, "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION": False}, ()),
+    ({"TRAINER.LINEAR_PROBE.TYPE": "mlp"}, ("TRAINER.LINEAR_PROBE.TYPE",)),
+])
+def test_disagreeing_spellings_fail_naming_both_keys(opts, keys, digits_root, random_clip_weights, tmp_path):
+    if not keys:  # agreeing spellings are fine
+        assert _settings(**opts).fusion is False
+        return
+    with pytest.raises(ValueError) as info:
+        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **opts), eval_only=True)
+    assert all(k in str(info.value) for k in keys), info.value
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "configs/trainers/ExtrasLinearProbe*/*.yaml"))))
+def test_shipped_yaml_files_merge(path):
+    name = os.path.basename(os.path.dirname(path))
+    cfg = get_cfg(config_file=path, opts=["TRAINER.NAME", name])
+    assert cfg.TRAINER.NAME == name and resolve_settings(cfg) == dept.Settings(0.3, 0.7, 6.5, True)
+    assert cfg.OPTIM.MAX_EPOCH == 10 and cfg.OPTIM.WARMUP_EPOCH == 1 and cfg.OPTIM.WARMUP_CONS_LR == 1e-5
+
+
+# ---- registration --------------------------------------------------------------------------------------------------
+def test_variants_are_the_mixin_over_each_registered_base():
+    for name, base in zip(VARIANTS, ["CoOp", "CoCoOp", "KgCoOp"]):
+        cls = TRAINERS.get(name)
+        assert cls.__name__ == name and cls.__mro__[1:3] == (DePTMixin, TRAINERS.get(base))
+        assert not [k for k, v in vars(cls).items() if callable(v)], "no per-base code"
+    assert TRAINERS.canonical("KgDePT") == "ExtrasLinearProbeKgCoOp"
+
+
+def test_register_dept_is_one_line_for_a_new_base(monkeypatch):
+    registry = Registry("trainer")
+    monkeypatch.setattr(dept, "TRAINERS", registry)
+
+    class MaPLe(CoOp):
+        pass
+
+    registry.register("MaPLe", MaPLe, family="prompt", test_overrides=dict(trainable_params=7, opts={"X": 1}))
+    cls = register_dept("MaPLe", "MaPLeDePT", trainable_params=913)
+    assert registry.get("MaPLeDePT") is cls and cls.__name__ == "ExtrasLinearProbeMaPLe"
+    assert registry.meta("ExtrasLinearProbeMaPLe") == {"family": "prompt", "add_config": dept.add_config,
+                                                       "test_overrides": {"trainable_params": 913, "opts": {"X": 1}}}
+    assert with_dept(MaPLe).__mro__[1:3] == (DePTMixin, MaPLe)

@@ -1,0 +1,301 @@
+"""DePT: Zhang, Wu, Gao, Shen, Song, *DePT: Decoupled Prompt Tuning*, CVPR 2024 (https://arxiv.org/abs/2309.07439).
+Reference: Koorye/DePT ``trainers/elp_{coop,cocoop,kgcoop,maple}.py`` (GPL-2.0: re-implemented from methods.md §9,
+no code copied).
+
+Trainable: the base method's parameters, plus (registered as ``dept``) ``film_img`` and ``film_txt`` (per-channel
+scale, init 1, and bias, init 0, on the E-dim joint features) and ``head = Linear(E → C_train)`` with bias.
+
+One plugin over any trainer that follows CoOp's contract (``forward_parts(images, text) -> SimParts``,
+``extra_loss(batch, parts)``, an ``inference`` that goes through ``forward_parts``). ``with_dept(Base)`` combines
+``DePTMixin`` with ``Base``; ``register_dept("Base", *aliases, trainable_params=N)`` registers
+``ExtrasLinearProbe<Base>``. With λ = CLS_WEIGHT and 1 − λ = SIM_WEIGHT:
+
+    training   L = (1 − λ)·CE(z_sim, y) + λ·CE(head(cat_batch[FiLM_txt(t_y), FiLM_img(f)]), [y; y]) + extra_loss
+    inference  z = (1 − λ)·z_sim + λ·head(FiLM_img(f))[:, rows]   where the evaluated classes ⊆ the head's classes
+               z = z_sim                                         otherwise, or with TEST_TIME_FUSION False
+
+FiLM acts on the *normalised* features f and t (what ``SimParts`` carries, the same vectors z_sim is built from); the
+result is not renormalised. ``t_y`` is the text feature of the true class (per image for CoCoOp).
+
+Departures from upstream: upstream builds the head only for ``SUBSAMPLE_CLASSES base`` (or ``all`` when "ImageNet"
+is in the dataset name) and fuses by dataset name; here the head is always trained on the training classes, stores
+their names in the checkpoint, and fusion follows the label-space relation (subsets such as ImageNet-A/R take the
+matching rows, in the evaluated order). SkipTuning's ``KgDePT`` never trains FiLM or the head (plain attributes
+outside the learnable set); here they are registered, checkpointed and loaded strictly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode as CN
+
+import trainers.cocoop  # noqa: F401  (the bases registered at the bottom, whichever method file imports this first)
+import trainers.kgcoop  # noqa: F401
+from trainers.coop import SimParts, accuracy
+from vltune.registry import TRAINERS
+
+logger = logging.getLogger(__name__)
+MODULE = "dept"  # the registered module (checkpoint sub-folder) holding FiLM and the head
+_UNSET = object()  # no evaluation has decided the fusion rows yet
+# The DePT repository's spellings of TRAINER.DEPT keys. A key counts as given where it differs from its default;
+# when both spellings are given they must agree.
+ALIASES = {"TRAINER.LINEAR_PROBE.WEIGHT": "TRAINER.DEPT.CLS_WEIGHT",
+           "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION": "TRAINER.DEPT.TEST_TIME_FUSION",
+           "OPTIM.LR_EXP": "TRAINER.DEPT.LR_EXP"}
+
+
+def add_config(cfg: CN) -> None:
+    """``TRAINER.DEPT`` (SkipTuning's node) and the DePT repository's spellings (``ALIASES``)."""
+    cfg.TRAINER.DEPT = CN()
+    cfg.TRAINER.DEPT.SIM_WEIGHT = 0.3  # 1 − λ: weight of the similarity logits z_sim
+    cfg.TRAINER.DEPT.CLS_WEIGHT = 0.7  # λ: weight of the linear head
+    cfg.TRAINER.DEPT.LR_EXP = 6.5  # FiLM and head train at OPTIM.LR × LR_EXP (staged LR)
+    cfg.TRAINER.DEPT.TEST_TIME_FUSION = True  # fuse the head into the logits where the label space allows
+    cfg.TRAINER.LINEAR_PROBE = CN()
+    cfg.TRAINER.LINEAR_PROBE.WEIGHT = 0.7  # λ (sets CLS_WEIGHT λ and SIM_WEIGHT 1 − λ)
+    cfg.TRAINER.LINEAR_PROBE.TEST_TIME_FUSION = True
+    cfg.TRAINER.LINEAR_PROBE.TYPE = "linear"  # the only head DePT ships
+    cfg.TRAINER.FILM = CN()
+    cfg.TRAINER.FILM.LINEAR_PROBE = True  # FiLM before the head (required)
+    cfg.OPTIM.LR_EXP = 6.5
+
+
+@dataclass(frozen=True)
+class Settings:
+    sim_weight: float
+    cls_weight: float
+    lr_exp: float
+    fusion: bool
+
+
+def _get(cfg: CN, key: str) -> Any:
+    return functools.reduce(lambda node, k: node[k], key.split("."), cfg)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return math.isclose(a, b) if isinstance(a, float) or isinstance(b, float) else a == b
+
+
+def resolve_settings(cfg: CN) -> Settings:
+    """The effective DePT settings after the aliases; disagreeing spellings fail naming both keys.
+
+    ``LINEAR_PROBE.WEIGHT = λ`` also means SIM_WEIGHT 1 − λ. Without it the two ``TRAINER.DEPT`` weights are
+    independent (SkipTuning's cross-dataset KgDePT sets 0.5 / 0.5).
+    """
+    probe = CN({"TRAINER": CN(), "OPTIM": CN()})
+    add_config(probe)
+    given = {key: not _same(_get(cfg, key), _get(probe, key)) for key in [*ALIASES, *ALIASES.values()]}
+    value = {}
+    for alias, key in ALIASES.items():
+        a, k = _get(cfg, alias), _get(cfg, key)
+        if given[alias] and given[key] and not _same(a, k):
+            raise ValueError(f"{key}={k} and {alias}={a} disagree; both spell one DePT setting: set one of them")
+        value[key] = a if given[alias] else k
+    sim, lam = float(cfg.TRAINER.DEPT.SIM_WEIGHT), float(value["TRAINER.DEPT.CLS_WEIGHT"])
+    if given["TRAINER.LINEAR_PROBE.WEIGHT"]:
+        if not _same(sim, _get(probe, "TRAINER.DEPT.SIM_WEIGHT")) and not _same(sim, 1 - lam):
+            raise ValueError(f"TRAINER.LINEAR_PROBE.WEIGHT={lam} implies TRAINER.DEPT.SIM_WEIGHT={1 - lam:g} "
+                             f"(1 − λ) but TRAINER.DEPT.SIM_WEIGHT={sim}: set one of them")
+        sim = 1 - lam
+    if sim < 0 or lam < 0 or value["TRAINER.DEPT.LR_EXP"] <= 0:
+        raise ValueError(f"DePT needs SIM_WEIGHT ({sim}), CLS_WEIGHT ({lam}) >= 0 and LR_EXP > 0 "
+                         f"({value['TRAINER.DEPT.LR_EXP']})")
+    if cfg.TRAINER.LINEAR_PROBE.TYPE != "linear" or not cfg.TRAINER.FILM.LINEAR_PROBE:
+        raise ValueError("TRAINER.LINEAR_PROBE.TYPE must be 'linear' and TRAINER.FILM.LINEAR_PROBE True (the only "
+                         f"DePT head), got {cfg.TRAINER.LINEAR_PROBE.TYPE!r} and {cfg.TRAINER.FILM.LINEAR_PROBE}")
+    return Settings(sim, lam, float(value["TRAINER.DEPT.LR_EXP"]), bool(value["TRAINER.DEPT.TEST_TIME_FUSION"]))
+
+
+def _encode(names: list[str]) -> torch.Tensor:
+    return torch.tensor(list("\n".join(names).encode("utf-8")), dtype=torch.uint8)
+
+
+class FiLM(nn.Module):
+    """Per-channel affine map ``x · scale + bias`` (identity at init). (…, E) → (…, E)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.bias
+
+
+class DePTHead(nn.Module):
+    """FiLM for both modalities and the linear head over the training classes, whose names it keeps.
+
+    The names are a persistent uint8 buffer (UTF-8, one per line), so they travel in the checkpoint and load with
+    ``weights_only=True``; an evaluation on other classes needs them to decide whether the head applies.
+    """
+
+    def __init__(self, dim: int, classnames: list[str]) -> None:
+        super().__init__()
+        self.film_img, self.film_txt = FiLM(dim), FiLM(dim)
+        self.head = nn.Linear(dim, len(classnames))
+        self.register_buffer("classnames", _encode(classnames))
+
+    def train_logits(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Head logits of the true-class text features and the image features. (B, E), (B, E) → (2B, C_train)."""
+        return self.head(torch.cat([self.film_txt(text), self.film_img(image)]))
+
+    def image_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, E) → (B, C_train)."""
+        return self.head(self.film_img(image))
+
+    def trained_classnames(self) -> list[str]:
+        return bytes(self.classnames.cpu().tolist()).decode("utf-8").split("\n")
+
+    def rows_for(self, classnames: list[str]) -> torch.Tensor | None:
+        """The head rows of ``classnames`` in their order, or None when one of them is not a training class.
+
+        A name that occurs k times among the training classes maps its occurrences in order; a subset that drops
+        some of them is ambiguous and gets no rows.
+        """
+        where: dict[str, list[int]] = defaultdict(list)
+        for i, name in enumerate(self.trained_classnames()):
+            where[name].append(i)
+        seen: Counter[str] = Counter()
+        rows = []
+        for name in classnames:
+            if seen[name] >= len(where.get(name, ())):
+                return None
+            rows.append(where[name][seen[name]])
+            seen[name] += 1
+        if any(len(where[n]) > 1 and seen[n] != len(where[n]) for n in seen):
+            return None
+        return torch.tensor(rows, device=self.head.weight.device)
+
+    def adopt(self, n_classes: int, classnames: torch.Tensor) -> None:
+        """Take a checkpoint's class count and names before a strict load (the values come from the load)."""
+        w, b = self.head.weight, self.head.bias
+        if w.shape[0] != n_classes:
+            w.data, b.data = w.data.new_empty(n_classes, w.shape[1]), b.data.new_empty(n_classes)
+            self.head.out_features = n_classes
+        self.classnames = classnames.detach().to(device=self.classnames.device, dtype=torch.uint8).clone()
+
+
+class DePTMixin:
+    """DePT over a CoOp-contract trainer; combine with ``with_dept(Base)``, never subclass per base."""
+
+    def check_cfg(self, cfg: CN) -> None:
+        super().check_cfg(cfg)
+        self.dept_settings = resolve_settings(cfg)
+
+    def build_clip(self) -> nn.Module:
+        clip = super().build_clip()
+        self._dept_dim = clip.embed_dim  # the joint-space width E that FiLM and the head act on
+        return clip
+
+    def build_model(self) -> None:
+        super().build_model()
+        self.dept = DePTHead(self._dept_dim, self.classnames)
+        self.model.add_module(MODULE, self.dept)
+        self.register_model(MODULE, self.dept)
+        self._dept_rows: Any = _UNSET
+        self._dept_images: list[torch.Tensor] | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = super().trainable_parameters()  # a base may declare a narrower set than its registered modules
+        held = {id(p) for p in params}
+        return params + [p for p in self.dept.parameters() if id(p) not in held]
+
+    def param_groups(self, name: str, module: nn.Module, params: list[nn.Parameter]) -> list[dict[str, Any]] | None:
+        """Staged LR: FiLM and head at ``OPTIM.LR × LR_EXP``; the engine's warmup holds every group at its LR."""
+        if name == MODULE:
+            return [{"params": params, "lr": self.cfg.OPTIM.LR * self.dept_settings.lr_exp}]
+        return super().param_groups(name, module, params)
+
+    def load_trainable_state(self, name: str, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        # An evaluation on other classes (base → new, cross-dataset) loads a head trained on the checkpoint's
+        # classes: take its shape and names first, then the engine's strict key/shape check applies as usual.
+        # Training runs keep the strict shape check (the optimizer already holds the head).
+        state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+        if name == MODULE and self.eval_only and {"head.weight", "classnames"} <= set(state):
+            self.dept.adopt(state["head.weight"].shape[0], state["classnames"])
+        super().load_trainable_state(name, state_dict, source)
+
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        parts = super().forward_parts(images, text)
+        if self._dept_images is not None:  # collecting the image features of the base's inference
+            self._dept_images.append(parts.image)
+        return parts
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        y = batch["label"]
+        parts = self.forward_parts(batch["img"])
+        text = parts.text[y] if parts.text.dim() == 2 else parts.text[torch.arange(len(y), device=y.device), y]
+        head = self.dept.train_logits(text.to(parts.image.dtype), parts.image)
+        w = self.dept_settings
+        loss = (w.sim_weight * F.cross_entropy(parts.logits, y) + w.cls_weight * F.cross_entropy(head, y.repeat(2))
+                + self.extra_loss(batch, parts))
+        return loss, {"acc": accuracy(parts.logits, y), "acc_head": accuracy(head[len(y):], y)}
+
+    def fusion_rows(self) -> torch.Tensor | None:
+        """Head rows for the evaluated classes (``self.classnames``), or None where DePT gives z_sim only."""
+        if not self.dept_settings.fusion:
+            return None
+        return self.dept.rows_for(self.classnames)
+
+    def before_evaluate(self) -> None:
+        super().before_evaluate()
+        self._dept_rows = self.fusion_rows()
+        logger.info("DePT: " + ("z_sim fused with the head" if self._dept_rows is not None else "z_sim only, " + (
+            "some evaluated classes are not the head's" if self.dept_settings.fusion else "TEST_TIME_FUSION off")))
+
+    def after_evaluate(self) -> None:
+        super().after_evaluate()
+        self._dept_rows = _UNSET
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        """z_sim from the base's own inference, fused with the head where it applies. (B, 3, H, W) → (B, C)."""
+        rows = self.fusion_rows() if self._dept_rows is _UNSET else self._dept_rows
+        if rows is None:
+            return super().inference(images)
+        self._dept_images = []
+        try:
+            z_sim = super().inference(images)
+            feats = self._dept_images
+        finally:
+            self._dept_images = None
+        if not feats or sum(len(f) for f in feats) != len(images):
+            raise RuntimeError(f"{type(self).__name__}: the base's inference() must compute its image features "
+                               "through forward_parts() (the DePT plugin contract)")
+        head = self.dept.image_logits(torch.cat(feats))[:, rows]
+        w = self.dept_settings
+        return w.sim_weight * z_sim + w.cls_weight * head.to(z_sim.dtype)
+
+
+def with_dept(base: type) -> type:
+    """``ExtrasLinearProbe<Base>``: ``DePTMixin`` combined with ``base`` (no per-base code)."""
+    name = f"ExtrasLinearProbe{base.__name__}"
+    doc = f"DePT over {base.__name__}: FiLM + linear head on the training classes, fused where the label space allows."
+    return type(name, (DePTMixin, base), {"__doc__": doc, "__module__": __name__, "__qualname__": name})
+
+
+def register_dept(base_name: str, *aliases: str, trainable_params: int) -> type:
+    """Register the DePT variant of the registered trainer ``base_name`` (one line per method file).
+
+    ``trainable_params``: the count on the tiny test CLIP (E = 64, 10 classes), i.e. the base's + 906.
+    """
+    base = TRAINERS.get(base_name)
+    meta = TRAINERS.meta(base_name)
+    cls = with_dept(base)
+    overrides = {**(meta.get("test_overrides") or {}), "trainable_params": trainable_params}
+    inherited = {k: v for k, v in meta.items() if k not in ("add_config", "test_overrides")}  # family, per-dataset
+    TRAINERS.register(cls.__name__, cls, aliases=aliases, **inherited, add_config=add_config, test_overrides=overrides)
+    return cls
+
+
+register_dept("CoOp", trainable_params=1930)
+register_dept("CoCoOp", trainable_params=2510)
+register_dept("KgCoOp", "KgDePT", trainable_params=1930)
