@@ -50,7 +50,8 @@ def make_record(status: str, args: argparse.Namespace, cfg: Any, trainer: Any, e
                if k in ("accuracy", "error", "macro_f1", "per_class")}
     record = {"schema": SCHEMA, "status": status, "created_at": datetime.datetime.now().isoformat(timespec="seconds"),
               "job": job_identity(args, cfg), "metrics": metrics,
-              "cost": trainer.cost_record() if trainer is not None else {}, "env": environment(device),
+              "cost": trainer.cost_record() if trainer is not None else {},
+              "method": trainer.method_record() if trainer is not None else {}, "env": environment(device),
               "config_hash": config_hash(cfg), "config": config_to_dict(cfg)}
     if trainer is not None:
         record["job"]["resumed_from_epoch"] = trainer.resumed_from

@@ -78,6 +78,7 @@ def test_result_record_and_dassl_log_lines(runs):
                           "subsample": "all", "seed": 1, "phase": "train"}
     assert set(rec["metrics"]) >= {"accuracy", "macro_f1", "per_class", "error"}
     assert len(rec["metrics"]["per_class"]) == 10
+    assert rec["method"] == {}  # CoOp reports nothing beyond its config (CoPrompt reports its descriptions source)
     for key in ("train_time_s", "eval_time_s", "peak_mem_mb", "peak_mem_method", "trainable_params", "total_params"):
         assert key in rec["cost"]
     assert rec["cost"]["train_time_s"] > 0 and rec["cost"]["peak_mem_mb"] > 0

@@ -383,6 +383,11 @@ class TrainerX(TrainerBase):
         return self.last_metrics["accuracy"]
 
     # ---- the record ------------------------------------------------------------------------------------------
+    def method_record(self) -> dict[str, Any]:
+        """Facts a method reports about how it ran (e.g. which class descriptions it used); result.json's
+        ``method`` entry. Override to add them; JSON-serialisable values only."""
+        return {}
+
     def cost_record(self) -> dict[str, Any]:
         """Measured cost of this run so far, in result.json's units."""
         peak, method = self.cost.peak_memory()
