@@ -1,0 +1,203 @@
+"""MaPLe: with no prompts it is zero-shot CLIP, depth J reaches exactly blocks 0..J−1 of both towers, the vision
+prompts are the projected text prompts of the same depth, and the trainable count matches methods.md §6."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_opts
+
+import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
+
+# isort: split
+from open_clip.model import CLIP
+
+from trainers.maple import DeepPrompts, MaPLeModel, MaPLePromptLearner
+from vltune.clip import CLIPBackbone, resolve_arch
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+
+NAMES = ["sea lion", "cat", "ice_cream cone"]
+M = 2
+
+
+def _cfg(root, weights, out, name="MaPLe", **extra):
+    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "DATALOADER.TEST.BATCH_SIZE": 16, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
+            "SEED": 1, "TRAINER.MAPLE.PROMPT_DEPTH": 2}
+    opts.update(extra)
+    return get_cfg(opts=tiny_opts(root, weights, **opts))
+
+
+def _clip(layers: int) -> CLIPBackbone:
+    torch.manual_seed(0)
+    model = CLIP(64, dict(image_size=32, layers=layers, width=64, patch_size=8, head_width=64),
+                 dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=layers), quick_gelu=True)
+    return CLIPBackbone(model.eval(), arch=resolve_arch("vltune-tiny"))
+
+
+_CLIPS: dict[int, CLIPBackbone] = {}
+# (blocks per tower, depth): the tiny CLIP's 2 blocks, and a 4-block CLIP with blocks after the prompted ones
+DEPTHS = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3)]
+
+
+def _shared_clip(layers: int) -> CLIPBackbone:
+    if layers not in _CLIPS:
+        _CLIPS[layers] = _clip(layers)
+    return _CLIPS[layers]
+
+
+def _model(clip, depth, ctx_init="a photo of a"):
+    torch.manual_seed(1)
+    return MaPLeModel(clip, MaPLePromptLearner(clip, NAMES, M, ctx_init, depth)).eval()
+
+
+# ---------------------------------------------------------------- no prompts = zero-shot CLIP
+@torch.no_grad()
+def test_no_prompts_gives_zero_shot_clip_logits(digits_root, tiny_clip_weights, tmp_path):
+    zs = build_trainer(_cfg(digits_root, tiny_clip_weights, str(tmp_path / "zs"), "ZeroshotCLIP"), eval_only=True)
+    phrase = zs.template.split("{}")[0].strip()  # digits: "a photo of the number {}."
+    assert f"{phrase} {{}}." == zs.template
+    maple = build_trainer(_cfg(digits_root, tiny_clip_weights, str(tmp_path / "m"), **{
+        "TRAINER.MAPLE.PROMPT_DEPTH": 0, "TRAINER.MAPLE.CTX_INIT": phrase}), eval_only=True)
+    assert maple.n_trainable == 0
+    images = next(iter(zs.test_loader))["img"][:8]
+    expected = []
+    for trainer in (zs, maple):
+        trainer.set_model_mode("eval")
+        trainer.before_evaluate()
+        expected.append(trainer.model_inference(images))
+        trainer.after_evaluate()
+    torch.testing.assert_close(expected[1], expected[0], rtol=0, atol=1e-5)
+    # The same path with P_0 inserted (depth 1, P_0 = the phrase's own first M tokens) keeps the text features:
+    # the block-0 replacement adds the positional embedding exactly as the embedding layer does.
+    model = MaPLeModel(maple.model.clip, MaPLePromptLearner(maple.model.clip, maple.classnames, M, phrase, 1))
+    weights = maple.model.clip.zero_shot_classifier(maple.classnames, [zs.template])
+    torch.testing.assert_close(model.text_features(), weights, rtol=0, atol=1e-5)
+    # ... while the appended vision prompts do change the image features (the check above can fail).
+    assert not torch.allclose(model.image_features(images), maple.model.image_features(images), atol=1e-4)
+
+
+def test_depth_zero_is_eval_only_and_depth_must_fit_the_towers(digits_root, random_clip_weights, tmp_path):
+    with pytest.raises(ValueError, match="PROMPT_DEPTH"):
+        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "a"), **{"TRAINER.MAPLE.PROMPT_DEPTH": 0}))
+    with pytest.raises(ValueError, match="exceeds the 2 blocks"):
+        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "b"), **{"TRAINER.MAPLE.PROMPT_DEPTH": 3}))
+    with pytest.raises(ValueError, match="fewer than N_CTX"):
+        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "c"), **{
+            "TRAINER.MAPLE.CTX_INIT": "a", "TRAINER.MAPLE.N_CTX": 2}))
+
+
+# ---------------------------------------------------------------- depth J = exactly blocks 0..J-1
+def _record(clip, model, tower):
+    """Inputs and outputs of every block of ``tower`` during one forward, through torch module hooks."""
+    blocks = (clip.model.transformer if tower == "text" else clip.model.visual.transformer).resblocks
+    ins, outs, handles = [], [], []
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(lambda m, args, kw: ins.append(args[0].detach()),
+                                                       with_kwargs=True))
+        handles.append(block.register_forward_hook(lambda m, args, out: outs.append(out.detach())))
+    try:
+        with torch.no_grad():
+            if tower == "text":
+                model.text_features()
+            else:
+                model.image_features(torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
+
+
+@pytest.mark.parametrize("layers,depth", DEPTHS)
+def test_text_prompts_reach_exactly_the_first_depth_blocks(layers, depth):
+    clip = _shared_clip(layers)
+    model = _model(clip, depth)
+    ins, outs = _record(clip, model, "text")
+    prompts = model.prompt_learner.text_prompts()
+    assert len(ins) == clip.n_layers_text and len(prompts) == depth
+    pos = clip.model.positional_embedding[1:1 + M]
+    fresh = prompts[0] + pos
+    for i, x in enumerate(ins):
+        slot = x[:, 1:1 + M]
+        if i < depth:
+            fresh = prompts[0] + pos if i == 0 else prompts[i]
+            torch.testing.assert_close(slot, fresh.expand_as(slot).detach(), rtol=0, atol=0)
+        if 0 < i < depth:  # freshly replaced: the previous block's tokens there are gone, the rest carried
+            assert not torch.allclose(outs[i - 1][:, 1:1 + M], slot)
+            torch.testing.assert_close(torch.cat([x[:, :1], x[:, 1 + M:]], 1),
+                                       torch.cat([outs[i - 1][:, :1], outs[i - 1][:, 1 + M:]], 1), rtol=0, atol=0)
+        if i >= depth:  # carried: exactly what the previous block produced
+            torch.testing.assert_close(x, outs[i - 1], rtol=0, atol=0)
+            assert not torch.allclose(slot, fresh.expand_as(slot))
+
+
+@pytest.mark.parametrize("layers,depth", DEPTHS)
+def test_vision_prompts_reach_exactly_the_first_depth_blocks(layers, depth):
+    clip = _shared_clip(layers)
+    model = _model(clip, depth)
+    ins, outs = _record(clip, model, "image")
+    vision = model.prompt_learner.vision_prompts()
+    n_patches = (32 // 8) ** 2
+    assert all(x.shape[1] == 1 + n_patches + M for x in ins)  # appended once, before block 0, kept afterwards
+    for i, x in enumerate(ins):
+        slot = x[:, -M:]
+        if i == 0:
+            expected = clip.model.visual.ln_pre(vision[0])
+            torch.testing.assert_close(slot, expected.expand_as(slot).detach(), rtol=0, atol=0)
+        elif i < depth:
+            torch.testing.assert_close(slot, vision[i].expand_as(slot).detach(), rtol=0, atol=0)
+            assert not torch.allclose(outs[i - 1][:, -M:], slot)
+            torch.testing.assert_close(x[:, :-M], outs[i - 1][:, :-M], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(x, outs[i - 1], rtol=0, atol=0)
+            assert not torch.allclose(slot, vision[-1].expand_as(slot))
+
+
+def test_hooks_leave_blocks_beyond_the_prompts_alone():
+    x = torch.randn(2, 7, 4)
+    hooks = DeepPrompts(text=[torch.ones(2, 4)], vision=[torch.ones(2, 4)], text_pos=torch.zeros(2, 4),
+                        ln_pre=torch.nn.Identity())
+    assert hooks.before_block("text", 1, x) is x and hooks.before_block("image", 1, x) is x
+    assert hooks.before_block("image", 0, x).shape == (2, 9, 4)
+    assert torch.equal(hooks.before_block("text", 0, x)[:, 1:3], torch.ones(2, 2, 4))
+
+
+# ---------------------------------------------------------------- coupling
+def test_vision_prompts_are_the_projected_text_prompts_of_the_same_depth():
+    clip = _shared_clip(4)
+    model = _model(clip, 3)
+    learner = model.prompt_learner
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = [v.clone() for v in learner.vision_prompts()]
+        feats = model.image_features(images)
+        learner.compound_prompts_text[0].add_(0.5)  # P_1, the text prompt of depth 1
+        after = learner.vision_prompts()
+        torch.testing.assert_close(after[1], learner.compound_prompt_projections[0](learner.compound_prompts_text[0]))
+        assert not torch.allclose(after[1], before[1])
+        for i in (0, 2):
+            torch.testing.assert_close(after[i], before[i], rtol=0, atol=0)
+        assert not torch.allclose(model.image_features(images), feats)  # the image tower sees the change
+        learner.ctx.add_(0.5)  # P_0 reaches the image tower through F_0
+        assert not torch.allclose(learner.vision_prompts()[0], before[0])
+
+
+def test_trainable_count_on_vit_b16_widths():
+    """methods.md §6: M = 2, J = 9, D_t 512 → D_v 768 gives 3,555,072 parameters."""
+    tiny = _shared_clip(2)
+
+    class Widths:  # the learner only needs the tokenizer, token embeddings and widths
+        width_text, width_image = 512, 768
+        tokenize, eot_index = tiny.tokenize, tiny.eot_index
+
+        @staticmethod
+        def token_embedding(ids):
+            return torch.zeros(*ids.shape, 512)
+
+    learner = MaPLePromptLearner(Widths(), NAMES, 2, "a photo of a", 9)
+    assert sum(p.numel() for p in learner.parameters()) == 3_555_072
+    assert len(learner.text_prompts()) == len(learner.vision_prompts()) == 9
+    assert {k for k in learner.state_dict()} >= {"ctx", "proj.weight", "compound_prompts_text.7",
+                                                  "compound_prompt_projections.7.bias"}
+    assert "token_embeds" not in learner.state_dict()  # rebuilt from the class names, never saved
