@@ -1,0 +1,258 @@
+"""PromptSRC: Khattak, Wasim, Naseer, Khan, Yang, Khan, *Self-regulating Prompts: Foundational Model Adaptation
+without Forgetting*, ICCV 2023 (https://arxiv.org/abs/2307.06948). Reference: muzairkhattak/PromptSRC
+``trainers/promptsrc.py`` on its IVLP CLIP fork.
+
+Trainable: independent deep prompts, registered together as ``prompt_learner``: the text context ``ctx`` (M_t × D_t,
+initialised from ``CTX_INIT``) plus ``text_prompts`` ((depth_t − 1) × M_t × D_t), and ``visual_prompts``
+(depth_v × M_v × D_v); 46,080 parameters on ViT-B/16 with 4+4 tokens at depth 9/9 (methods.md §7).
+
+::
+
+    text block 0:      [SOS][ctx][name_c][.][EOS]              (CoOp's prompt, ctx from "a photo of a")
+    text block i<d_t:  tokens 1..M_t ← text_prompts[i − 1]     (fresh tokens per block, no coupling to vision)
+    image block 0:     tokens ← [tokens, ln_pre(visual_prompts[0])]   (appended after the patches, as IVLP)
+    image block i<d_v: last M_v tokens ← visual_prompts[i]
+    L = CE(s, y) + 25 · L1(t̃, w̄) + 10 · L1(f̃, f⁰) + KL(softmax z ‖ softmax s)
+
+``w̄_c`` is the renormalised mean of the frozen text features over the 80 ImageNet templates (raw features averaged,
+as upstream), ``f⁰`` the frozen image feature, ``z = τ f⁰ w̄ᵀ``; "frozen CLIP" is the same backbone without the hooks
+(no second CLIP). After every epoch e (1-based) the prompts are added to a running Gaussian-weighted aggregate with
+``g_e ∝ N(e; GPA_MEAN, GPA_STD)`` normalised over ``e = 1..MAX_EPOCH``; after the last epoch the prompts are replaced
+by it before the final test and before the last checkpoint is written, so eval jobs load the GPA prompts.
+
+Resume: the running aggregate lives in persistent ``gpa_*`` buffers of ``prompt_learner``, so every checkpoint holds
+the aggregate of the epochs it has seen (the checkpoint is about twice the prompt size) and a resumed run continues
+it exactly.
+
+Departures from upstream (methods.md §7 defects): GPA aggregates the trainable prompts only (upstream sums the full
+state dict, frozen CLIP included) and runs in ``after_epoch`` instead of inside ``forward_backward``; precision (amp
+included) is the engine's; no frozen image encoder is saved; a depth of 0 is allowed (no prompts in that tower; text
+depth 0 keeps the frozen ``CTX_INIT`` prompt), which makes the method exactly zero-shot CLIP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode as CN
+
+from trainers.coop import CoOp, PromptLearner, SimParts
+from vltune.clip import IMAGENET_TEMPLATES, BlockHooks
+from vltune.registry import TRAINERS
+
+KL_TEMPERATURE = 1.0  # upstream divides both logits by 1 and scales the KL by 1 · 1 (T²)
+
+
+def add_config(cfg: CN) -> None:
+    """``TRAINER.PROMPTSRC`` (upstream's keys and base-to-new defaults)."""
+    cfg.TRAINER.PROMPTSRC = CN()
+    cfg.TRAINER.PROMPTSRC.N_CTX_TEXT = 4  # M_t, text prompt tokens per block (= CTX_INIT's token count if set)
+    cfg.TRAINER.PROMPTSRC.N_CTX_VISION = 4  # M_v, vision prompt tokens per block
+    cfg.TRAINER.PROMPTSRC.CTX_INIT = "a photo of a"  # text ctx initialisation phrase; "" = random (needs depth >= 1)
+    cfg.TRAINER.PROMPTSRC.PREC = "fp16"  # fp16 (CUDA) | amp | fp32; empty: TRAINER.PREC
+    cfg.TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT = 9  # text blocks 0..d-1 get prompts; 0 = hand-crafted prompt only
+    cfg.TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION = 9  # image blocks 0..d-1 get prompts; 0 = no vision prompts
+    cfg.TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT = 25  # weight of L1(prompted text feats, zero-shot text feats)
+    cfg.TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT = 10  # weight of L1(prompted image feats, zero-shot image feats)
+    cfg.TRAINER.PROMPTSRC.GPA_MEAN = 15  # μ of the Gaussian over epochs 1..MAX_EPOCH (prompt aggregation)
+    cfg.TRAINER.PROMPTSRC.GPA_STD = 1  # σ > 0 of that Gaussian (ints as upstream, so its yaml files load)
+
+
+def gpa_weights(mean: float, std: float, n_epochs: int) -> torch.Tensor:
+    """Normalised Gaussian weights ``g_e = N(e; mean, std) / Σ N`` for epochs e = 1..n_epochs. Output: (n,) float64.
+
+    Computed as a softmax of the log-density (the constant 1/(σ√2π) cancels), so far-away means do not underflow.
+    """
+    e = torch.arange(1, n_epochs + 1, dtype=torch.float64)
+    return torch.softmax(-0.5 * ((e - mean) / std) ** 2, dim=0)
+
+
+class SRCPromptLearner(PromptLearner):
+    """CoOp's text prompt (ctx = text prompts of block 0), deep text prompts and vision prompts, plus the GPA state.
+
+    ``forward()`` is CoOp's: prompt embeddings (C, L, D_t) and EOT indices (C,).
+
+    Args:
+        clip: the backbone (token embeddings, widths).
+        classnames: raw class names.
+        n_ctx_text: M_t (must equal CTX_INIT's token count when that is set).
+        ctx_init: initialisation phrase of ctx.
+        depth_text: number of text blocks with prompts (0: ctx is a frozen buffer).
+        n_ctx_vision: M_v.
+        depth_vision: number of image blocks with prompts.
+    """
+
+    def __init__(self, clip: nn.Module, classnames: list[str], n_ctx_text: int, ctx_init: str, depth_text: int,
+                 n_ctx_vision: int, depth_vision: int) -> None:
+        super().__init__(clip, classnames, n_ctx_text, ctx_init, False, "end")
+        if self.n_ctx != n_ctx_text:
+            raise ValueError(f"TRAINER.PROMPTSRC.CTX_INIT {ctx_init!r} has {self.n_ctx} tokens but N_CTX_TEXT is "
+                             f"{n_ctx_text}; make them equal")
+        if depth_text == 0:  # the hand-crafted prompt, frozen (and not saved)
+            ctx = self.ctx.detach()
+            del self.ctx
+            self.register_buffer("ctx", ctx, persistent=False)
+        # upstream: deep text prompts and VPT tokens ~ N(0, 0.02²)
+        self.text_prompts = nn.Parameter(torch.randn(max(depth_text - 1, 0), self.n_ctx, clip.width_text) * 0.02)
+        self.visual_prompts = nn.Parameter(torch.randn(depth_vision, n_ctx_vision, clip.width_image) * 0.02)
+        for name, p in list(self.named_parameters()):  # the running GPA aggregate, checkpointed for resume
+            self.register_buffer(f"gpa_{name}", torch.zeros_like(p, dtype=torch.float32))
+
+    @torch.no_grad()
+    def gpa_accumulate(self, weight: float) -> None:
+        """θ_GPA ← θ_GPA + weight · θ for every prompt tensor."""
+        for name, p in self.named_parameters():
+            getattr(self, f"gpa_{name}").add_(p.float(), alpha=weight)
+
+    @torch.no_grad()
+    def gpa_load(self) -> None:
+        """θ ← θ_GPA (after the last epoch)."""
+        for name, p in self.named_parameters():
+            p.copy_(getattr(self, f"gpa_{name}"))
+
+
+class DeepPrompts(BlockHooks):
+    """Inserts the deep prompts: text blocks 1..d_t − 1 (block 0's are in the embeddings) and image blocks 0..d_v − 1.
+
+    Args:
+        text_prompts: (d_t − 1, M_t, D_t), replacing tokens 1..M_t before text blocks 1, 2, ….
+        visual_prompts: (d_v, M_v, D_v); before image block 0 appended after ``ln_pre``, later replacing the last M_v.
+        ln_pre: the image tower's ``ln_pre`` (upstream appends the tokens before it).
+    """
+
+    def __init__(self, text_prompts: torch.Tensor, visual_prompts: torch.Tensor, ln_pre: nn.Module) -> None:
+        self.text_prompts, self.visual_prompts, self.ln_pre = text_prompts, visual_prompts, ln_pre
+
+    def before_block(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
+        if tower == "text":
+            if not 1 <= i <= len(self.text_prompts):
+                return x
+            p = self.text_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
+            return torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
+        if i >= len(self.visual_prompts):
+            return x
+        p = self.visual_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
+        if i == 0:
+            return torch.cat([x, self.ln_pre(p)], dim=1)
+        return torch.cat([x[:, :-p.shape[1]], p], dim=1)
+
+
+class PromptSRCModel(nn.Module):
+    """Frozen CLIP + deep prompts + the frozen zero-shot text teacher ``w̄`` (C, E) (None in eval-only runs)."""
+
+    def __init__(self, clip: nn.Module, prompt_learner: SRCPromptLearner, teacher_text: torch.Tensor | None) -> None:
+        super().__init__()
+        self.clip, self.prompt_learner = clip, prompt_learner
+        self.register_buffer("teacher_text", teacher_text, persistent=False)  # rebuilt from the class names
+
+    def hooks(self) -> DeepPrompts:
+        pl = self.prompt_learner
+        ln_pre = self.clip.model.visual.ln_pre if self.clip.is_vit else None
+        return DeepPrompts(pl.text_prompts, pl.visual_prompts, ln_pre)
+
+    def text_features(self) -> torch.Tensor:
+        """Normalised prompted class text features t̃ (C, E)."""
+        prompts, eot = self.prompt_learner()
+        return self.clip.encode_text_from_embeddings(prompts, eot, hooks=self.hooks(), normalize=True)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised prompted image features f̃. Input: (B, 3, H, W). Output: (B, E)."""
+        hooks = self.hooks() if self.prompt_learner.visual_prompts.shape[0] else None
+        return self.clip.encode_image(images, hooks=hooks, normalize=True)
+
+
+@torch.no_grad()
+def ensemble_text_features(clip: nn.Module, classnames: list[str], templates: list[str] = IMAGENET_TEMPLATES,
+                           batch_size: int = 1000) -> torch.Tensor:
+    """w̄: the mean of the RAW frozen text features over ``templates``, then normalised (upstream's
+    ``fixed_embeddings``, normalised at use). Output: (C, E) float32."""
+    rows = []
+    for name in classnames:
+        prompts = [t.format(name.replace("_", " ")) for t in templates]
+        rows.append(clip.encode_text(clip.tokenize(prompts), batch_size=batch_size).float().mean(dim=0))
+    return F.normalize(torch.stack(rows), dim=-1)
+
+
+def kl_to_zero_shot(logits: torch.Tensor, zero_shot_logits: torch.Tensor, t: float = KL_TEMPERATURE) -> torch.Tensor:
+    """``Σ p_z (log p_z − log p_s) · T² / numel`` with p = softmax(· / T): upstream's ``kl_div(..., reduction='sum',
+    log_target=True) / logits.numel()``. Input: (B, C) each."""
+    return F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(zero_shot_logits.float() / t, dim=1),
+                    reduction="sum", log_target=True) * (t * t) / logits.numel()
+
+
+@TRAINERS.register("PromptSRC", add_config=add_config, family="prompt",
+                   test_overrides=dict(trainable_params=1024,  # tiny CLIP, 4+4 tokens, depth 2/2: 2·4·64 + 2·4·64
+                                       opts={"TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 2,
+                                             "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 2,
+                                             "TRAINER.PROMPTSRC.PREC": "fp32"}))
+class PromptSRC(CoOp):
+    """Deep vision-language prompts regulated towards frozen CLIP, aggregated over epochs with Gaussian weights."""
+
+    config_node = "PROMPTSRC"
+
+    def check_cfg(self, cfg: CN) -> None:
+        super().check_cfg(cfg)
+        c = cfg.TRAINER.PROMPTSRC
+        if c.PROMPT_DEPTH_TEXT < 0 or c.PROMPT_DEPTH_VISION < 0:
+            raise ValueError("TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT/VISION must be >= 0")
+        if c.PROMPT_DEPTH_TEXT == 0 and not c.CTX_INIT:
+            raise ValueError("TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT 0 keeps the prompt frozen: set CTX_INIT")
+        if c.N_CTX_TEXT < 1 or c.N_CTX_VISION < 1:
+            raise ValueError("TRAINER.PROMPTSRC.N_CTX_TEXT and N_CTX_VISION must be >= 1")
+        if c.GPA_STD <= 0:
+            raise ValueError(f"TRAINER.PROMPTSRC.GPA_STD must be > 0, got {c.GPA_STD}")
+
+    def build_model(self) -> None:
+        c = self.cfg.TRAINER.PROMPTSRC
+        clip = self.build_clip().to(self.device)  # encode the teacher prompts on the run's device
+        for tower, depth, n in (("TEXT", c.PROMPT_DEPTH_TEXT, clip.n_layers_text),
+                                ("VISION", c.PROMPT_DEPTH_VISION, clip.n_layers_image if clip.is_vit else 0)):
+            if depth > n:
+                raise ValueError(f"TRAINER.PROMPTSRC.PROMPT_DEPTH_{tower} {depth} exceeds the {n} blocks of "
+                                 f"{self.cfg.MODEL.BACKBONE.NAME} (ViT towers only for vision prompts)")
+        learner = SRCPromptLearner(clip, self.classnames, c.N_CTX_TEXT, c.CTX_INIT, c.PROMPT_DEPTH_TEXT,
+                                   c.N_CTX_VISION, c.PROMPT_DEPTH_VISION)
+        # w̄ is needed for training only: an eval job on 1000 classes would encode 80,000 prompts for nothing
+        teacher = None if self.eval_only else ensemble_text_features(clip, self.classnames)
+        self.model = PromptSRCModel(clip, learner, teacher)
+        self.register_model("prompt_learner", learner)
+        self.text_weight, self.image_weight = float(c.TEXT_LOSS_WEIGHT), float(c.IMAGE_LOSS_WEIGHT)
+        self.gpa_mean, self.gpa_std = float(c.GPA_MEAN), float(c.GPA_STD)
+        self._text: torch.Tensor | None = None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.prompt_learner.parameters() if p.numel()]  # depth 0/1 leaves empty tensors
+
+    def src_losses(self, images: torch.Tensor, parts: SimParts) -> dict[str, torch.Tensor]:
+        """The self-regulating terms (unweighted): L1 text, L1 image and KL to the zero-shot logits."""
+        if self.model.teacher_text is None:
+            raise RuntimeError("PromptSRC's text teacher is built for training runs only (eval_only=False)")
+        w = self.model.teacher_text
+        with torch.no_grad():
+            f0 = self.model.clip.encode_image(images, normalize=True)
+            z = self.model.clip.logit_scale * f0.float() @ w.t()
+        return {"text": F.l1_loss(parts.text.float(), w), "image": F.l1_loss(parts.image.float(), f0.float()),
+                "kl": kl_to_zero_shot(parts.logits, z)}
+
+    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
+        """``TEXT_LOSS_WEIGHT · L1_text + IMAGE_LOSS_WEIGHT · L1_image + 1 · KL``."""
+        src = self.src_losses(batch["img"], parts)
+        return self.text_weight * src["text"] + self.image_weight * src["image"] + src["kl"]
+
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        """Prompted image features, class text features (``text`` if given: cached at evaluation) and logits."""
+        image = self.model.image_features(images)
+        text = self.model.text_features() if text is None else text
+        return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
+
+    def after_epoch(self) -> None:
+        """GPA: add this epoch's prompts with weight g_{epoch+1}; after the last epoch load the aggregate, before
+        the base class writes the last checkpoint (which eval jobs load) and before the final test."""
+        learner = self.model.prompt_learner
+        learner.gpa_accumulate(float(gpa_weights(self.gpa_mean, self.gpa_std, self.max_epoch)[self.epoch]))
+        if self.epoch + 1 == self.max_epoch:
+            learner.gpa_load()
+        super().after_epoch()
