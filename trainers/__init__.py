@@ -4,9 +4,12 @@
 
 import trainers.cocoop
 import trainers.coop
+import trainers.coprompt
 import trainers.dept
 import trainers.kgcoop
+import trainers.maple
 import trainers.prograd
+import trainers.promptsrc
 import trainers.tcp
 import trainers.zsclip
 from vltune.registry import TRAINERS, mirror_into_dassl
