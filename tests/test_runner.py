@@ -272,3 +272,20 @@ def test_gpu_ids_index_the_runners_own_visible_devices(tmp_path):
     jobs = [fake_job(str(tmp_path), "a", events)]
     Scheduler(jobs, [Lane([1], 1, ["t"])], LocalExecutor(), cuda_visible=["4", "7"], poll_s=0.02).run()
     assert [e["cuda"] for e in read_events(events) if e["event"] == "start"] == ["7"]
+
+
+def test_inline_jobs_detach_their_log_file_when_they_end(tmp_path):
+    import logging
+
+    from vltune.runner.executor import InlineExecutor
+    from vltune.runner.jobs import Job
+
+    script = tmp_path / "job.py"
+    script.write_text("import logging\nfrom vltune.logs import setup_logging\n"
+                      "def main(argv, console=True):\n    setup_logging(argv[0], console=console)\n"
+                      "    logging.getLogger('vltune.job').info('inside the job')\n    return 0\n")
+    out = tmp_path / "out"
+    handle = InlineExecutor().start(Job(task="t", out=str(out), argv=[sys.executable, str(script), str(out)]), 0, {})
+    logging.getLogger("vltune.after").warning("after the job")
+    text = (out / "log.txt").read_text()
+    assert handle.poll() == 0 and "inside the job" in text and "after the job" not in text

@@ -22,15 +22,13 @@ exists, as upstream.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptLearner, SimParts, accuracy
-from vltune.engine import TrainerX
+from trainers.coop import PromptLearner, PromptTrainer, SimParts
 from vltune.registry import TRAINERS
 
 
@@ -127,7 +125,7 @@ class CoCoOpModel(nn.Module):
 
 
 @TRAINERS.register("CoCoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=1604))
-class CoCoOp(TrainerX):
+class CoCoOp(PromptTrainer):
     """Conditional context optimisation: CoOp's context plus a per-image shift from a small Meta-Net."""
 
     config_node = "COCOOP"
@@ -153,15 +151,6 @@ class CoCoOp(TrainerX):
         image = self.model.image_features(images)
         text = self.model.text_features(image) if text is None else text
         return SimParts(image, text, self.model.logits(image, text))
-
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """A plugin's regulariser added to the classification loss (none for CoCoOp)."""
-        return parts.logits.new_zeros(())
-
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = self.forward_parts(batch["img"])
-        loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
-        return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
     # before_evaluate / after_evaluate stay the base no-ops: the text features depend on each image, so there is no
     # class-level cache to build once per evaluation, and every test batch is encoded afresh.

@@ -132,8 +132,25 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean() * 100)
 
 
+class PromptTrainer(TrainerX):
+    """The prompt learners' contract: ``forward_parts`` gives features and logits, ``extra_loss`` a method's
+    regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods."""
+
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        raise NotImplementedError
+
+    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
+        """A method's regulariser added to the classification loss (none by default; KgCoOp's knowledge loss)."""
+        return parts.logits.new_zeros(())
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = self.forward_parts(batch["img"])
+        loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
+        return loss, {"acc": accuracy(parts.logits, batch["label"])}
+
+
 @TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
-class CoOp(TrainerX):
+class CoOp(PromptTrainer):
     """Context optimisation: learn the prompt's context words, keep CLIP frozen."""
 
     config_node = "COOP"
@@ -162,15 +179,6 @@ class CoOp(TrainerX):
         image = self.model.image_features(images)
         text = self.model.text_features() if text is None else text
         return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
-
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """A method's regulariser added to the classification loss (none for CoOp; KgCoOp's knowledge loss)."""
-        return parts.logits.new_zeros(())
-
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = self.forward_parts(batch["img"])
-        loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
-        return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
     def before_evaluate(self) -> None:
         self._text = self.model.text_features()

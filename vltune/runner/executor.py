@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vltune.logs import setup_logging
 from vltune.runner.jobs import Job
 
 CPU = "cpu"  # the device key of jobs that run without a GPU
@@ -118,6 +119,8 @@ class InlineExecutor:
             handle.returncode = 1
             with open(os.path.join(job.out, "stderr.log"), "a") as f:
                 f.write(f"{type(e).__name__}: {e}\n")
+        finally:
+            setup_logging(console=False)  # detach the job's log.txt so later lines do not land in it
         if handle.returncode == 130:  # the job caught Ctrl-C and recorded itself cancelled: stop the run too
             raise KeyboardInterrupt
         return handle
