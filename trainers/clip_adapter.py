@@ -1,0 +1,129 @@
+"""CLIP-Adapter: Gao, Geng, Zhang, Ma, Fang, Zhang, Li, Qiao, *CLIP-Adapter: Better Vision-Language Models with
+Feature Adapters*, IJCV 2024 (https://arxiv.org/abs/2110.04544). Reference: gaopengcuhk/CLIP-Adapter
+``clip_adapter.py``; Koorye/SkipTuning ``trainers/baselines/clip_adapter.py`` and ``clip_adapter_origin.py``.
+
+Trainable: a bias-free visual adapter ``A(x) = ReLU(W₂ ReLU(W₁ x))`` (W₁: d/r × d, W₂: d × d/r, r =
+``TRAINER.CLIP_ADAPTER.REDUCTION``), registered as ``clip_adapter``. With f = E_v(x) (un-normalised, as upstream)
+and α = ``TRAINER.CLIP_ADAPTER.RATIO``::
+
+    f' = α · A(f) + (1 − α) · f,    logits = τ · norm(f') · Wᵀ,    L = CE
+
+where W are the zero-shot text features of the dataset's template (frozen CLIP). ``CLIPAdapter`` computes W once
+per run (a plain attribute rebuilt from the class names, never saved); ``OriginCLIPAdapter`` re-encodes every class
+prompt on each training forward, as the original code does (same maths, higher cost) and once per evaluation.
+
+Departures from upstream: α and the reduction are config keys (upstream hard-codes 0.2 and 4); d follows the
+backbone's embedding width (the original hard-codes 1024, RN50); W is not recomputed per test batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from yacs.config import CfgNode as CN
+
+from trainers.coop import PromptTrainer, SimParts
+from vltune.registry import TRAINERS
+
+
+def add_config(cfg: CN) -> None:
+    """``TRAINER.CLIP_ADAPTER`` (shared by ``CLIPAdapter`` and ``OriginCLIPAdapter``)."""
+    cfg.TRAINER.CLIP_ADAPTER = CN()
+    cfg.TRAINER.CLIP_ADAPTER.RATIO = 0.2  # residual ratio α: f' = α·A(f) + (1 − α)·f
+    cfg.TRAINER.CLIP_ADAPTER.REDUCTION = 4  # bottleneck width d / REDUCTION
+    cfg.TRAINER.CLIP_ADAPTER.PREC = ""  # fp16 | amp | fp32; empty: TRAINER.PREC
+
+
+class Adapter(nn.Module):
+    """``ReLU(W₂ ReLU(W₁ x))`` without biases: (B, d) → (B, d)."""
+
+    def __init__(self, dim: int, reduction: int) -> None:
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(dim // reduction, dim, bias=False), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class CLIPAdapterModel(nn.Module):
+    """Frozen CLIP + visual adapter. ``forward(images, weights)``: (B, 3, H, W), (C, E) → (features, logits)."""
+
+    def __init__(self, clip: nn.Module, adapter: Adapter, ratio: float) -> None:
+        super().__init__()
+        self.clip, self.adapter, self.ratio = clip, adapter, ratio
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Adapted, normalised image features (B, E)."""
+        with torch.no_grad():  # the image encoder is frozen; only the adapter trains
+            f = self.clip.encode_image(images)
+        f = self.ratio * self.adapter(f) + (1 - self.ratio) * f
+        return F.normalize(f, dim=-1)
+
+    def forward(self, images: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.image_features(images)
+        return image, self.clip.logit_scale * image @ weights.t().to(image.dtype)
+
+
+_TINY = dict(trainable_params=2 * 64 * 16)  # tiny CLIP: embed dim 64, reduction 4 → W₁ 16×64 + W₂ 64×16
+
+
+@TRAINERS.register("CLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)
+class CLIPAdapter(PromptTrainer):
+    """A residual feature adapter on the image embedding; zero-shot text weights computed once per run."""
+
+    config_node = "CLIP_ADAPTER"
+
+    def check_cfg(self, cfg: CN) -> None:
+        super().check_cfg(cfg)
+        c = cfg.TRAINER.CLIP_ADAPTER
+        if not 0.0 <= c.RATIO <= 1.0:
+            raise ValueError(f"TRAINER.CLIP_ADAPTER.RATIO must be in [0, 1], got {c.RATIO}")
+        if c.REDUCTION < 1:
+            raise ValueError(f"TRAINER.CLIP_ADAPTER.REDUCTION must be >= 1, got {c.REDUCTION}")
+
+    def build_model(self) -> None:
+        c = self.cfg.TRAINER.CLIP_ADAPTER
+        clip = self.build_clip()
+        if clip.embed_dim // c.REDUCTION < 1:
+            raise ValueError(f"TRAINER.CLIP_ADAPTER.REDUCTION {c.REDUCTION} exceeds the embedding width "
+                             f"{clip.embed_dim}")
+        adapter = Adapter(clip.embed_dim, c.REDUCTION)
+        self.model = CLIPAdapterModel(clip, adapter, float(c.RATIO))
+        self.register_model("clip_adapter", adapter)
+        self._weights: torch.Tensor | None = None  # zero-shot text features (C, E); rebuilt, never saved
+        self._eval_weights: torch.Tensor | None = None
+
+    def encode_classes(self) -> torch.Tensor:
+        """Zero-shot text features of the current class names with the dataset template (frozen text encoder)."""
+        return self.model.clip.zero_shot_classifier(self.classnames, [self.template])
+
+    def class_weights(self) -> torch.Tensor:
+        """The text weights a training forward uses: computed on first use, then cached for the run."""
+        if self._weights is None:
+            self._weights = self.encode_classes()
+        return self._weights
+
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        """Adapted image features, the class text weights (``text`` if given) and their logits."""
+        text = self.class_weights() if text is None else text
+        image, logits = self.model(images, text)
+        return SimParts(image, text, logits)
+
+    def before_evaluate(self) -> None:
+        self._eval_weights = self.class_weights()
+
+    def after_evaluate(self) -> None:
+        self._eval_weights = None
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts(images, self._eval_weights).logits
+
+
+@TRAINERS.register("OriginCLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)
+class OriginCLIPAdapter(CLIPAdapter):
+    """CLIP-Adapter as originally coded: every training forward re-encodes all class prompts (for cost tables)."""
+
+    def class_weights(self) -> torch.Tensor:
+        return self.encode_classes()
