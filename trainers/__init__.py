@@ -2,10 +2,12 @@
 
 # ruff: noqa: F401
 
+import trainers.clip_adapter
 import trainers.cocoop
 import trainers.coop
 import trainers.coprompt
 import trainers.dept
+import trainers.ftclip
 import trainers.kgcoop
 import trainers.maple
 import trainers.prograd
