@@ -93,7 +93,6 @@ class CLIPAdapter(PromptTrainer):
         self.model = CLIPAdapterModel(clip, adapter, float(c.RATIO))
         self.register_model("clip_adapter", adapter)
         self._weights: torch.Tensor | None = None  # zero-shot text features (C, E); rebuilt, never saved
-        self._eval_weights: torch.Tensor | None = None
 
     def encode_classes(self) -> torch.Tensor:
         """Zero-shot text features of the current class names with the dataset template (frozen text encoder)."""
@@ -111,14 +110,8 @@ class CLIPAdapter(PromptTrainer):
         image, logits = self.model(images, text)
         return SimParts(image, text, logits)
 
-    def before_evaluate(self) -> None:
-        self._eval_weights = self.class_weights()
-
-    def after_evaluate(self) -> None:
-        self._eval_weights = None
-
-    def inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(images, self._eval_weights).logits
+    def eval_text_features(self) -> torch.Tensor:
+        return self.class_weights()
 
 
 @TRAINERS.register("OriginCLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)

@@ -151,8 +151,5 @@ class CoCoOp(PromptTrainer):
         image = self.model.image_features(images)
         text = self.model.text_features(image) if text is None else text
         return SimParts(image, text, self.model.logits(image, text))
-
-    # before_evaluate / after_evaluate stay the base no-ops: the text features depend on each image, so there is no
-    # class-level cache to build once per evaluation, and every test batch is encoded afresh.
-    def inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(images).logits
+    # eval_text_features stays None: the text features depend on each image, so there is no class-level cache to
+    # build once per evaluation, and every test batch is encoded afresh.

@@ -134,7 +134,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 class PromptTrainer(TrainerX):
     """The prompt learners' contract: ``forward_parts`` gives features and logits, ``extra_loss`` a method's
-    regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods."""
+    regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods. Class text features
+    from ``eval_text_features`` are computed once per evaluation and passed to every test batch."""
+
+    _text: torch.Tensor | None = None  # the evaluation's cached class text features
 
     def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
         raise NotImplementedError
@@ -147,6 +150,20 @@ class PromptTrainer(TrainerX):
         parts = self.forward_parts(batch["img"])
         loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
         return loss, {"acc": accuracy(parts.logits, batch["label"])}
+
+    def eval_text_features(self) -> torch.Tensor | None:
+        """Class text features computed once per evaluation and reused for every test batch; None when they
+        depend on the image (CoCoOp), so each batch computes its own."""
+        return None
+
+    def before_evaluate(self) -> None:
+        self._text = self.eval_text_features()
+
+    def after_evaluate(self) -> None:
+        self._text = None
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts(images, self._text).logits
 
 
 @TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
@@ -180,11 +197,5 @@ class CoOp(PromptTrainer):
         text = self.model.text_features() if text is None else text
         return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
 
-    def before_evaluate(self) -> None:
-        self._text = self.model.text_features()
-
-    def after_evaluate(self) -> None:
-        self._text = None
-
-    def inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(images, self._text).logits
+    def eval_text_features(self) -> torch.Tensor:
+        return self.model.text_features()

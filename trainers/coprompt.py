@@ -320,6 +320,6 @@ class CoPrompt(CoOp):
         loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
         return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
-    def before_evaluate(self) -> None:
+    def eval_text_features(self) -> torch.Tensor:
         hooks = self.model.prompt_learner.hooks()
-        self._text = self.model.text_features(hooks)
+        return self.model.text_features(hooks)

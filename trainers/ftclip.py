@@ -178,14 +178,8 @@ class FinetuneCLIP(PromptTrainer):
         text = self.text_features() if text is None else text
         return SimParts(image, text, self.model.logit_scale * image @ text.t().to(image.dtype))
 
-    def before_evaluate(self) -> None:
-        self._text = self.text_features()
-
-    def after_evaluate(self) -> None:
-        self._text = None
-
-    def inference(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_parts(images, self._text).logits
+    def eval_text_features(self) -> torch.Tensor:
+        return self.text_features()
 
     def method_record(self) -> dict[str, Any]:
         return {"template": self.ft_template}
