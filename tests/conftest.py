@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402  (after the shim)
+
 import vltune  # noqa: E402,F401  (compat shim first)
 
 CACHE = REPO / ".pytest_cache" / "vltune-fixtures"
@@ -91,3 +93,14 @@ def minibench(tmp_path_factory):
     if not weights.exists():
         build_minibench_clip(folders, str(weights))
     return root, str(weights)
+
+
+@torch.no_grad()
+def eval_logits(trainer, images: torch.Tensor) -> torch.Tensor:
+    """A trainer's logits for ``images`` the way its evaluation computes them (per-evaluation caches included)."""
+    trainer.set_model_mode("eval")
+    trainer.before_evaluate()
+    try:
+        return trainer.model_inference(images)
+    finally:
+        trainer.after_evaluate()

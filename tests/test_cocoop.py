@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_opts
+from conftest import eval_logits, tiny_opts
 
 from vltune.config import ConfigError, get_cfg
 from vltune.engine import build_trainer, set_random_seed
@@ -28,14 +28,6 @@ def _trainer(root, weights, out, eval_only=True, **extra):
     return build_trainer(_cfg(root, weights, out, **extra), eval_only=eval_only)
 
 
-@torch.no_grad()
-def _logits(trainer, images):
-    trainer.set_model_mode("eval")
-    trainer.before_evaluate()
-    try:
-        return trainer.model_inference(images)
-    finally:
-        trainer.after_evaluate()
 
 
 def _test_batches(trainer, n=2):
@@ -61,8 +53,8 @@ def _count_text_calls(monkeypatch, clip):
 
 def test_batched_inference_equals_per_sample_and_each_image_gets_its_own_prompts(cocoop):
     images = torch.cat(_test_batches(cocoop))[:12]
-    batched = torch.cat([_logits(cocoop, images[:5]), _logits(cocoop, images[5:])])  # batches of other sizes
-    single = torch.cat([_logits(cocoop, images[i:i + 1]) for i in range(len(images))])
+    batched = torch.cat([eval_logits(cocoop, images[:5]), eval_logits(cocoop, images[5:])])  # batches of other sizes
+    single = torch.cat([eval_logits(cocoop, images[i:i + 1]) for i in range(len(images))])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         text = cocoop.forward_parts(images).text
@@ -87,7 +79,7 @@ def test_every_test_batch_is_scored_on_its_own_images(cocoop, monkeypatch):
     batches = [b["img"] for b in cocoop.test_loader]
     assert len(seen) == len(batches)
     for got, images in zip(seen, batches):
-        torch.testing.assert_close(got, _logits(cocoop, images).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, eval_logits(cocoop, images).float(), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(seen[0], seen[1])
 
 
@@ -95,7 +87,7 @@ def test_one_text_encoder_call_per_forward_not_one_per_image(cocoop, monkeypatch
     images = _test_batches(cocoop, 1)[0][:8]
     n_cls = cocoop.num_classes
     sizes = _count_text_calls(monkeypatch, cocoop.model.clip)
-    expected = _logits(cocoop, images)
+    expected = eval_logits(cocoop, images)
     assert sizes == [len(images) * n_cls]
     sizes.clear()
     cocoop.set_model_mode("train")
@@ -104,7 +96,7 @@ def test_one_text_encoder_call_per_forward_not_one_per_image(cocoop, monkeypatch
     # TEXT_BATCH_SIZE chunks the B × C prompts (memory bound) without changing the result.
     sizes.clear()
     cocoop.model.text_batch_size = 3 * n_cls + 1
-    chunked = _logits(cocoop, images)
+    chunked = eval_logits(cocoop, images)
     assert len(sizes) == math.ceil(len(images) * n_cls / (3 * n_cls + 1)) and sum(sizes) == len(images) * n_cls
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
@@ -116,12 +108,12 @@ def test_with_the_meta_net_output_zeroed_cocoop_is_coop(digits_root, random_clip
     with torch.no_grad():
         coop.model.prompt_learner.ctx.copy_(cocoop.model.prompt_learner.ctx)
     images = _test_batches(cocoop, 1)[0]
-    assert not torch.allclose(_logits(cocoop, images), _logits(coop, images), atol=1e-4)
+    assert not torch.allclose(eval_logits(cocoop, images), eval_logits(coop, images), atol=1e-4)
     with torch.no_grad():
         last = cocoop.model.prompt_learner.meta_net.linear2
         last.weight.zero_()
         last.bias.zero_()
-    torch.testing.assert_close(_logits(cocoop, images), _logits(coop, images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eval_logits(cocoop, images), eval_logits(coop, images), rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_holds_ctx_and_meta_net_and_upstream_files_load(cocoop, tmp_path):
@@ -153,7 +145,7 @@ def test_ctx_init_sets_the_context_length_and_amp_trains_float_master_weights(di
     for k, p in learner.named_parameters():
         assert p.dtype == torch.float32 and not torch.equal(p.detach(), before[k]), k
     with trainer.precision.autocast():
-        logits = _logits(trainer, _test_batches(trainer, 1)[0])
+        logits = eval_logits(trainer, _test_batches(trainer, 1)[0])
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_opts
+from conftest import eval_logits, tiny_opts
 
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
@@ -49,14 +49,6 @@ def _test_images(trainer, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["img"][:n], batch["label"][:n]
 
 
-@torch.no_grad()
-def _logits(trainer, images: torch.Tensor) -> torch.Tensor:
-    trainer.set_model_mode("eval")
-    trainer.before_evaluate()
-    try:
-        return trainer.model_inference(images)
-    finally:
-        trainer.after_evaluate()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +72,7 @@ def built(tmp_path_factory, digits_root, random_clip_weights):
 def test_logits_are_finite_with_one_column_per_class(name, built):
     trainer, _, _ = built(name)
     images, _ = _test_images(trainer)
-    logits = _logits(trainer, images)
+    logits = eval_logits(trainer, images)
     assert logits.shape == (len(images), trainer.num_classes)
     assert torch.isfinite(logits).all()
 
@@ -117,21 +109,21 @@ def test_trainable_parameter_count_equals_the_recorded_value(name, built):
 def test_save_then_load_gives_equal_logits(name, built, digits_root, random_clip_weights, tmp_path):
     trainer, _, out = built(name)
     images, _ = _test_images(trainer)
-    expected = _logits(trainer, images)
+    expected = eval_logits(trainer, images)
     trainer.save_model(0, str(tmp_path))
     fresh = build_trainer(_cfg(name, digits_root, random_clip_weights, str(tmp_path / "fresh")), eval_only=True)
     if _overrides(name).get("trainable", True):
-        assert not torch.allclose(_logits(fresh, images), expected), "training changed nothing"
+        assert not torch.allclose(eval_logits(fresh, images), expected), "training changed nothing"
     fresh.load_model(str(tmp_path), epoch=1)
-    torch.testing.assert_close(_logits(fresh, images), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(eval_logits(fresh, images), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_batched_inference_equals_per_sample(name, built):
     trainer, _, _ = built(name)
     images, _ = _test_images(trainer)
-    batched = _logits(trainer, images)
-    single = torch.cat([_logits(trainer, images[i:i + 1]) for i in range(len(images))])
+    batched = eval_logits(trainer, images)
+    single = torch.cat([eval_logits(trainer, images[i:i + 1]) for i in range(len(images))])
     torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
 
 
@@ -144,6 +136,6 @@ def test_train_on_base_classes_then_evaluate_on_new_ones(name, digits_root, rand
     new.load_model(str(tmp_path / "base"), epoch=1)
     assert set(new.classnames).isdisjoint(trainer.classnames) and new.num_classes == 10 - trainer.num_classes
     images, labels = _test_images(new)
-    logits = _logits(new, images)
+    logits = eval_logits(new, images)
     assert logits.shape == (len(images), new.num_classes) and torch.isfinite(logits).all()
     assert int(labels.max()) < new.num_classes  # labels relabelled from 0 within the new classes
