@@ -132,3 +132,34 @@ def test_registries_are_mirrored_into_dassl_when_it_is_installed(monkeypatch):
 def test_unknown_dataset_fails_at_config_time_with_suggestion():
     with pytest.raises(RegistryError, match="did you mean 'OxfordPets'"):
         get_cfg(opts=["DATASET.NAME", "OxfordPet"])
+
+
+def _per_dataset_yaml(tmp_path, block: str):
+    path = tmp_path / "method.yaml"
+    path.write_text("OPTIM:\n  MAX_EPOCH: 20\n  LR: 0.01\nPER_DATASET:\n" + block)
+    return str(path)
+
+
+def test_per_dataset_block_applies_only_to_the_named_dataset_and_opts_still_win(tmp_path):
+    block = "  ImageNet: {OPTIM.MAX_EPOCH: 5}\n  SUN397:\n    OPTIM: {MAX_EPOCH: 4, LR: 0.5}\n"
+    path = _per_dataset_yaml(tmp_path, block)
+    assert get_cfg(config_file=path, opts=["DATASET.NAME", "ImageNet"]).OPTIM.MAX_EPOCH == 5
+    sun = get_cfg(config_file=path, opts=["DATASET.NAME", "SUN397"])
+    assert (sun.OPTIM.MAX_EPOCH, sun.OPTIM.LR) == (4, 0.5)
+    assert get_cfg(config_file=path, opts=["DATASET.NAME", "OxfordPets"]).OPTIM.MAX_EPOCH == 20
+    assert get_cfg(config_file=path, opts=["DATASET.NAME", "ImageNet", "OPTIM.MAX_EPOCH", "7"]).OPTIM.MAX_EPOCH == 7
+    dataset_yaml = tmp_path / "imagenet.yaml"
+    dataset_yaml.write_text("DATASET:\n  NAME: ImageNet\n")
+    assert get_cfg(dataset_config_file=str(dataset_yaml), config_file=path).OPTIM.MAX_EPOCH == 5
+
+
+def test_per_dataset_block_rejects_unknown_datasets_and_keys_naming_the_file(tmp_path):
+    path = _per_dataset_yaml(tmp_path, "  ImageNett: {OPTIM.MAX_EPOCH: 5}\n")
+    with pytest.raises(ConfigError, match=r"method\.yaml: PER_DATASET: .*did you mean 'ImageNet'"):
+        get_cfg(config_file=path, opts=["DATASET.NAME", "OxfordPets"])
+    path = _per_dataset_yaml(tmp_path, "  ImageNet: {OPTIM.MAX_EPOCHS: 5}\n")
+    with pytest.raises(ConfigError, match=r"OPTIM\.MAX_EPOCHS.*PER_DATASET\.ImageNet.*OPTIM\.MAX_EPOCH"):
+        get_cfg(config_file=path, opts=["DATASET.NAME", "ImageNet"])
+    path = _per_dataset_yaml(tmp_path, "  ImageNet: 5\n")
+    with pytest.raises(ConfigError, match="PER_DATASET.ImageNet must be a mapping"):
+        get_cfg(config_file=path, opts=["DATASET.NAME", "ImageNet"])

@@ -12,6 +12,7 @@ import trainers.kgcoop
 import trainers.maple
 import trainers.prograd
 import trainers.promptsrc
+import trainers.skip_tuning
 import trainers.tcp
 import trainers.zsclip
 from vltune.registry import TRAINERS, mirror_into_dassl

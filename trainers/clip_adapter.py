@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptTrainer, SimParts
+from trainers.coop import PromptTrainer
 from vltune.registry import TRAINERS
 
 
@@ -54,12 +54,15 @@ class CLIPAdapterModel(nn.Module):
         super().__init__()
         self.clip, self.adapter, self.ratio = clip, adapter, ratio
 
+    def adapt(self, f: torch.Tensor) -> torch.Tensor:
+        """Adapted, normalised image features: (B, E) frozen CLIP features → (B, E)."""
+        return F.normalize(self.ratio * self.adapter(f) + (1 - self.ratio) * f, dim=-1)
+
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Adapted, normalised image features (B, E)."""
         with torch.no_grad():  # the image encoder is frozen; only the adapter trains
             f = self.clip.encode_image(images)
-        f = self.ratio * self.adapter(f) + (1 - self.ratio) * f
-        return F.normalize(f, dim=-1)
+        return self.adapt(f)
 
     def forward(self, images: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.image_features(images)
@@ -104,11 +107,21 @@ class CLIPAdapter(PromptTrainer):
             self._weights = self.encode_classes()
         return self._weights
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Adapted image features, the class text weights (``text`` if given) and their logits."""
-        text = self.class_weights() if text is None else text
-        image, logits = self.model(images, text)
-        return SimParts(image, text, logits)
+    skip_plugin = True
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the image encoder is frozen; only the adapter trains
+            return self.model.clip.encode_image(images)
+
+    def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        return self.model.adapt(frozen)
+
+    def image_is_frozen(self) -> bool:
+        return True
+
+    def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        weights = self.class_weights()
+        return weights if classes is None else weights[classes.to(weights.device)]
 
     def eval_text_features(self) -> torch.Tensor:
         return self.class_weights()
@@ -118,5 +131,12 @@ class CLIPAdapter(PromptTrainer):
 class OriginCLIPAdapter(CLIPAdapter):
     """CLIP-Adapter as originally coded: every training forward re-encodes all class prompts (for cost tables)."""
 
+    skip_plugin = True
+
     def class_weights(self) -> torch.Tensor:
         return self.encode_classes()
+
+    def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        if classes is None:
+            return self.encode_classes()
+        return self.model.clip.zero_shot_classifier([self.classnames[i] for i in classes.tolist()], [self.template])

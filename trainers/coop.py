@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
+from vltune.data.loader import build_data_loader
+from vltune.data.transforms import DETERMINISTIC
 from vltune.engine import TrainerX
 from vltune.registry import TRAINERS
+from vltune.tuners.skip import ClassSelector, FeatureLoader, cache_features, check_skip_config
 
 POSITIONS = ("end", "middle", "front")
 
@@ -74,22 +77,29 @@ class PromptLearner(nn.Module):
         self.register_buffer("eot", eot, persistent=False)
         self.name_lens = name_lens.tolist()
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_cls = self.token_prefix.shape[0]
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        prefix, suffix = self.token_prefix, self.token_suffix
+    def forward(self, classes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts of all classes, or of ``classes`` (indices, CSkip) only."""
+        prefix, suffix, eot, ctx = self.token_prefix, self.token_suffix, self.eot, self.ctx
+        name_lens = self.name_lens
+        if classes is not None:
+            at = classes.to(prefix.device)
+            prefix, suffix, eot = prefix[at], suffix[at], eot[at]
+            ctx = ctx[at] if ctx.dim() == 3 else ctx
+            name_lens = [name_lens[i] for i in classes.tolist()]
+        n_cls = prefix.shape[0]
+        ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0).expand(n_cls, -1, -1)
         if self.position == "end":
-            return torch.cat([prefix, ctx, suffix], dim=1), self.eot
+            return torch.cat([prefix, ctx, suffix], dim=1), eot
         prompts = []
         half = self.n_ctx // 2
-        for i, n in enumerate(self.name_lens):
+        for i, n in enumerate(name_lens):
             name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
             if self.position == "middle":
                 parts = [prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest]
             else:
                 parts = [prefix[i:i + 1], name, ctx[i:i + 1], rest]
             prompts.append(torch.cat(parts, dim=1))
-        return torch.cat(prompts, dim=0), self.eot
+        return torch.cat(prompts, dim=0), eot
 
 
 class CoOpModel(nn.Module):
@@ -99,9 +109,9 @@ class CoOpModel(nn.Module):
         super().__init__()
         self.clip, self.prompt_learner = clip, prompt_learner
 
-    def text_features(self) -> torch.Tensor:
-        """Normalised class text features (C, E) from the current context."""
-        prompts, eot = self.prompt_learner()
+    def text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised class text features (C, E) from the current context (of ``classes`` only, if given)."""
+        prompts, eot = self.prompt_learner(classes)
         return F.normalize(self.clip.encode_text_from_embeddings(prompts, eot), dim=-1)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,19 +145,74 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 class PromptTrainer(TrainerX):
     """The prompt learners' contract: ``forward_parts`` gives features and logits, ``extra_loss`` a method's
     regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods. Class text features
-    from ``eval_text_features`` are computed once per evaluation and passed to every test batch."""
+    from ``eval_text_features`` are computed once per evaluation and passed to every test batch.
+
+    **The Skip plugin** (``TRAINER.SKIP_PLUGIN``; methods.md §13, vltune's own: the reference code has none). A
+    class whose ``forward_parts`` is ``image_features`` + ``class_text_features`` + τ·cos, and whose ``extra_loss``
+    accepts a class subset (``batch["classes"]``), opts in with ``skip_plugin = True`` in its own body (not
+    inherited: a subclass that changes features must re-check the contract). Then, in training steps only:
+
+    * ``CSKIP``: the text side computes only the classes Skip Tuning's ``ClassSelector`` keeps for the batch
+      (``TRAINER.SKIP`` TOP_RATIO/MAX_TOP/LAMBDA/MASK_POLICY; ranked by the image features against the frozen
+      zero-shot features of the dataset template; every label kept); CE runs over the kept classes with remapped
+      labels. Evaluation is unchanged (all classes).
+    * ``CACHE_IMAGE``: when the image path up to ``image_from_frozen`` has nothing trainable
+      (``image_is_frozen()``, e.g. CoOp's image tower, CLIP-Adapter's features before the adapter) and the training
+      transform is deterministic, ``frozen_image_features`` runs once per training image before the first epoch and
+      steps read the cache: the same training as without it, minus the image tower's cost.
+    """
 
     _text: torch.Tensor | None = None  # the evaluation's cached class text features
+    _selector: ClassSelector | None = None  # CSkip, built on first use
+    skip_plugin = False
 
+    # ---- the contract ----------------------------------------------------------------------------------------
     def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
+        """Image features, class text features (``text`` if given: cached at evaluation) and their logits."""
+        image = self.image_features(images)
+        text = self.class_text_features() if text is None else text
+        return SimParts(image, text, self.similarity(image, text))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised image features (B, E)."""
+        return self.image_from_frozen(self.frozen_image_features(images))
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The part of the image path no trainable tensor influences (pixels → features)."""
         raise NotImplementedError
 
+    def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The rest of the image path, from ``frozen_image_features`` to the normalised features."""
+        return frozen
+
+    def image_is_frozen(self) -> bool:
+        """Whether ``frozen_image_features`` is defined (the Skip plugin may cache it)."""
+        return False
+
+    def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised text features (K, E) of the training classes ``classes`` (all when None), with grad when
+        they train; computing only the given classes is what makes CSkip cheap."""
+        raise NotImplementedError
+
+    def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """τ · f · Tᵀ: (B, E), (K, E) → (B, K)."""
+        return self.backbone.logit_scale * image @ text.t().to(image.dtype)
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The ``CLIPBackbone`` (``self.model.clip`` unless a method holds it elsewhere)."""
+        return self.model.clip
+
     def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """A method's regulariser added to the classification loss (none by default; KgCoOp's knowledge loss)."""
+        """A method's regulariser added to the classification loss (none by default; KgCoOp's knowledge loss).
+        With CSkip, ``batch["classes"]`` holds the kept classes that ``parts.text`` rows belong to."""
         return parts.logits.new_zeros(())
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = self.forward_parts(batch["img"])
+        if self._plugin_on():
+            parts, batch = self._skip_parts(batch)
+        else:
+            parts = self.forward_parts(batch["img"])
         loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
         return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
@@ -164,6 +229,73 @@ class PromptTrainer(TrainerX):
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_parts(images, self._text).logits
+
+    # ---- the Skip plugin -------------------------------------------------------------------------------------
+    def check_cfg(self, cfg: CN) -> None:
+        super().check_cfg(cfg)
+        c = cfg.TRAINER.SKIP_PLUGIN
+        if not (c.CSKIP or c.CACHE_IMAGE):
+            return
+        if not type(self).__dict__.get("skip_plugin", False):
+            raise ValueError(f"TRAINER.SKIP_PLUGIN is not supported by {type(self).__name__}: it needs "
+                             "forward_parts = image_features + class_text_features + τ·cos (CoOp, KgCoOp, "
+                             "CLIPAdapter, OriginCLIPAdapter, FinetuneCLIP); turn CSKIP and CACHE_IMAGE off")
+        check_skip_config(cfg)
+        moving = [t for t in cfg.INPUT.TRANSFORMS if t not in DETERMINISTIC]
+        if c.CACHE_IMAGE and moving:
+            raise ValueError(f"TRAINER.SKIP_PLUGIN.CACHE_IMAGE caches one view per image, but INPUT.TRANSFORMS has "
+                             f"random {moving}: use deterministic transforms ({', '.join(DETERMINISTIC)}) or set "
+                             "CACHE_IMAGE False")
+
+    def _plugin_on(self) -> bool:
+        c = self.cfg.TRAINER.SKIP_PLUGIN
+        return bool(c.CSKIP or c.CACHE_IMAGE)
+
+    def _skip_parts(self, batch: dict[str, Any]) -> tuple[SimParts, dict[str, Any]]:
+        """Features and logits of a training batch under the plugin, and the batch its loss reads."""
+        x = batch["img"]
+        image = self.image_from_frozen(x) if batch.get("cached") else self.image_features(x)
+        if not self.cfg.TRAINER.SKIP_PLUGIN.CSKIP:
+            text = self.class_text_features()
+            return SimParts(image, text, self.similarity(image, text)), batch
+        if self._selector is None:
+            c = self.cfg.TRAINER.SKIP
+            protos = self.backbone.zero_shot_classifier(self.classnames, [self.template])
+            self._selector = ClassSelector(protos, float(c.TOP_RATIO), int(c.MAX_TOP), float(c.LAMBDA),
+                                           c.MASK_POLICY, seed=int(self.cfg.SEED))
+        kept, labels = self._selector.select(image, batch["label"])
+        text = self.class_text_features(kept)
+        return SimParts(image, text, self.similarity(image, text)), {**batch, "label": labels, "classes": kept}
+
+    def before_train(self) -> None:
+        super().before_train()
+        if not self.cfg.TRAINER.SKIP_PLUGIN.CACHE_IMAGE:
+            return
+        if not self.image_is_frozen():
+            raise ValueError(f"TRAINER.SKIP_PLUGIN.CACHE_IMAGE: {type(self).__name__}'s image path trains here, "
+                             "so its features cannot be cached")
+        train_x = self.dm.dataset.train_x
+        loader = build_data_loader(self.cfg, train_x, self.dm.tfm_train, sampler="SequentialSampler",
+                                   batch_size=int(self.cfg.TRAINER.SKIP.QUICK_BATCH_SIZE), is_train=False)
+
+        def frozen(images: torch.Tensor) -> torch.Tensor:
+            with self.precision.autocast():
+                return self.frozen_image_features(images)
+
+        with self.cost.phase("cache"):
+            feats = cache_features(loader, frozen, len(train_x), dtype=None, cfg=self.cfg, device=self.device)
+        labels = torch.tensor([d.label for d in train_x], dtype=torch.long)
+        self.train_loader_x = FeatureLoader(feats, labels, int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), "random",
+                                            seed=int(self.cfg.SEED))
+
+    def before_epoch(self) -> None:
+        super().before_epoch()
+        if self._selector is not None:
+            self._selector.new_epoch(self.epoch)
+
+    def after_train(self) -> None:
+        self.train_loader_x = self.dm.train_loader_x  # drop a feature cache before testing
+        super().after_train()
 
 
 @TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
@@ -191,11 +323,16 @@ class CoOp(PromptTrainer):
         self.register_model("prompt_learner", prompt_learner)
         self._text: torch.Tensor | None = None
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Image features, class text features (``text`` if given: cached at evaluation) and their logits."""
-        image = self.model.image_features(images)
-        text = self.model.text_features() if text is None else text
-        return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
+    skip_plugin = True
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(images)
+
+    def image_is_frozen(self) -> bool:
+        return True
+
+    def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.text_features() if classes is None else self.model.text_features(classes)
 
     def eval_text_features(self) -> torch.Tensor:
         return self.model.text_features()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptTrainer, SimParts
+from trainers.coop import PromptTrainer
 from vltune.registry import TRAINERS
 
 #: methods.md §13.7, keyed by DATASET.NAME (tuned hyper-parameters of the reference; copied verbatim)
@@ -124,15 +124,24 @@ class FinetuneCLIP(PromptTrainer):
     def _prefix(c: CN) -> set[str]:
         return {k.strip() for k in str(c.LEARNABLE_PREFIX_MODULES).split("+") if k.strip()}
 
+    #: the config key that sets how many leading blocks of both towers are frozen
+    depth_key = "FINETUNE.START_LAYER"
+
+    def frozen_depth(self) -> int:
+        """How many leading blocks of both towers are frozen (``TRAINER.<depth_key>``)."""
+        node, key = self.depth_key.split(".")
+        return int(self.cfg.TRAINER[node][key])
+
     def build_model(self) -> None:
         c = self.cfg.TRAINER.FINETUNE
         clip = self.build_clip()
-        if c.START_LAYER > min(clip.n_layers_text, clip.n_layers_image):
-            raise ValueError(f"TRAINER.FINETUNE.START_LAYER {c.START_LAYER} exceeds the towers' depth "
+        depth = self.frozen_depth()
+        if depth > min(clip.n_layers_text, clip.n_layers_image):
+            raise ValueError(f"TRAINER.{self.depth_key} {depth} exceeds the towers' depth "
                              f"({clip.n_layers_text} text / {clip.n_layers_image} image blocks)")
         self.ft_template = ft_template(self.cfg.DATASET.NAME, self.template)
         self.learn_text, self.learn_image = bool(c.LEARNABLE_TEXT), bool(c.LEARNABLE_IMAGE)
-        self.frozen = frozen_names(clip, self._prefix(c), int(c.START_LAYER), self.learn_text, self.learn_image)
+        self.frozen = frozen_names(clip, self._prefix(c), depth, self.learn_text, self.learn_image)
         self.model = clip
         self.register_model("clip", clip)
         self._text: torch.Tensor | None = None  # cached at evaluation
@@ -153,9 +162,10 @@ class FinetuneCLIP(PromptTrainer):
                 groups[int(is_image_param(n))]["params"].append(p)
         return [g for g in groups if g["params"]]
 
-    def _encode_text(self) -> torch.Tensor:
+    def _encode_text(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         self.text_encodings += 1
-        names = [c.replace("_", " ") for c in self.classnames]
+        names = self.classnames if classes is None else [self.classnames[i] for i in classes.tolist()]
+        names = [c.replace("_", " ") for c in names]
         ids = self.model.tokenize([self.ft_template.format(n) for n in names])
         return self.model.encode_text(ids, normalize=True, batch_size=256)
 
@@ -169,14 +179,24 @@ class FinetuneCLIP(PromptTrainer):
                 self._frozen_text[key] = self._encode_text()
         return self._frozen_text[key]
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+    skip_plugin = True
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.learn_image and torch.is_grad_enabled()):
             return self.model.encode_image(images, normalize=True)
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        image = self.image_features(images)
-        text = self.text_features() if text is None else text
-        return SimParts(image, text, self.model.logit_scale * image @ text.t().to(image.dtype))
+    def image_is_frozen(self) -> bool:
+        return not self.learn_image
+
+    def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
+        if classes is None or not self.learn_text:
+            text = self.text_features()
+            return text if classes is None else text[classes.to(text.device)]
+        return self._encode_text(classes)
 
     def eval_text_features(self) -> torch.Tensor:
         return self.text_features()

@@ -49,6 +49,8 @@ def knowledge_loss(text: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tens
 class KgCoOp(CoOp):
     """CoOp regularised toward the hand-crafted prompt's text features (W = ``TRAINER.COOP.W``)."""
 
+    skip_plugin = True  # CoOp's features; L_kg over CSkip's kept classes
+
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
         if cfg.TRAINER.COOP.W < 0:
@@ -71,4 +73,5 @@ class KgCoOp(CoOp):
     def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
         if self._hand_crafted is None:
             self._hand_crafted = self.hand_crafted_features()
-        return self.kg_weight * knowledge_loss(parts.text, self._hand_crafted)
+        w = self._hand_crafted if "classes" not in batch else self._hand_crafted[batch["classes"]]  # CSkip's subset
+        return self.kg_weight * knowledge_loss(parts.text, w)

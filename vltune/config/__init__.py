@@ -2,8 +2,19 @@
 
 Merge order (dassl_contract.md §2.1):
     defaults → every registered trainer's node (add_config) → dataset yaml → trainer yaml
-    → per-dataset overrides declared by the trainer → CLI flags → trailing ``KEY VALUE`` opts → freeze
+    → the yaml files' ``PER_DATASET`` entry for DATASET.NAME → CLI flags → trailing ``KEY VALUE`` opts → freeze
 An unknown key fails naming the key, the file it came from and the closest valid keys.
+
+``PER_DATASET`` (a vltune extension, any yaml file) maps a dataset name to keys that apply only to that dataset,
+e.g. Skip Tuning's "a quarter of the epochs on the large datasets"::
+
+    OPTIM:
+      MAX_EPOCH: 20
+    PER_DATASET:
+      ImageNet: {OPTIM.MAX_EPOCH: 5}
+      SUN397: {OPTIM: {MAX_EPOCH: 5}}
+
+Values are merged after both files (so command-line opts still win) and show in the saved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -85,8 +96,8 @@ def extend_cfg(cfg: CN) -> CN:
     return cfg
 
 
-def merge_file(cfg: CN, path: str) -> None:
-    """Merge a yaml file, naming the file in every error."""
+def merge_file(cfg: CN, path: str) -> dict[str, dict]:
+    """Merge a yaml file, naming the file in every error; returns its ``PER_DATASET`` block (not merged here)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
@@ -94,11 +105,52 @@ def merge_file(cfg: CN, path: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     data.pop("_BASE_", None)
-    _check_keys(cfg, _leaf_keys(data), path)
+    per_dataset = _per_dataset_block(data.pop("PER_DATASET", None) or {}, path)
+    _merge_mapping(cfg, data, path)
+    return per_dataset
+
+
+def _merge_mapping(cfg: CN, data: dict, source: str) -> None:
+    _check_keys(cfg, _leaf_keys(data), source)
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: {e}") from e
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _nest(entry: dict) -> dict:
+    """``{"OPTIM.MAX_EPOCH": 5}`` and ``{"OPTIM": {"MAX_EPOCH": 5}}`` both become the nested form."""
+    out: dict = {}
+    for key, value in entry.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(_nest(value))
+        else:
+            node[leaf] = _nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def _per_dataset_block(block: Any, path: str) -> dict[str, dict]:
+    """Validate ``PER_DATASET``: registered dataset names (did-you-mean), each mapping to config keys."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: PER_DATASET must map dataset names to config keys, got {type(block).__name__}")
+    import datasets  # noqa: F401  (fills DATASETS)
+    from vltune.registry import RegistryError
+
+    out = {}
+    for name, entry in block.items():
+        try:
+            canonical = DATASETS.canonical(str(name))
+        except RegistryError as e:
+            raise ConfigError(f"{path}: PER_DATASET: {e}") from e
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: PER_DATASET.{name} must be a mapping of config keys, e.g. "
+                              f"{{OPTIM.MAX_EPOCH: 5}}")
+        out[canonical] = _nest(entry)
+    return out
 
 
 def merge_opts(cfg: CN, opts: list[str], source: str = "command-line opts") -> None:
@@ -144,17 +196,18 @@ def get_cfg(args: Namespace | None = None, *, dataset_config_file: str = "", con
     import trainers  # noqa: F401  (fills TRAINERS so every node exists before yaml files merge)
 
     cfg = extend_cfg(get_cfg_default())
-    if dataset_config_file:
-        merge_file(cfg, dataset_config_file)
-    if config_file:
-        merge_file(cfg, config_file)
-    trainer_name = _peek_trainer(cfg, args, opts)
-    if trainer_name:
-        overrides = TRAINERS.meta(trainer_name).get("dataset_overrides") or {}
-        per_dataset = overrides.get(_peek(cfg, opts, "DATASET.NAME"))
-        if per_dataset:
-            merge_opts(cfg, [x for kv in per_dataset.items() for x in (kv[0], repr(kv[1]))],
-                       f"{trainer_name} per-dataset overrides")
+    per_dataset: list[tuple[str, dict[str, dict]]] = []
+    for path in (dataset_config_file, config_file):
+        if path:
+            per_dataset.append((path, merge_file(cfg, path)))
+    dataset = _peek(cfg, opts, "DATASET.NAME")
+    if dataset and any(block for _, block in per_dataset):
+        import datasets  # noqa: F401
+
+        dataset = DATASETS.canonical(str(dataset))
+        for path, block in per_dataset:
+            if dataset in block:
+                _merge_mapping(cfg, block[dataset], f"{path} (PER_DATASET.{dataset})")
     if args is not None:
         _reset_cfg(cfg, args)
     merge_opts(cfg, opts)
@@ -175,8 +228,3 @@ def _peek(cfg: CN, opts: list[str], key: str) -> Any:
         if k == key:
             value = v
     return value
-
-
-def _peek_trainer(cfg: CN, args: Namespace | None, opts: list[str]) -> str:
-    name = (getattr(args, "trainer", "") if args is not None else "") or _peek(cfg, opts, "TRAINER.NAME")
-    return TRAINERS.canonical(name) if name else ""

@@ -36,6 +36,8 @@ AVAILABLE = (
     "randomgrayscale",
     "gaussian_blur",
 )
+#: transforms that give the same output every time (a train transform of only these allows caching features)
+DETERMINISTIC = ("normalize", "instance_norm", "center_crop")
 UNSUPPORTED = ("randaugment_fixmatch", "randaugment2")  # Dassl-specific op lists with no torchvision equivalent
 
 

@@ -391,9 +391,9 @@ class TrainerX(TrainerBase):
     def cost_record(self) -> dict[str, Any]:
         """Measured cost of this run so far, in result.json's units."""
         peak, method = self.cost.peak_memory()
-        cache = self.cost.seconds.get("cache", 0.0)
         ckpt_bytes = sum(t.numel() * t.element_size() for n in self._models for t in self.trainable_state(n).values())
-        return {"train_time_s": max(self.cost.seconds.get("train", 0.0) - cache, 0.0), "cache_time_s": cache,
-                "eval_time_s": self.cost.seconds.get("eval", 0.0), "images_per_s": self.cost.throughput("train"),
+        seconds = self.cost.seconds
+        return {"train_time_s": seconds.get("train", 0.0), "cache_time_s": seconds.get("cache", 0.0),
+                "eval_time_s": seconds.get("eval", 0.0), "images_per_s": self.cost.throughput("train"),
                 "eval_images_per_s": self.cost.throughput("eval"), "peak_mem_mb": peak, "peak_mem_method": method,
                 "trainable_params": self.n_trainable, "total_params": self.n_total, "ckpt_bytes": ckpt_bytes}

@@ -260,10 +260,12 @@ def cost_numbers(rows: list[Row]) -> dict[str, Any]:
 
     train, evals = values("train_time_s"), values("eval_time_s")
     trained = [t for t in train if t > 0]  # train_time_s == 0: an eval-only job
+    caches = [c.get("cache_time_s") or 0.0 for c in costs if (c.get("train_time_s") or 0) > 0]
     speeds = [v for v in values("images_per_s") if v > 0]  # training throughput; 0 on eval-only jobs
     methods = sorted(set(values("peak_mem_method")))
     return {"jobs": len(costs), "train_mean": fmean(trained) if trained else None,
-            "train_total": sum(train) if train else None, "eval_mean": fmean(evals) if evals else None,
+            "train_total": sum(train) if train else None, "cache_mean": fmean(caches) if caches else None,
+            "eval_mean": fmean(evals) if evals else None,
             "eval_total": sum(evals) if evals else None, "images_per_s": fmean(speeds) if speeds else None,
             "peak_mem_mb": max(values("peak_mem_mb"), default=None),
             "mem_method": ", ".join(methods) if methods else None,
@@ -272,7 +274,8 @@ def cost_numbers(rows: list[Row]) -> dict[str, Any]:
 
 
 _COST_COLUMNS = {"jobs": "jobs", "train_mean": "train time s", "train_total": "train time total s",
-                 "eval_mean": "eval time s", "eval_total": "eval time total s", "images_per_s": "images/s",
+                 "cache_mean": "cache time s", "eval_mean": "eval time s", "eval_total": "eval time total s",
+                 "images_per_s": "images/s",
                  "peak_mem_mb": "peak memory MB", "mem_method": "memory method",
                  "trainable_params": "trainable params", "total_params": "total params"}
 _ADDITIVE = ("jobs", "train_total", "eval_total")
@@ -293,8 +296,9 @@ def cost_table(rows: list[Row]) -> Table:
         numbers = [r[j] for r in body if isinstance(r[j], (int, float))]
         average.append(fmean(numbers) if numbers and key not in _NOT_AVERAGED else None)
         total.append(sum(numbers) if key in _ADDITIVE else None)
-    title = ("cost per task over its successful jobs: train time mean over training jobs only (eval-only jobs "
-             "excluded), eval time mean per job, images/s the training throughput, peak memory and params the max; "
+    title = ("cost per task over its successful jobs: train time (training steps) and cache time (building feature "
+             "caches, e.g. Skip Tuning's) means over training jobs only (eval-only jobs excluded), eval time mean per "
+             "job, images/s the training throughput, peak memory and params the max; "
              "average: mean of the task rows; total: sums of the job counts and time totals")
     return Table("cost", title, ["task", "trainer", *_COST_COLUMNS.values()], [*body, average, total], footer=2)
 
