@@ -35,3 +35,14 @@ def test_coop_on_vit_b16_has_8192_parameters_and_class_logits(vit_b16):
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 224, 224))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_finetune_and_skip_tuning_train_the_documented_parameter_counts(vit_b16):
+    from trainers.ftclip import frozen_names
+
+    def trainable(start_layer: int) -> int:
+        frozen = frozen_names(vit_b16, set(), start_layer, True, True)
+        return sum(p.numel() for n, p in vit_b16.named_parameters() if n not in frozen)
+
+    assert trainable(0) == 123_540_992  # methods.md §12: about 123.5 M of 149,620,737 (FT-CLIP)
+    assert trainable(6) == 62_099_456  # methods.md §13.1: about 62.1 M for ω = 6 (Skip Tuning)

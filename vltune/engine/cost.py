@@ -11,9 +11,37 @@ import contextlib
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
+
+
+def step_peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int, str]:
+    """Run ``fn()`` once and measure the peak of tensor memory it allocates above what was live when it started.
+
+    CUDA: ``max_memory_allocated`` after a reset, minus the bytes allocated at the start. CPU: torch's profiler
+    records every tensor allocation and free (``profile_memory``); the peak of their running sum in time order is
+    the step's peak. Returns (fn's result, bytes, method name).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.max_memory_allocated(device) - start, "cuda_max_allocated"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return out, peak, "cpu_profiler_tensor_bytes"
 
 
 class CostMeter:
