@@ -270,3 +270,19 @@ def test_a_class_smaller_than_the_batch_trains_without_crashing(digits_root, ran
     assert trainer.sampler_mode == "random"
     trainer.train()
     assert trainer.method_record()["mean_kept_classes"] >= 1
+
+
+def test_each_epoch_recaches_fresh_augmentations_into_the_same_buffer(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path),
+                       **{"INPUT.TRANSFORMS": "('random_flip', 'normalize')"})
+    trainer.before_train()
+    trainer.epoch = 0
+    trainer.before_epoch()
+    first = trainer.train_loader_x.features
+    before = first.clone()
+    trainer.epoch = 1
+    trainer.before_epoch()
+    again = trainer.train_loader_x.features
+    assert again.data_ptr() == first.data_ptr()  # no second allocation
+    flipped = (again - before).abs().flatten(1).amax(1) > 0
+    assert 0 < int(flipped.sum()) < len(flipped)  # a fresh random flip per image and epoch

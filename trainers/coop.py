@@ -21,11 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from vltune.data.loader import build_data_loader
-from vltune.data.transforms import DETERMINISTIC
 from vltune.engine import TrainerX
 from vltune.registry import TRAINERS
-from vltune.tuners.skip import ClassSelector, FeatureLoader, cache_features, check_skip_config
+from vltune.tuners.skip_plugin import SkipPluginMixin
 
 POSITIONS = ("end", "middle", "front")
 
@@ -142,7 +140,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == labels).float().mean() * 100)
 
 
-class PromptTrainer(TrainerX):
+class PromptTrainer(SkipPluginMixin, TrainerX):
     """The prompt learners' contract: ``forward_parts`` gives features and logits, ``extra_loss`` a method's
     regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods. Class text features
     from ``eval_text_features`` are computed once per evaluation and passed to every test batch.
@@ -163,15 +161,12 @@ class PromptTrainer(TrainerX):
     """
 
     _text: torch.Tensor | None = None  # the evaluation's cached class text features
-    _selector: ClassSelector | None = None  # CSkip, built on first use
-    skip_plugin = False
 
     # ---- the contract ----------------------------------------------------------------------------------------
     def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
         """Image features, class text features (``text`` if given: cached at evaluation) and their logits."""
         image = self.image_features(images)
-        text = self.class_text_features() if text is None else text
-        return SimParts(image, text, self.similarity(image, text))
+        return self.make_parts(image, self.class_text_features() if text is None else text)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image features (B, E)."""
@@ -193,6 +188,9 @@ class PromptTrainer(TrainerX):
         """Normalised text features (K, E) of the training classes ``classes`` (all when None), with grad when
         they train; computing only the given classes is what makes CSkip cheap."""
         raise NotImplementedError
+
+    def make_parts(self, image: torch.Tensor, text: torch.Tensor) -> SimParts:
+        return SimParts(image, text, self.similarity(image, text))
 
     def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """τ · f · Tᵀ: (B, E), (K, E) → (B, K)."""
@@ -229,73 +227,6 @@ class PromptTrainer(TrainerX):
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_parts(images, self._text).logits
-
-    # ---- the Skip plugin -------------------------------------------------------------------------------------
-    def check_cfg(self, cfg: CN) -> None:
-        super().check_cfg(cfg)
-        c = cfg.TRAINER.SKIP_PLUGIN
-        if not (c.CSKIP or c.CACHE_IMAGE):
-            return
-        if not type(self).__dict__.get("skip_plugin", False):
-            raise ValueError(f"TRAINER.SKIP_PLUGIN is not supported by {type(self).__name__}: it needs "
-                             "forward_parts = image_features + class_text_features + τ·cos (CoOp, KgCoOp, "
-                             "CLIPAdapter, OriginCLIPAdapter, FinetuneCLIP); turn CSKIP and CACHE_IMAGE off")
-        check_skip_config(cfg)
-        moving = [t for t in cfg.INPUT.TRANSFORMS if t not in DETERMINISTIC]
-        if c.CACHE_IMAGE and moving:
-            raise ValueError(f"TRAINER.SKIP_PLUGIN.CACHE_IMAGE caches one view per image, but INPUT.TRANSFORMS has "
-                             f"random {moving}: use deterministic transforms ({', '.join(DETERMINISTIC)}) or set "
-                             "CACHE_IMAGE False")
-
-    def _plugin_on(self) -> bool:
-        c = self.cfg.TRAINER.SKIP_PLUGIN
-        return bool(c.CSKIP or c.CACHE_IMAGE)
-
-    def _skip_parts(self, batch: dict[str, Any]) -> tuple[SimParts, dict[str, Any]]:
-        """Features and logits of a training batch under the plugin, and the batch its loss reads."""
-        x = batch["img"]
-        image = self.image_from_frozen(x) if batch.get("cached") else self.image_features(x)
-        if not self.cfg.TRAINER.SKIP_PLUGIN.CSKIP:
-            text = self.class_text_features()
-            return SimParts(image, text, self.similarity(image, text)), batch
-        if self._selector is None:
-            c = self.cfg.TRAINER.SKIP
-            protos = self.backbone.zero_shot_classifier(self.classnames, [self.template])
-            self._selector = ClassSelector(protos, float(c.TOP_RATIO), int(c.MAX_TOP), float(c.LAMBDA),
-                                           c.MASK_POLICY, seed=int(self.cfg.SEED))
-        kept, labels = self._selector.select(image, batch["label"])
-        text = self.class_text_features(kept)
-        return SimParts(image, text, self.similarity(image, text)), {**batch, "label": labels, "classes": kept}
-
-    def before_train(self) -> None:
-        super().before_train()
-        if not self.cfg.TRAINER.SKIP_PLUGIN.CACHE_IMAGE:
-            return
-        if not self.image_is_frozen():
-            raise ValueError(f"TRAINER.SKIP_PLUGIN.CACHE_IMAGE: {type(self).__name__}'s image path trains here, "
-                             "so its features cannot be cached")
-        train_x = self.dm.dataset.train_x
-        loader = build_data_loader(self.cfg, train_x, self.dm.tfm_train, sampler="SequentialSampler",
-                                   batch_size=int(self.cfg.TRAINER.SKIP.QUICK_BATCH_SIZE), is_train=False)
-
-        def frozen(images: torch.Tensor) -> torch.Tensor:
-            with self.precision.autocast():
-                return self.frozen_image_features(images)
-
-        with self.cost.phase("cache"):
-            feats = cache_features(loader, frozen, len(train_x), dtype=None, cfg=self.cfg, device=self.device)
-        labels = torch.tensor([d.label for d in train_x], dtype=torch.long)
-        self.train_loader_x = FeatureLoader(feats, labels, int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), "random",
-                                            seed=int(self.cfg.SEED))
-
-    def before_epoch(self) -> None:
-        super().before_epoch()
-        if self._selector is not None:
-            self._selector.new_epoch(self.epoch)
-
-    def after_train(self) -> None:
-        self.train_loader_x = self.dm.train_loader_x  # drop a feature cache before testing
-        super().after_train()
 
 
 @TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))

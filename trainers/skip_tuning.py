@@ -124,13 +124,13 @@ class SkipTuning(FinetuneCLIP):
     def build_image_cache(self, seed: int) -> FeatureLoader:
         """This epoch's augmented image tokens after block ω−1, and the batches over them."""
         c = self.cfg.TRAINER.SKIP
-        self.train_loader_x = None  # free the previous epoch's cache first
+        previous = self.train_loader_x.features if isinstance(self.train_loader_x, FeatureLoader) else None
         loader = build_data_loader(self.cfg, self.dm.dataset.train_x, self.dm.tfm_train, sampler="SequentialSampler",
                                    batch_size=int(c.QUICK_BATCH_SIZE), is_train=False)
         if seed >= 0:
             loader.generator.manual_seed(seed)
         feats = cache_features(loader, self.image_prefix, len(self._labels), dtype=CACHE_DTYPES[c.CACHE_DTYPE],
-                               cfg=self.cfg, device=self.device)
+                               cfg=self.cfg, device=self.device, reuse=previous)
         return FeatureLoader(feats, self._labels, int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), self.sampler_mode,
                              seed=seed)
 

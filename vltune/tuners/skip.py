@@ -270,9 +270,11 @@ def cache_placement(cfg: CN, nbytes: int, device: torch.device) -> torch.device:
 
 @torch.no_grad()
 def cache_features(loader: Any, fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,
-                   dtype: torch.dtype | None, cfg: CN, device: torch.device) -> torch.Tensor:
+                   dtype: torch.dtype | None, cfg: CN, device: torch.device,
+                   reuse: torch.Tensor | None = None) -> torch.Tensor:
     """``fn(images)`` for every item of ``loader`` (batches with ``img`` and ``index``), stored by dataset index in
-    ``dtype`` (None: as computed).
+    ``dtype`` (None: as computed). ``reuse``: last epoch's cache, overwritten in place when its shape and dtype fit
+    (no second multi-GB allocation per epoch).
 
     The storage is allocated after the first batch (its shape is known then) on ``cache_placement``; on a CUDA run a
     CPU cache is pinned so the per-step copies overlap with compute.
@@ -284,6 +286,10 @@ def cache_features(loader: Any, fn: Callable[[torch.Tensor], torch.Tensor], n_it
         index = batch["index"]
         if out is None:
             dtype = dtype or feats.dtype
+            if reuse is not None and reuse.shape[1:] == feats.shape[1:] and len(reuse) == n_items \
+                    and reuse.dtype == dtype:
+                out = reuse
+        if out is None:
             nbytes = n_items * feats[0].numel() * torch.tensor([], dtype=dtype).element_size()
             where = cache_placement(cfg, nbytes, device)
             pin = where.type == "cpu" and device.type == "cuda"
