@@ -48,7 +48,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEFAULT = ["FinetuneCLIP", "SkipTuning", "CoOp", "CoOp+CSkip"]
 #: (numerator, denominator, what the ratio shows) printed when both variants ran
-RATIOS = [("FinetuneCLIP", "SkipTuning", "SkipTuning vs FinetuneCLIP"), ("CoOp", "CoOp+CSkip", "CoOp+CSkip vs CoOp")]
+RATIOS = [("FinetuneCLIP", "SkipTuning", "SkipTuning vs FinetuneCLIP"), ("CoOp", "CoOp+CSkip", "CoOp+CSkip vs CoOp"),
+          ("ResAdapter", "ResTuningBypass", "ResTuningBypass vs ResAdapter")]
 
 
 def write_dataset(root: str, classes: int, per_class: int) -> None:

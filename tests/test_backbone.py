@@ -247,3 +247,20 @@ def test_templates() -> None:
     assert isinstance(IMAGENET_TEMPLATES_SELECT, tuple) and len(IMAGENET_TEMPLATES_SELECT) == 7
     assert set(IMAGENET_TEMPLATES_SELECT) <= set(IMAGENET_TEMPLATES)
     assert all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+
+
+def test_piecewise_blocks_with_no_branches_equal_the_whole_blocks():
+    import open_clip
+
+    from vltune.clip.backbone import BlockHooks, CLIPBackbone
+
+    class Piecewise(BlockHooks):
+        branches = True
+
+    torch.manual_seed(0)
+    clip = CLIPBackbone(open_clip.create_model("vltune-tiny", pretrained=None), arch="vltune-tiny").eval()
+    ids = clip.tokenize(["a photo of a cat.", "a dog"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(clip.encode_text(ids, hooks=Piecewise()), clip.encode_text(ids))
+        assert torch.equal(clip.encode_image(images, hooks=Piecewise()), clip.encode_image(images))

@@ -12,6 +12,7 @@ import trainers.kgcoop
 import trainers.maple
 import trainers.prograd
 import trainers.promptsrc
+import trainers.restuning
 import trainers.skip_tuning
 import trainers.tcp
 import trainers.zsclip

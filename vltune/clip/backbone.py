@@ -44,6 +44,18 @@ class BlockHooks:
         """Called with the output of block ``i``; returns the (N, L', D) tokens passed on."""
         return x
 
+    #: set True in a subclass that defines branches: the block then runs piecewise (ln → attention → residual →
+    #: ln → MLP → residual) so a branch can be added parallel to each frozen operation (Res-Tuning's unbinding)
+    branches = False
+
+    def attn_branch(self, tower: str, i: int, h: Tensor) -> Tensor | None:
+        """With ``branches``: added to block ``i``'s attention output; ``h`` = ``ln_1(x)``, the attention's input."""
+        return None
+
+    def mlp_branch(self, tower: str, i: int, h: Tensor) -> Tensor | None:
+        """With ``branches``: added to block ``i``'s MLP output; ``h`` = ``ln_2(x)``, the MLP's input."""
+        return None
+
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(arch: str, context_length: int) -> Callable[..., Tensor]:
@@ -205,13 +217,28 @@ class CLIPBackbone(nn.Module):
                 x = hooks.before_block(tower, i, x)
             mask = self._causal_mask(x) if tower == "text" else None
             block = transformer.resblocks[i]
-            if transformer.grad_checkpointing and torch.is_grad_enabled():
+            if hooks is not None and hooks.branches:
+                x = self._branched_block(block, x, mask, tower, i, hooks)
+            elif transformer.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(functools.partial(block, attn_mask=mask), x, use_reentrant=False)
             else:
                 x = block(x, attn_mask=mask)
             if hooks is not None:
                 x = hooks.after_block(tower, i, x)
         return x
+
+    @staticmethod
+    def _branched_block(block: nn.Module, x: Tensor, mask: Tensor | None, tower: str, i: int,
+                        hooks: BlockHooks) -> Tensor:
+        # open_clip's ResidualAttentionBlock.forward for self-attention, with the hooks' parallel branches added
+        h = block.ln_1(x)
+        out = block.attention(q_x=h, attn_mask=mask)
+        branch = hooks.attn_branch(tower, i, h)
+        x = x + block.ls_1(out if branch is None else out + branch)
+        h = block.ln_2(x)
+        out = block.mlp(h)
+        branch = hooks.mlp_branch(tower, i, h)
+        return x + block.ls_2(out if branch is None else out + branch)
 
     def text_blocks(self, x: Tensor, start: int, end: int, hooks: BlockHooks | None = None) -> Tensor:
         """Run text blocks ``start`` .. ``end - 1`` under the causal mask. Input/Output: (N, L, D_t)."""

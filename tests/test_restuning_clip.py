@@ -1,0 +1,122 @@
+"""The Res-Tuning CLIP trainers: exactly frozen CLIP at step 0, the bypass keeps the backbone out of autograd, the
+CLS/EOT-only bypass equals the all-token one, and the in-block branches are parallel to the frozen operations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import eval_logits, tiny_opts
+
+from vltune.config import get_cfg
+from vltune.engine import build_trainer
+
+NAMES = ["ResAdapter", "ResPrefix", "ResPrompt", "ResTuningBypass"]
+
+
+def _trainer(name, root, weights, out, **extra):
+    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+            "OPTIM.NAME": "sgd", "OPTIM.LR": 0.5, "OPTIM.MAX_EPOCH": 1, "SEED": 1}
+    opts.update(extra)
+    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+
+
+def _frozen_logits(trainer, images):
+    clip = trainer.backbone
+    with torch.no_grad():
+        text = clip.zero_shot_classifier(trainer.classnames, [trainer.template])
+        return clip.logit_scale * F.normalize(clip.encode_image(images), dim=-1) @ text.t()
+
+
+def _steps(trainer, n=2):
+    trainer.set_model_mode("train")
+    batches = iter(trainer.train_loader_x)
+    for _ in range(n):
+        trainer.forward_backward(trainer.to_device(next(batches)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("towers", ["('image',)", "('image', 'text')"])
+def test_step_zero_is_exactly_frozen_clip_and_training_moves_away(name, towers, digits_root, random_clip_weights,
+                                                                  tmp_path):
+    trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.RESTUNING.TOWERS": towers})
+    images = next(iter(trainer.test_loader))["img"][:6]
+    frozen = _frozen_logits(trainer, images)
+    torch.testing.assert_close(eval_logits(trainer, images), frozen, rtol=1e-5, atol=1e-5)
+    _steps(trainer)
+    assert not torch.allclose(eval_logits(trainer, images), frozen, atol=1e-4)
+
+
+@pytest.mark.parametrize("recurrence", ["paper", "swift"])
+def test_paper_and_swift_recurrences_replace_the_features(recurrence, digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
+                       **{"TRAINER.RESTUNING.RECURRENCE": recurrence})
+    images = next(iter(trainer.test_loader))["img"][:6]
+    assert not torch.allclose(eval_logits(trainer, images), _frozen_logits(trainer, images), atol=1e-3)
+
+
+def _block_outputs(trainer):
+    """Activations inside every block of both towers (``ln_2`` runs whether a block runs whole or piecewise)."""
+    outputs = []
+    blocks = [*trainer.backbone.model.visual.transformer.resblocks, *trainer.backbone.model.transformer.resblocks]
+    handles = [b.ln_2.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in blocks]
+    return outputs, handles
+
+
+def test_bypass_keeps_backbone_activations_out_of_the_graph(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
+                       **{"TRAINER.RESTUNING.TOWERS": "('image', 'text')"})
+    outputs, handles = _block_outputs(trainer)
+    batch = trainer.to_device(next(iter(trainer.train_loader_x)))
+    trainer.set_model_mode("train")
+    loss, _ = trainer.loss(batch)
+    loss.backward()
+    for h in handles:
+        h.remove()
+    assert outputs and all(o.grad_fn is None and not o.requires_grad for o in outputs)
+    assert all(p.grad is None for p in trainer.backbone.parameters())
+    assert all(p.grad is not None for p in trainer.model["tuners"].parameters())
+
+
+def test_in_block_adapter_trains_through_the_frozen_blocks(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer("ResAdapter", digits_root, random_clip_weights, str(tmp_path))
+    outputs, handles = _block_outputs(trainer)
+    trainer.set_model_mode("train")
+    trainer.loss(trainer.to_device(next(iter(trainer.train_loader_x))))
+    for h in handles:
+        h.remove()
+    assert any(o.grad_fn is not None for o in outputs)  # the contrast: in-backbone tuners need the backbone's graph
+
+
+def test_bypass_on_the_cls_token_equals_the_bypass_on_every_token(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path))
+    _steps(trainer)  # non-zero tuners
+    clip, chain = trainer.backbone, trainer.model["tuners"]["image"]
+    images = next(iter(trainer.test_loader))["img"][:4]
+    with torch.no_grad():
+        x = clip.embed_image(images)
+        root, stems = x, []
+        for i in range(clip.n_layers_image):
+            x = clip.image_blocks(x, i, i + 1)
+            stems.append(x)
+        every_token = clip.image_head(stems[-1] + chain(root, stems))
+        torch.testing.assert_close(trainer._image_bypass(images), every_token, rtol=1e-5, atol=1e-6)
+
+
+def test_text_bypass_runs_the_frozen_text_tower_once_per_class_set(digits_root, random_clip_weights, tmp_path):
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
+                       **{"TRAINER.RESTUNING.TOWERS": "('text',)"})
+    calls = []
+    handle = trainer.backbone.model.transformer.resblocks[0].register_forward_hook(lambda *_: calls.append(1))
+    _steps(trainer, 3)
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_bad_settings_fail_naming_the_key(digits_root, random_clip_weights, tmp_path):
+    with pytest.raises(ValueError, match=r"TRAINER.RESTUNING.TOWERS \['image', 'audio'\]: choose from image, text"):
+        _trainer("ResAdapter", digits_root, random_clip_weights, str(tmp_path),
+                 **{"TRAINER.RESTUNING.TOWERS": "('image', 'audio')"})
+    with pytest.raises(ValueError, match="TRAINER.RESTUNING.LATERAL"):
+        _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
+                 **{"TRAINER.RESTUNING.LATERAL": "lora"})
