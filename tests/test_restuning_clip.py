@@ -120,3 +120,16 @@ def test_bad_settings_fail_naming_the_key(digits_root, random_clip_weights, tmp_
     with pytest.raises(ValueError, match="TRAINER.RESTUNING.LATERAL"):
         _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
                  **{"TRAINER.RESTUNING.LATERAL": "lora"})
+
+
+@pytest.mark.parametrize(("lateral", "vertical"), [("res_prefix", "res_prompt"), ("res_prompt", "zero")])
+def test_prefix_and_prompt_tuners_also_serve_in_the_bypass(lateral, vertical, digits_root, random_clip_weights,
+                                                           tmp_path):
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
+                       **{"TRAINER.RESTUNING.LATERAL": lateral, "TRAINER.RESTUNING.VERTICAL": vertical})
+    images = next(iter(trainer.test_loader))["img"][:6]
+    frozen = _frozen_logits(trainer, images)
+    torch.testing.assert_close(eval_logits(trainer, images), frozen, rtol=1e-5, atol=1e-5)
+    _steps(trainer, 3)
+    assert not torch.allclose(eval_logits(trainer, images), frozen, atol=1e-4)
+    assert all(p.grad is None for p in trainer.backbone.parameters())

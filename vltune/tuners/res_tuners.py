@@ -37,7 +37,8 @@ RECURRENCES = ("identity", "paper", "swift")
 
 class FrozenAttention:
     """Read access to a frozen attention module's projections: ``nn.MultiheadAttention`` (open_clip, torch) or timm's
-    ``Attention`` (``qkv``/``proj``). Held as a plain object, so its weights are never a tuner's parameters."""
+    ``Attention`` (``qkv``/``proj``, with its ``q_norm``/``k_norm``). Held as a plain object, so its weights are never
+    a tuner's parameters. Tokens are batch-first (..., L, D), as in open_clip 3.x and timm."""
 
     def __init__(self, module: nn.Module) -> None:
         if isinstance(module, nn.MultiheadAttention):
@@ -73,6 +74,8 @@ class FrozenAttention:
         h, d = self.num_heads, z.shape[-1]
         q = self.project(z, 0).unflatten(-1, (h, d // h)).transpose(-2, -3)  # (..., H, L, dh)
         k = keys.to(z.dtype).unflatten(-1, (h, d // h)).transpose(0, 1)  # (H, n, dh)
+        if self.kind == "timm":  # per-head q/k norms (Identity unless the ViT has qk_norm)
+            q, k = self.module.q_norm(q), self.module.k_norm(k)
         v = values.to(z.dtype).unflatten(-1, (h, d // h)).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k.expand(*q.shape[:-2], -1, -1), v.expand(*q.shape[:-2], -1, -1))
         return self.out(o.transpose(-2, -3).flatten(-2))
@@ -145,8 +148,10 @@ class ResPrompt(_ParallelAttention):
         self._norm = (norm,)  # the backbone's frozen module; a tuple keeps it out of this module's parameters
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
-        norm = self._norm[0]
-        p = norm(self.prompts.to(norm.weight.dtype)) if norm is not None else self.prompts
+        norm, p = self._norm[0], self.prompts
+        weight = getattr(norm, "weight", None)
+        if norm is not None:
+            p = norm(p.to(weight.dtype) if weight is not None else p)
         return self.attn.project(p, 1), self.attn.project(p, 2)
 
     def scale(self) -> torch.Tensor:
