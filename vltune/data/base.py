@@ -99,15 +99,8 @@ class CoOpDataset(DatasetBase):
     fewshot_val = True
 
     def __init__(self, cfg: CfgNode, *, load_train: bool = True) -> None:
-        self.root = os.path.abspath(os.path.expanduser(cfg.DATASET.ROOT))
-        self.dataset_path = os.path.join(self.root, self.dataset_dir)
-        self.image_path = os.path.join(self.dataset_path, self.image_dir) if self.image_dir else self.dataset_path
-        self.split_path = os.path.join(self.dataset_path, self.split_file) if self.split_file else ""
-        self.seed = int(cfg.SEED)
-        # Dassl draws from the global random seeded at start-up; a fresh Random(SEED) has the same state.
-        self.rng = random.Random(self.seed) if self.seed >= 0 else random.Random()
+        self._locate(cfg.DATASET.ROOT, int(cfg.SEED))
         self.load_train = load_train
-        self._split_sha256 = ""
         if not os.path.isdir(self.dataset_path):
             raise self.missing(self.dataset_path)
 
@@ -123,6 +116,24 @@ class CoOpDataset(DatasetBase):
             train, val = [], []
             (test,) = splits.subsample_classes(test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
         super().__init__(train_x=train, val=val, test=test)
+
+    def _locate(self, root: str, seed: int) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.dataset_path = os.path.join(self.root, self.dataset_dir)
+        self.image_path = os.path.join(self.dataset_path, self.image_dir) if self.image_dir else self.dataset_path
+        self.split_path = os.path.join(self.dataset_path, self.split_file) if self.split_file else ""
+        self.seed = seed
+        # Dassl draws from the global random seeded at start-up; a fresh Random(SEED) has the same state.
+        self.rng = random.Random(self.seed) if self.seed >= 0 else random.Random()
+        self._split_sha256 = ""
+
+    @classmethod
+    def at(cls, root: str, seed: int = 1) -> CoOpDataset:
+        """An instance that only knows its paths (nothing read): for inspecting a data root without loading it."""
+        obj = cls.__new__(cls)
+        obj._locate(root, seed)
+        obj.load_train = False
+        return obj
 
     # -------------------------------------------------------------- errors
     def expected_layout(self) -> str:
@@ -152,17 +163,25 @@ class CoOpDataset(DatasetBase):
         """Build (train, val, test) from raw files; the default has none and reports the missing split file."""
         raise self.missing(self.split_path or self.dataset_path)
 
-    def load_split(self) -> splits.Split:
-        """Read the split JSON (data root, then the cache dir), else ``build_split`` and save the JSON."""
+    def split_source(self) -> str:
+        """Where ``load_split`` reads the split: the JSON in the data root or the cache dir, else "" (raw files)."""
+        if not self.split_file:
+            return ""
+        cached = os.path.join(cache.cache_root(), "splits", self.dataset_dir, self.split_file)
+        return next((p for p in (self.split_path, cached) if os.path.isfile(p)), "")
+
+    def load_split(self, save: bool = True) -> splits.Split:
+        """Read the split JSON (data root, then the cache dir), else ``build_split`` and (``save``) save the JSON."""
         if not self.split_file:
             return self.build_split()
-        cached = os.path.join(cache.cache_root(), "splits", self.dataset_dir, self.split_file)
-        for path in (self.split_path, cached):
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    self._split_sha256 = hashlib.sha256(f.read()).hexdigest()
-                return splits.read_split(path, self.image_path)
+        path = self.split_source()
+        if path:
+            with open(path, "rb") as f:
+                self._split_sha256 = hashlib.sha256(f.read()).hexdigest()
+            return splits.read_split(path, self.image_path)
         train, val, test = self.build_split()
+        if not save:
+            return train, val, test
         path = os.path.join(cache.writable_dir(self.dataset_path, "", "splits"), self.split_file)
         self._split_sha256 = hashlib.sha256(splits.save_split(train, val, test, path, self.image_path)).hexdigest()
         return train, val, test
