@@ -71,7 +71,8 @@ def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path):
     spec = dict(root=str(tmp_path), events=events,
                 lanes=[dict(devices=[3], slots=1, tasks=["a"]), dict(devices=[5, 6], slots=1, tasks=["b"]),
                        dict(devices=["cpu"], slots=1, tasks=["c"])],
-                jobs=[dict(name=f"{t}{i}", task=t, sleep=0.1) for t in "abc" for i in range(3)])
+                # 1 s per job: lanes must overlap even when process start-up is slowed by a loaded machine
+                jobs=[dict(name=f"{t}{i}", task=t, sleep=1.0) for t in "abc" for i in range(3)])
     assert run_spec(spec).counts["success"] == 9
     seen = {ev["name"]: ev["cuda"] for ev in read_events(events) if ev["event"] == "start"}
     assert {seen[f"a{i}"] for i in range(3)} == {"3"}
