@@ -4,7 +4,8 @@ The default suite is MiniBench: every protocol in miniature, offline, on a CPU. 
 textures, coloured objects, and a broad union with four domain-shifted variants) and a mini CLIP pretrained on their
 train splits are generated on first use (``prepare="minibench"``).
 
-To run real benchmarks: set ``data.root`` to your CoOp data folder, ``model`` to a real CLIP
+The papers' benchmarks are ready-made: ``scripts/<benchmark>.sh`` runs the experiment files in ``presets/``. For an
+experiment of your own: set ``data.root`` to your CoOp data folder, ``model`` to a real CLIP
 (``backbone="ViT-B/16", weights="~/.cache/clip/ViT-B-16.pt"``), drop ``prepare``, and use the real dataset names
 (``oxford_pets``, ``imagenet``, …; one yaml each under configs/datasets/) with the ``vit_b16*`` trainer configs.
 """
