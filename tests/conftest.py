@@ -104,3 +104,15 @@ def eval_logits(trainer, images: torch.Tensor) -> torch.Tensor:
         return trainer.model_inference(images)
     finally:
         trainer.after_evaluate()
+
+
+@pytest.fixture(scope="session")
+def coop_layout_root(tmp_path_factory) -> Path:
+    """A data root with miniature copies of all 15 CoOp datasets in their real layouts (split JSON form); tests
+    that change it work on a copy."""
+    from layouts import LAYOUTS
+
+    root = tmp_path_factory.mktemp("coop-layouts")
+    for make in LAYOUTS.values():
+        make(root, False)
+    return root

@@ -15,12 +15,9 @@ from layouts import LAYOUTS
 from vltune.data.check import PUBLISHED, check, main
 
 
-@pytest.fixture(scope="module")
-def full_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for make in LAYOUTS.values():
-        make(root, False)
-    return root
+@pytest.fixture
+def full_root(coop_layout_root):
+    return coop_layout_root
 
 
 def _copy(full_root, tmp_path, *names):

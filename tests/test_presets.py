@@ -12,7 +12,6 @@ from collections import Counter
 
 import pytest
 from conftest import REPO
-from layouts import LAYOUTS
 
 from vltune.config import get_cfg
 from vltune.registry import TRAINERS
@@ -105,14 +104,6 @@ TINY_OPTS = ("INPUT.SIZE (32,32) OPTIM.MAX_EPOCH 1 OPTIM.WARMUP_EPOCH 0 DATALOAD
              "DATALOADER.TRAIN_X.BATCH_SIZE 4 DATALOADER.TEST.BATCH_SIZE 32")
 
 
-@pytest.fixture(scope="module")
-def mini_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("benchmark-data")
-    for make in LAYOUTS.values():
-        make(root, False)
-    return root
-
-
 def _run(script: str, root, weights: str, out, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "VLTUNE_CACHE_DIR": str(out / "cache")}
     argv = ["bash", str(REPO / "scripts" / f"{script}.sh"), "--data", str(root), "--weights", weights,
@@ -140,9 +131,9 @@ def _successes(out) -> int:
     ("ablation_skiptuning", ["--datasets", "dtd", "--start-layers", "1 2", "--top-ratios", "0.5", "--lambdas", "0.3",
                              "--opts", TINY_OPTS + " TRAINER.SKIP.START_LAYER 1 TRAINER.FINETUNE.PREC fp32"], 8),
 ])
-def test_script_runs_on_a_miniature_root_and_writes_tables(script, args, jobs, mini_root, random_clip_weights,
+def test_script_runs_on_a_miniature_root_and_writes_tables(script, args, jobs, coop_layout_root, random_clip_weights,
                                                             tmp_path):
-    run = _run(script, mini_root, random_clip_weights, tmp_path, *args)
+    run = _run(script, coop_layout_root, random_clip_weights, tmp_path, *args)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert _successes(tmp_path) == jobs
     tables = {p.name for p in (tmp_path / "run" / "tables").glob("*.csv")}

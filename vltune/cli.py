@@ -35,3 +35,16 @@ def job_config(argv: list[str]) -> Any:
     from vltune.config import get_cfg
 
     return get_cfg(build_parser().parse_args(argv))
+
+
+def dispatch(prog: str, commands: dict[str, str], argv: list[str]) -> int:
+    """``python -m <package> COMMAND ...``: run ``main(argv)`` of the module ``commands[COMMAND]``; 2 with a usage line
+    when the command is missing or unknown."""
+    import importlib
+    import sys
+
+    if not argv or argv[0] not in commands:
+        usage = f"usage: {prog} {{{','.join(commands)}}} ... (--help after the command for its options)"
+        print(usage, file=sys.stderr)
+        return 2
+    return importlib.import_module(commands[argv[0]]).main(argv[1:])

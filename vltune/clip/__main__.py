@@ -3,14 +3,7 @@
 import sys
 
 import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
-
-COMMANDS = ("check",)
+from vltune.cli import dispatch
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        print(f"usage: python -m vltune.clip {{{','.join(COMMANDS)}}} ... (--help after the command for its options)",
-              file=sys.stderr)
-        sys.exit(2)
-    from vltune.clip.check import main
-
-    sys.exit(main(sys.argv[2:]))
+    sys.exit(dispatch("python -m vltune.clip", {"check": "vltune.clip.check"}, sys.argv[1:]))
