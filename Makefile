@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup setup-ray demo test lint
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,10 +13,17 @@ $(VENV)/.installed: requirements.txt constraints.txt
 
 setup: $(VENV)/.installed
 
+# Ray is optional for users (the ray executor); the tests exercise it, so `make test` installs it.
+$(VENV)/.installed-ray: $(VENV)/.installed requirements-ray.txt
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-ray.txt
+	touch $@
+
+setup-ray: $(VENV)/.installed-ray
+
 demo: setup
 	$(PY) parallel_runner.py
 
-test: setup
+test: setup-ray
 	$(PY) -m pytest -q
 
 lint: setup

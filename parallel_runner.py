@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import vltune  # noqa: E402,F401  (compat shim first)
-from vltune.runner.executor import CPU, InlineExecutor, LocalExecutor  # noqa: E402
+from vltune.runner.executor import CPU, Executor, InlineExecutor, LocalExecutor  # noqa: E402
 from vltune.runner.jobs import Job, expand  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun-failed", action="store_true", help="run again the jobs an earlier run recorded failed")
     p.add_argument("--force", action="store_true", help="rerun every selected job from an emptied folder")
     p.add_argument("--gpus", nargs="+", metavar="ID", help="run every pipeline on these GPU ids ('cpu': no GPU)")
+    p.add_argument("--executor", choices=("local", "ray"), help="where jobs run (default: base['executor'])")
+    p.add_argument("--ray-address", help="the Ray cluster for --executor ray (default: base['executor']['address'])")
     p.add_argument("--slots-per-gpu", type=int, default=0, metavar="N", help="jobs per GPU at once")
     p.add_argument("--tables-only", action="store_true", help="rebuild tables/plots/report from the output folder")
     p.add_argument("--debug", action="store_true", help="run jobs one by one in this process (no subprocesses)")
@@ -68,6 +70,22 @@ def parse_gpus(values: list[str] | None) -> list[int] | None:
 def lanes_of(experiments: Experiments) -> list[Lane]:
     return [Lane(devices=list(s.gpu_ids) or [CPU], slots=s.slots_per_gpu, tasks=list(s.tasks))
             for s in experiments.pipeline]
+
+
+def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[Executor, list[Lane]]:
+    """The executor and its lanes: local (the pipeline's stages on their devices) or Ray (one lane in pipeline
+    order; Ray places the jobs, as many at once as the cluster holds)."""
+    settings = experiments.base.executor
+    if args.debug:
+        return InlineExecutor(), lanes_of(experiments)
+    if (args.executor or settings.kind) != "ray":
+        return LocalExecutor(), lanes_of(experiments)
+    from vltune.runner.ray_executor import RAY_DEVICE, RayExecutor
+
+    executor = RayExecutor(args.ray_address or settings.address, settings.max_retries,
+                           max(s.slots_per_gpu for s in experiments.pipeline), repo=REPO)
+    tasks = [t for stage in experiments.pipeline for t in stage.tasks]
+    return executor, [Lane(devices=[RAY_DEVICE], slots=executor.cluster_slots(), tasks=tasks)]
 
 
 def prepare_minibench(experiments: Experiments) -> None:
@@ -190,8 +208,13 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         prepare_minibench(experiments)
     notifier = Notifier(experiments, enabled=not args.no_mail)
     progress = Progress(live=False if args.plain else None)
-    scheduler = Scheduler(jobs, lanes_of(experiments), InlineExecutor() if args.debug else LocalExecutor(),
-                          on_event=progress.event, on_task_done=notifier.task_done, **scheduler_args)
+    try:
+        executor, lanes = make_executor(experiments, args)
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scheduler = Scheduler(jobs, lanes, executor, on_event=progress.event, on_task_done=notifier.task_done,
+                          **scheduler_args)
     done_before = sum(s.previous for s in scheduler.states)
     if done_before:
         print(f"resuming: {done_before} of {len(jobs)} jobs have results from an earlier run", flush=True)

@@ -21,7 +21,7 @@ import json, os, subprocess, sys, time
 out, events, name = {out!r}, {events!r}, {name!r}
 def log(event, **kw):
     with open(events, "a") as f:
-        f.write(json.dumps(dict(name=name, event=event, t=time.time(), pid=os.getpid(),
+        f.write(json.dumps(dict(name=name, event=event, t=time.time(), pid=os.getpid(), ppid=os.getppid(),
                                 cuda=os.environ.get("CUDA_VISIBLE_DEVICES"), **kw)) + "\\n")
 kid = subprocess.Popen(["sleep", "60"]) if {grandchild!r} else None
 log("start", grandchild=kid.pid if kid else None)
@@ -53,11 +53,11 @@ def read_events(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def run_spec(spec: dict[str, Any], **kw: Any) -> SuiteResult:
+def run_spec(spec: dict[str, Any], executor: Any = None, tick: Any = None, **kw: Any) -> SuiteResult:
     """``spec``: root, events, lanes [{devices, slots, tasks}], jobs [{name, sleep, fail, task, depends_on, …}]."""
     jobs = [fake_job(spec["root"], events=spec["events"], **j) for j in spec["jobs"]]
     lanes = [Lane(**lane) for lane in spec["lanes"]]
-    return Scheduler(jobs, lanes, LocalExecutor(), poll_s=0.02, **kw).run()
+    return Scheduler(jobs, lanes, executor or LocalExecutor(), poll_s=0.02, **kw).run(tick=tick)
 
 
 if __name__ == "__main__":

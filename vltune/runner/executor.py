@@ -50,6 +50,16 @@ class Handle:
             except ProcessLookupError:
                 pass
 
+    def terminate(self) -> None:
+        """Ask the job to stop (SIGTERM to its process group): it records itself cancelled."""
+        self.signal_group(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Stop the job now (SIGKILL to its process group) and wait for it."""
+        self.signal_group(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
 
 class Executor(Protocol):
     def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle: ...

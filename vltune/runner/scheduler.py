@@ -329,7 +329,7 @@ class Scheduler:
         running = self.running()
         for s in running:
             s.handle.cancelled = True
-            s.handle.signal_group(signal.SIGTERM)
+            s.handle.terminate()
         deadline = time.time() + self.grace_s
         while running:
             try:
@@ -340,8 +340,7 @@ class Scheduler:
                 break
         for s in running:
             if s.handle.poll() is None:
-                s.handle.signal_group(signal.SIGKILL)
-                s.handle.process.wait()
+                s.handle.kill()
             self._finish(s)
 
 

@@ -212,6 +212,7 @@ class Base:
         prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
         slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
+        executor: ``ExecutorSettings``: ``local`` (default) or ``ray`` with its ``address`` and ``max_retries``.
     """
 
     data_root: str
@@ -221,8 +222,9 @@ class Base:
     prepare: str = ""
     slots_per_gpu: int = 1
     mail: Any = None
+    executor: ExecutorSettings = field(default_factory=lambda: ExecutorSettings())
 
-    KEYS = ("data", "model", "output", "prepare", "slots_per_gpu", "mail")
+    KEYS = ("data", "model", "output", "prepare", "slots_per_gpu", "mail", "executor")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], folder: str, repo: str) -> Base:
@@ -248,12 +250,42 @@ class Base:
             raise SuiteError(str(e)) from None
         base = cls(data_root=path(d["data"].get("root", "")), output_root=path(d["output"].get("root", "")),
                    backbone=str(d["model"].get("backbone", "")), weights=path(d["model"].get("weights", "")),
-                   prepare=d.get("prepare", ""), slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail)
+                   prepare=d.get("prepare", ""), slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail,
+                   executor=ExecutorSettings.from_dict(d.get("executor") or {}))
         if not base.output_root or not base.backbone:
             raise SuiteError("base: output.root and model.backbone must be set")
         if base.slots_per_gpu < 1:
             raise SuiteError(f"base['slots_per_gpu'] = {base.slots_per_gpu}; it must be at least 1")
         return base
+
+
+@dataclass
+class ExecutorSettings:
+    """Where jobs run: ``local`` (child processes on this machine) or ``ray`` (tasks on a Ray cluster).
+
+    Args:
+        kind: ``local`` or ``ray``.
+        address: the Ray cluster (``auto``: the one ``ray start`` started on this machine; ``ray://host:10001``).
+        max_retries: how often Ray re-runs a job whose worker or node died before it is recorded failed.
+    """
+
+    kind: str = "local"
+    address: str = "auto"
+    max_retries: int = 2
+
+    KINDS = ("local", "ray")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExecutorSettings:
+        if not isinstance(d, dict):
+            raise SuiteError(f"base['executor'] must be a dict(kind='local' | 'ray', ...), got {d!r}")
+        _check_keys("base['executor']", d, [f.name for f in fields(cls)])
+        settings = cls(**d)
+        if settings.kind not in cls.KINDS:
+            raise SuiteError(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
+        if settings.max_retries < 0:
+            raise SuiteError(f"base['executor']['max_retries'] = {settings.max_retries}; it must be >= 0")
+        return settings
 
 
 @dataclass
