@@ -129,3 +129,44 @@ def test_evaluator_metrics_match_sklearn():
     assert res["macro_f1"] == pytest.approx(100 * f1_score(labels, pred, average="macro", labels=labels.unique()))
     assert res["per_class"]["c0"] == pytest.approx(100 * (pred[labels == 0] == 0).float().mean().item())
     assert res["total"] == 200 and res["error"] == pytest.approx(100 - res["accuracy"])
+
+
+def test_cpu_step_meter_sees_a_known_allocation_within_ten_percent():
+    from vltune.engine.cost import CostMeter, live_tensor_bytes
+
+    held = torch.zeros(16 * 2**20, dtype=torch.uint8)  # live before the step: counted in the step's start
+    meter = CostMeter(torch.device("cpu"))
+    before = live_tensor_bytes()
+    assert before >= held.numel()
+
+    def step():
+        block = torch.ones(256 * 2**20, dtype=torch.uint8)  # 256 MB at the step's peak
+        return int(block[::4096].sum())
+
+    assert meter.metered_step(step) == 256 * 2**20 // 4096
+    peak_mb = (meter.cpu_peak_bytes - before) / 2**20
+    assert abs(peak_mb - 256) <= 25.6, peak_mb
+    assert meter.peak_memory() == (meter.cpu_peak_bytes / 2**20, "cpu_profiler_tensor_bytes")
+    assert meter.seconds["meter"] > 0
+    del held
+
+
+def test_a_training_run_records_measured_memory_and_keeps_the_metered_step_out_of_train_time(
+        digits_root, random_clip_weights, tmp_path):
+    from conftest import tiny_opts
+
+    from vltune.config import get_cfg
+    from vltune.engine import build_trainer
+
+    trainer = build_trainer(get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{
+        "TRAINER.NAME": "CoOp", "OUTPUT_DIR": str(tmp_path), "DATASET.NUM_SHOTS": 4,
+        "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.MAX_EPOCH": 1, "SEED": 1, "TEST.NO_TEST": True})))
+    trainer.train()
+    cost = trainer.cost_record()
+    params_mb = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
+    assert cost["peak_mem_method"] == "cpu_profiler_tensor_bytes" and cost["peak_mem_mb"] > params_mb
+    assert cost["peak_rss_mb"] > cost["peak_mem_mb"]
+    assert cost["meter_time_s"] > 0
+    assert cost["train_time_s"] == pytest.approx(trainer.cost.seconds["train"] - cost["meter_time_s"])
+    batches = len(trainer.train_loader_x)
+    assert trainer.cost.images["train_batches"] == batches - 1  # the metered step is not in the throughput

@@ -35,7 +35,7 @@ from yacs.config import CfgNode
 
 from vltune.engine.base import TrainerBase
 from vltune.engine.checkpoint import load_checkpoint, saved_epochs
-from vltune.engine.cost import CostMeter
+from vltune.engine.cost import CostMeter, peak_rss_mb
 from vltune.engine.optim import build_lr_scheduler, build_optimizer
 from vltune.engine.precision import Precision
 from vltune.evaluation import build_evaluator
@@ -283,10 +283,13 @@ class TrainerX(TrainerBase):
             for self.batch_idx, batch in enumerate(self.train_loader_x):
                 data_time.update(time.time() - end)
                 batch = self.to_device(batch)
-                metrics = self.forward_backward(batch)
                 n = len(batch["label"])
-                self.cost.count("train", n)
-                self.cost.count("train_batches", 1)
+                if self.batch_idx == 1 and self.epoch == self.start_epoch:  # the sampled step (after a warm one)
+                    metrics = self.cost.metered_step(lambda: self.forward_backward(batch))
+                else:
+                    metrics = self.forward_backward(batch)
+                    self.cost.count("train", n)
+                    self.cost.count("train_batches", 1)
                 for k, v in metrics.items():
                     meters.setdefault(k, _Meter()).update(float(v), n)
                 batch_time.update(time.time() - end)
@@ -334,8 +337,8 @@ class TrainerX(TrainerBase):
 
     def after_train(self) -> None:
         logger.info("Finish training")
-        seconds = self.cost.seconds.get("train", 0.0)
-        batches_per_s = self.cost.images.get("train_batches", 0) / seconds if seconds else 0.0
+        seconds = self.cost.seconds.get("train", 0.0) - self.cost.seconds.get("meter", 0.0)
+        batches_per_s = self.cost.images.get("train_batches", 0) / seconds if seconds > 0 else 0.0
         logger.info(f"Training time: {seconds:.2f}s, Speed: {batches_per_s:.2f} batch/s")  # SkipTuning's line
         if not self.cfg.TEST.NO_TEST:
             if self.cfg.TEST.FINAL_MODEL == "best_val" and self._models and self.val_loader is not None:
@@ -393,7 +396,11 @@ class TrainerX(TrainerBase):
         peak, method = self.cost.peak_memory()
         ckpt_bytes = sum(t.numel() * t.element_size() for n in self._models for t in self.trainable_state(n).values())
         seconds = self.cost.seconds
-        return {"train_time_s": seconds.get("train", 0.0), "cache_time_s": seconds.get("cache", 0.0),
-                "eval_time_s": seconds.get("eval", 0.0), "images_per_s": self.cost.throughput("train"),
+        # the sampled step runs inside the train phase but is profiled: its time counts as metering, not training
+        train = max(seconds.get("train", 0.0) - seconds.get("meter", 0.0), 0.0)
+        return {"train_time_s": train, "cache_time_s": seconds.get("cache", 0.0),
+                "meter_time_s": seconds.get("meter", 0.0), "eval_time_s": seconds.get("eval", 0.0),
+                "images_per_s": self.cost.images.get("train", 0) / train if train else 0.0,
                 "eval_images_per_s": self.cost.throughput("eval"), "peak_mem_mb": peak, "peak_mem_method": method,
-                "trainable_params": self.n_trainable, "total_params": self.n_total, "ckpt_bytes": ckpt_bytes}
+                "peak_rss_mb": peak_rss_mb(), "trainable_params": self.n_trainable, "total_params": self.n_total,
+                "ckpt_bytes": ckpt_bytes}
