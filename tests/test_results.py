@@ -303,3 +303,16 @@ def test_rebuild_command_without_plots_and_on_bad_folders(rows, tmp_path, capsys
     assert "no job.json" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_task_peak_memory_comes_from_its_training_jobs():
+    from vltune.results.tables import cost_numbers
+
+    train = {"status": "success", "metrics": {"accuracy": 80.0},
+             "cost": {"train_time_s": 5.0, "peak_mem_mb": 15.0, "peak_mem_method": "cpu_profiler_tensor_bytes"}}
+    evaluation = {"status": "success", "metrics": {"accuracy": 70.0},
+                  "cost": {"train_time_s": 0.0, "peak_mem_mb": 400.0, "peak_mem_method": "rss"}}
+    numbers = cost_numbers([(None, train), (None, evaluation)])
+    assert (numbers["peak_mem_mb"], numbers["mem_method"]) == (15.0, "cpu_profiler_tensor_bytes")
+    only_eval = cost_numbers([(None, evaluation)])
+    assert (only_eval["peak_mem_mb"], only_eval["mem_method"]) == (400.0, "rss")

@@ -260,14 +260,17 @@ def cost_numbers(rows: list[Row]) -> dict[str, Any]:
 
     train, evals = values("train_time_s"), values("eval_time_s")
     trained = [t for t in train if t > 0]  # train_time_s == 0: an eval-only job
-    caches = [c.get("cache_time_s") or 0.0 for c in costs if (c.get("train_time_s") or 0) > 0]
+    training = [c for c in costs if (c.get("train_time_s") or 0) > 0]
+    caches = [c.get("cache_time_s") or 0.0 for c in training]
     speeds = [v for v in values("images_per_s") if v > 0]  # training throughput; 0 on eval-only jobs
-    methods = sorted(set(values("peak_mem_method")))
+    # peak memory: of the training jobs when the task trains (its evaluations are measured another way)
+    memory = [(c["peak_mem_mb"], c.get("peak_mem_method")) for c in (training or costs) if c.get("peak_mem_mb")]
+    methods = sorted({m for _, m in memory if m})
     return {"jobs": len(costs), "train_mean": fmean(trained) if trained else None,
             "train_total": sum(train) if train else None, "cache_mean": fmean(caches) if caches else None,
             "eval_mean": fmean(evals) if evals else None,
             "eval_total": sum(evals) if evals else None, "images_per_s": fmean(speeds) if speeds else None,
-            "peak_mem_mb": max(values("peak_mem_mb"), default=None),
+            "peak_mem_mb": max((m for m, _ in memory), default=None),
             "mem_method": ", ".join(methods) if methods else None,
             "trainable_params": max(values("trainable_params"), default=None),
             "total_params": max(values("total_params"), default=None)}
@@ -298,7 +301,8 @@ def cost_table(rows: list[Row]) -> Table:
         total.append(sum(numbers) if key in _ADDITIVE else None)
     title = ("cost per task over its successful jobs: train time (training steps) and cache time (building feature "
              "caches, e.g. Skip Tuning's) means over training jobs only (eval-only jobs excluded), eval time mean per "
-             "job, images/s the training throughput, peak memory and params the max; "
+             "job, images/s the training throughput, peak memory the max over the training jobs (over all jobs when "
+             "none trains), params the max; "
              "average: mean of the task rows; total: sums of the job counts and time totals")
     return Table("cost", title, ["task", "trainer", *_COST_COLUMNS.values()], [*body, average, total], footer=2)
 
