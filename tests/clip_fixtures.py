@@ -41,6 +41,15 @@ def make_tiny_clip(seed: int = 0, arch: str = TINY) -> CLIP:
     return model.eval()
 
 
+def make_deep_backbone(text_layers: int, image_layers: int, seed: int = 0) -> CLIPBackbone:
+    """A random vltune-tiny-shaped CLIP (width 64, 32 px) with chosen depths: blocks before, at and after a method's
+    prompted or injected layers all exist."""
+    torch.manual_seed(seed)
+    model = CLIP(64, dict(image_size=32, layers=image_layers, width=64, patch_size=8, head_width=64),
+                 dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=text_layers), quick_gelu=True)
+    return CLIPBackbone(model.eval(), arch=TINY)
+
+
 def make_tiny_backbone(seed: int = 0, arch: str = TINY) -> CLIPBackbone:
     """``CLIPBackbone`` around ``make_tiny_clip``."""
     return CLIPBackbone(make_tiny_clip(seed, arch), arch=arch)

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clip_fixtures import make_deep_backbone
 from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
-from open_clip.model import CLIP
 
 from trainers.maple import DeepPrompts, MaPLeModel, MaPLePromptLearner
-from vltune.clip import CLIPBackbone, resolve_arch
+from vltune.clip import CLIPBackbone
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 
@@ -29,13 +29,6 @@ def _cfg(root, weights, out, name="MaPLe", **extra):
     return get_cfg(opts=tiny_opts(root, weights, **opts))
 
 
-def _clip(layers: int) -> CLIPBackbone:
-    torch.manual_seed(0)
-    model = CLIP(64, dict(image_size=32, layers=layers, width=64, patch_size=8, head_width=64),
-                 dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=layers), quick_gelu=True)
-    return CLIPBackbone(model.eval(), arch=resolve_arch("vltune-tiny"))
-
-
 _CLIPS: dict[int, CLIPBackbone] = {}
 # (blocks per tower, depth): the tiny CLIP's 2 blocks, and a 4-block CLIP with blocks after the prompted ones
 DEPTHS = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3)]
@@ -43,7 +36,7 @@ DEPTHS = [(2, 1), (2, 2), (4, 1), (4, 2), (4, 3)]
 
 def _shared_clip(layers: int) -> CLIPBackbone:
     if layers not in _CLIPS:
-        _CLIPS[layers] = _clip(layers)
+        _CLIPS[layers] = make_deep_backbone(layers, layers)
     return _CLIPS[layers]
 
 

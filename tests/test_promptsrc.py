@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_fixtures import make_deep_backbone
 from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
-from open_clip.model import CLIP
 
 from trainers.promptsrc import (
     KL_TEMPERATURE,
@@ -24,7 +24,7 @@ from trainers.promptsrc import (
     gpa_weights,
     kl_to_zero_shot,
 )
-from vltune.clip import IMAGENET_TEMPLATES, CLIPBackbone, resolve_arch
+from vltune.clip import IMAGENET_TEMPLATES
 from vltune.config import get_cfg
 from vltune.engine import build_trainer, set_random_seed
 
@@ -115,10 +115,7 @@ def test_gpa_survives_a_resume(gpa_run, digits_root, random_clip_weights, tmp_pa
 @pytest.fixture(scope="module")
 def deep_clip():
     """A random CLIP with 4 blocks per tower, so that blocks with and without prompts both exist."""
-    torch.manual_seed(0)
-    model = CLIP(64, dict(image_size=32, layers=4, width=64, patch_size=8, head_width=64),
-                 dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=4), quick_gelu=True)
-    return CLIPBackbone(model.eval(), arch=resolve_arch("vltune-tiny"))
+    return make_deep_backbone(4, 4)
 
 
 def _block_inputs(clip, run) -> dict[tuple[str, int], torch.Tensor]:

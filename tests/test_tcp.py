@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from clip_fixtures import make_deep_backbone
 from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
-from open_clip.model import CLIP
 
 from trainers.tcp import (
     TCPModel,
@@ -48,10 +48,7 @@ def _steps(trainer, n=3):
 @pytest.fixture(scope="module")
 def deep_clip():
     """A random CLIP with 4 text blocks, so that blocks before, at and after the injection layer all exist."""
-    torch.manual_seed(0)
-    model = CLIP(64, dict(image_size=32, layers=1, width=64, patch_size=8, head_width=64),
-                 dict(context_length=77, vocab_size=49408, width=64, heads=1, layers=4), quick_gelu=True)
-    return CLIPBackbone(model.eval(), arch=resolve_arch("vltune-tiny"))
+    return make_deep_backbone(4, 1)
 
 
 def _learner(clip, names=NAMES, ctx_init=""):

@@ -48,25 +48,14 @@ class Adapter(nn.Module):
 
 
 class CLIPAdapterModel(nn.Module):
-    """Frozen CLIP + visual adapter. ``forward(images, weights)``: (B, 3, H, W), (C, E) → (features, logits)."""
+    """Frozen CLIP + visual adapter. ``forward(f)``: frozen CLIP image features (B, E) → adapted, normalised (B, E)."""
 
     def __init__(self, clip: nn.Module, adapter: Adapter, ratio: float) -> None:
         super().__init__()
         self.clip, self.adapter, self.ratio = clip, adapter, ratio
 
-    def adapt(self, f: torch.Tensor) -> torch.Tensor:
-        """Adapted, normalised image features: (B, E) frozen CLIP features → (B, E)."""
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.ratio * self.adapter(f) + (1 - self.ratio) * f, dim=-1)
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Adapted, normalised image features (B, E)."""
-        with torch.no_grad():  # the image encoder is frozen; only the adapter trains
-            f = self.clip.encode_image(images)
-        return self.adapt(f)
-
-    def forward(self, images: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.image_features(images)
-        return image, self.clip.logit_scale * image @ weights.t().to(image.dtype)
 
 
 _TINY = dict(trainable_params=2 * 64 * 16)  # tiny CLIP: embed dim 64, reduction 4 → W₁ 16×64 + W₂ 64×16
@@ -114,7 +103,7 @@ class CLIPAdapter(PromptTrainer):
             return self.model.clip.encode_image(images)
 
     def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
-        return self.model.adapt(frozen)
+        return self.model(frozen)
 
     def image_is_frozen(self) -> bool:
         return True

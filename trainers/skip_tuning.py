@@ -33,7 +33,6 @@ from yacs.config import CfgNode as CN
 
 from trainers.coop import accuracy
 from trainers.ftclip import FinetuneCLIP, prefix_names
-from vltune.data.loader import build_data_loader
 from vltune.registry import TRAINERS
 from vltune.tuners.skip import (
     CACHE_DTYPES,
@@ -43,6 +42,7 @@ from vltune.tuners.skip import (
     cache_features,
     check_skip_config,
     resolve_sampler,
+    training_labels,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class SkipTuning(FinetuneCLIP):
         self._in_training = False
         self.kept_counts: list[int] = []
         train_x = [] if self.eval_only or self.train_loader_x is None else self.dm.dataset.train_x
-        self._labels = torch.tensor([d.label for d in train_x], dtype=torch.long)
+        self._labels = training_labels(self.dm) if train_x else torch.zeros(0, dtype=torch.long)
         self.sampler_mode = resolve_sampler(self.cfg.TRAINER.SKIP.SAMPLER, int(self.cfg.DATASET.NUM_SHOTS),
                                             int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), self._labels.tolist()
                                             ) if train_x else ""
@@ -125,12 +125,8 @@ class SkipTuning(FinetuneCLIP):
         """This epoch's augmented image tokens after block ω−1, and the batches over them."""
         c = self.cfg.TRAINER.SKIP
         previous = self.train_loader_x.features if isinstance(self.train_loader_x, FeatureLoader) else None
-        loader = build_data_loader(self.cfg, self.dm.dataset.train_x, self.dm.tfm_train, sampler="SequentialSampler",
-                                   batch_size=int(c.QUICK_BATCH_SIZE), is_train=False)
-        if seed >= 0:
-            loader.generator.manual_seed(seed)
-        feats = cache_features(loader, self.image_prefix, len(self._labels), dtype=CACHE_DTYPES[c.CACHE_DTYPE],
-                               cfg=self.cfg, device=self.device, reuse=previous)
+        feats = cache_features(self.cfg, self.dm, self.image_prefix, dtype=CACHE_DTYPES[c.CACHE_DTYPE],
+                               device=self.device, seed=seed, reuse=previous)
         return FeatureLoader(feats, self._labels, int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), self.sampler_mode,
                              seed=seed)
 

@@ -80,6 +80,15 @@ def _parent_death_signal() -> Any:
     return preexec
 
 
+def spawn(argv: list[str], out: str, env: dict[str, str], preexec: Any = None) -> subprocess.Popen:
+    """Start ``argv`` in its own session (process group) with ``env`` over this environment, stdout and stderr
+    appended to ``out/stdout.log`` and ``out/stderr.log``; ``preexec``: e.g. ``_parent_death_signal()``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "stdout.log"), "ab") as stdout, open(os.path.join(out, "stderr.log"), "ab") as stderr:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                env={**os.environ, **env}, start_new_session=True, preexec_fn=preexec)
+
+
 class LocalExecutor:
     """Runs each job as a child process in its own session (process group)."""
 
@@ -87,13 +96,7 @@ class LocalExecutor:
         self._preexec = _parent_death_signal()
 
     def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle:
-        os.makedirs(job.out, exist_ok=True)
-        with open(os.path.join(job.out, "stdout.log"), "ab") as out, \
-                open(os.path.join(job.out, "stderr.log"), "ab") as err:
-            process = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                       env={**os.environ, **env}, start_new_session=True,
-                                       preexec_fn=self._preexec)
-        return Handle(job=job, device=device, process=process)
+        return Handle(job=job, device=device, process=spawn(job.argv, job.out, env, self._preexec))
 
 
 class InlineExecutor:

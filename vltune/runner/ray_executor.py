@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vltune.fileio import atomic_write
-from vltune.runner.executor import Handle, _parent_death_signal
+from vltune.runner.executor import Handle, _parent_death_signal, spawn
 from vltune.runner.jobs import Job
 
 RAY_DEVICE = "ray"  # the scheduler's device key of jobs that Ray places
@@ -44,14 +44,7 @@ def import_ray() -> Any:
 
 def run_job(argv: list[str], out: str, env: dict[str, str]) -> dict[str, Any]:
     """Body of the Ray task: run one job as a child process of this Ray worker; return its exit code and record."""
-    import subprocess
-
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "stdout.log"), "ab") as stdout, open(os.path.join(out, "stderr.log"), "ab") as stderr:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                   env={**os.environ, **env}, start_new_session=True,
-                                   preexec_fn=_parent_death_signal())
-        code = process.wait()
+    code = spawn(argv, out, env, _parent_death_signal()).wait()
     record = None
     path = os.path.join(out, "result.json")
     if os.path.isfile(path):

@@ -268,17 +268,30 @@ def cache_placement(cfg: CN, nbytes: int, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-@torch.no_grad()
-def cache_features(loader: Any, fn: Callable[[torch.Tensor], torch.Tensor], n_items: int, *,
-                   dtype: torch.dtype | None, cfg: CN, device: torch.device,
-                   reuse: torch.Tensor | None = None) -> torch.Tensor:
-    """``fn(images)`` for every item of ``loader`` (batches with ``img`` and ``index``), stored by dataset index in
-    ``dtype`` (None: as computed). ``reuse``: last epoch's cache, overwritten in place when its shape and dtype fit
-    (no second multi-GB allocation per epoch).
+def training_labels(dm: Any) -> torch.Tensor:
+    """The labels of the training split, by dataset index (the order of the feature caches)."""
+    return torch.tensor([d.label for d in dm.dataset.train_x], dtype=torch.long)
 
-    The storage is allocated after the first batch (its shape is known then) on ``cache_placement``; on a CUDA run a
-    CPU cache is pinned so the per-step copies overlap with compute.
+
+@torch.no_grad()
+def cache_features(cfg: CN, dm: Any, fn: Callable[[torch.Tensor], torch.Tensor], *, dtype: torch.dtype | None,
+                   device: torch.device, seed: int = -1, reuse: torch.Tensor | None = None) -> torch.Tensor:
+    """``fn(images)`` for every training image of ``dm`` (its train transform, one view each), stored by dataset
+    index in ``dtype`` (None: as computed).
+
+    The images go through a sequential loader in batches of ``TRAINER.SKIP.QUICK_BATCH_SIZE`` (its augmentation
+    seeded by ``seed`` when >= 0). The storage is allocated after the first batch (its shape is known then) on
+    ``cache_placement``; on a CUDA run a CPU cache is pinned so the per-step copies overlap with compute. ``reuse``:
+    last epoch's cache, overwritten in place when its shape and dtype fit (no second multi-GB allocation per epoch).
     """
+    from vltune.data.loader import build_data_loader
+
+    train_x = dm.dataset.train_x
+    loader = build_data_loader(cfg, train_x, dm.tfm_train, sampler="SequentialSampler",
+                               batch_size=int(cfg.TRAINER.SKIP.QUICK_BATCH_SIZE), is_train=False)
+    if seed >= 0:
+        loader.generator.manual_seed(seed)
+    n_items = len(train_x)
     out: torch.Tensor | None = None
     seen = torch.zeros(n_items, dtype=torch.bool)
     for batch in loader:
@@ -299,6 +312,5 @@ def cache_features(loader: Any, fn: Callable[[torch.Tensor], torch.Tensor], n_it
         out[index.to(out.device)] = feats.to(out.device, dtype)
         seen[index] = True
     if out is None or not bool(seen.all()):
-        raise RuntimeError(f"the feature cache covers {int(seen.sum())} of {n_items} items; the cache loader must "
-                           "visit every training item once (sequential, no drop_last)")
+        raise RuntimeError(f"the feature cache covers {int(seen.sum())} of {n_items} training items")
     return out

@@ -15,9 +15,8 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
-from vltune.data.loader import build_data_loader
 from vltune.data.transforms import DETERMINISTIC
-from vltune.tuners.skip import ClassSelector, FeatureLoader, cache_features, check_skip_config
+from vltune.tuners.skip import ClassSelector, FeatureLoader, cache_features, check_skip_config, training_labels
 
 
 class SkipPluginMixin:
@@ -69,19 +68,14 @@ class SkipPluginMixin:
         if not self.image_is_frozen():
             raise ValueError(f"TRAINER.SKIP_PLUGIN.CACHE_IMAGE: {type(self).__name__}'s image path trains here, "
                              "so its features cannot be cached")
-        train_x = self.dm.dataset.train_x
-        loader = build_data_loader(self.cfg, train_x, self.dm.tfm_train, sampler="SequentialSampler",
-                                   batch_size=int(self.cfg.TRAINER.SKIP.QUICK_BATCH_SIZE), is_train=False)
-
         def frozen(images: torch.Tensor) -> torch.Tensor:
             with self.precision.autocast():
                 return self.frozen_image_features(images)
 
         with self.cost.phase("cache"):
-            feats = cache_features(loader, frozen, len(train_x), dtype=None, cfg=self.cfg, device=self.device)
-        labels = torch.tensor([d.label for d in train_x], dtype=torch.long)
-        self.train_loader_x = FeatureLoader(feats, labels, int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE), "random",
-                                            seed=int(self.cfg.SEED))
+            feats = cache_features(self.cfg, self.dm, frozen, dtype=None, device=self.device)
+        batch = int(self.cfg.DATALOADER.TRAIN_X.BATCH_SIZE)
+        self.train_loader_x = FeatureLoader(feats, training_labels(self.dm), batch, "random", seed=int(self.cfg.SEED))
 
     def before_epoch(self) -> None:
         super().before_epoch()
