@@ -97,6 +97,20 @@ def test_truncation_is_exact_and_really_shortens(backbone: CLIPBackbone, ids: to
     assert torch.allclose(truncated, backbone.encode_text(ids, truncate=False), atol=ATOL)
     chunked = backbone.encode_text(ids, batch_size=1)  # every chunk cut to its own length
     assert torch.allclose(chunked, truncated, atol=ATOL)
+    assert backbone.cut_text(ids, eot).shape[1] == int(eot.max()) + 1
+
+
+@torch.no_grad()
+def test_truncate_text_off_runs_every_context_position(backbone: CLIPBackbone, ids: torch.Tensor) -> None:
+    backbone.truncate_text = False
+    try:
+        recorder = Recorder()
+        full = backbone.encode_text(ids, hooks=recorder)
+        assert set(recorder.lengths) == {backbone.context_length}
+        assert backbone.cut_text(ids, backbone.eot_index(ids)).shape[1] == backbone.context_length
+    finally:
+        backbone.truncate_text = True
+    assert torch.allclose(full, backbone.encode_text(ids), atol=ATOL)
 
 
 def test_tokenize_and_eot(backbone: CLIPBackbone) -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import eval_logits, tiny_opts
 
+from vltune.clip.backbone import CLIPBackbone
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.registry import TRAINERS
@@ -139,3 +140,20 @@ def test_train_on_base_classes_then_evaluate_on_new_ones(name, digits_root, rand
     logits = eval_logits(new, images)
     assert logits.shape == (len(images), new.num_classes) and torch.isfinite(logits).all()
     assert int(labels.max()) < new.num_classes  # labels relabelled from 0 within the new classes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_length_text_gives_the_same_logits_as_truncated_text(name, built, digits_root, random_clip_weights,
+                                                                  tmp_path):
+    """MODEL.BACKBONE.TRUNCATE_TEXT (on by default) only saves compute: every position after the last EOT is masked."""
+    trainer, _, _ = built(name)
+    images, _ = _test_images(trainer)
+    trainer.save_model(0, str(tmp_path))
+    cfg = _cfg(name, digits_root, random_clip_weights, str(tmp_path / "full"))
+    cfg.defrost()
+    cfg.MODEL.BACKBONE.TRUNCATE_TEXT = False
+    full = build_trainer(cfg, eval_only=True)
+    full.load_model(str(tmp_path), epoch=1)
+    backbones = [m for m in full.model.modules() if isinstance(m, CLIPBackbone)]
+    assert backbones and not any(b.truncate_text for b in backbones)
+    torch.testing.assert_close(eval_logits(full, images), eval_logits(trainer, images), rtol=1e-4, atol=1e-4)

@@ -65,8 +65,7 @@ class PromptLearner(nn.Module):
                 prefix_text = " ".join(["X"] * n_ctx)
             ids = clip.tokenize([f"{prefix_text} {name}." for name in names])
             eot = clip.eot_index(ids)
-            length = int(eot.max()) + 1
-            embedding = clip.token_embedding(ids[:, :length]).clone()
+            embedding = clip.token_embedding(clip.cut_text(ids, eot)).clone()
             name_lens = clip.eot_index(clip.tokenize(names)) - 1
         self.ctx = nn.Parameter(ctx)
         self.n_ctx, self.position = n_ctx, position

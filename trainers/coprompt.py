@@ -89,7 +89,7 @@ class MultiModalPrompts(nn.Module):
             phrase = ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)
             ids = clip.tokenize([f"{phrase} {name}." for name in names])
             eot = clip.eot_index(ids)
-            embedding = clip.token_embedding(ids[:, :int(eot.max()) + 1]).clone()
+            embedding = clip.token_embedding(clip.cut_text(ids, eot)).clone()
             if ctx_init:  # upstream: the first M tokens of the phrase become P_0, the rest stays fixed text
                 phrase_ids = clip.tokenize([phrase])
                 if n_ctx > int(clip.eot_index(phrase_ids)[0]) - 1:

@@ -82,7 +82,7 @@ class MaPLePromptLearner(nn.Module):
                 ctx = torch.empty(n_ctx, d_text).normal_(std=0.02)
             ids = clip.tokenize([f"{phrase} {name}." for name in names])
             eot = clip.eot_index(ids)
-            embeds = clip.token_embedding(ids[:, :int(eot.max()) + 1]).clone()
+            embeds = clip.token_embedding(clip.cut_text(ids, eot)).clone()
         self.n_ctx, self.depth = n_ctx, depth
         self.register_buffer("token_embeds", embeds, persistent=False)  # rebuilt from the class names
         self.register_buffer("eot", eot, persistent=False)

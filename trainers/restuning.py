@@ -158,7 +158,7 @@ class ResTuningTrainer(PromptTrainer):
             with torch.no_grad():
                 ids = clip.tokenize([self.template.format(n.replace("_", " ")) for n in self.classnames])
                 eot = clip.eot_index(ids)
-                x = clip.embed_text(ids[:, : int(eot.max()) + 1])
+                x = clip.embed_text(clip.cut_text(ids, eot))
                 rows = torch.arange(len(eot), device=x.device)
                 states = [x[rows, eot]]
                 for i in range(clip.n_layers_text):

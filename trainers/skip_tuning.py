@@ -110,7 +110,7 @@ class SkipTuning(FinetuneCLIP):
         clip, c = self.model, self.cfg.TRAINER.SKIP
         ids = clip.tokenize([self.ft_template.format(n.replace("_", " ")) for n in self.classnames])
         eot = clip.eot_index(ids)
-        ids = ids[:, : int(eot.max()) + 1]
+        ids = clip.cut_text(ids, eot)
         with self.precision.autocast():
             mid = torch.cat([clip.text_blocks(clip.embed_text(chunk), 0, self.omega) for chunk in ids.split(256)])
             protos = F.normalize(clip.text_head(clip.text_blocks(mid, self.omega, clip.n_layers_text), eot), dim=-1)
@@ -177,7 +177,7 @@ class SkipTuning(FinetuneCLIP):
         if self._text_fixed is not None:
             return self._text_fixed[kept]
         clip, eot = self.model, self._text_eot[kept.to(self._text_eot.device)]
-        x = self._text_mid[kept.to(self._text_mid.device), : int(eot.max()) + 1]  # causal: identical features
+        x = clip.cut_text(self._text_mid[kept.to(self._text_mid.device)], eot)
         return F.normalize(clip.text_head(clip.text_blocks(x, self.omega, clip.n_layers_text), eot), dim=-1)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

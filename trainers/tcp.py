@@ -96,7 +96,7 @@ class TCPPromptLearner(PromptLearner):
         with torch.no_grad():  # rebuild CoOp's "{ctx} {name}." buffers for TCP's "{ctx} {tail}" prompts
             ids = clip.tokenize([" ".join(["X"] * self.n_ctx + [tail.format(name)]) for name in names])
             eot = clip.eot_index(ids)
-            embedding = clip.token_embedding(ids[:, :int(eot.max()) + 1]).clone()
+            embedding = clip.token_embedding(clip.cut_text(ids, eot)).clone()
         self.token_prefix, self.token_suffix, self.eot = embedding[:, :1], embedding[:, 1 + self.n_ctx:], eot
         embed, hidden = class_text.shape[1], class_text.shape[1] // 4
         self.meta_net = nn.Sequential(OrderedDict([

@@ -7,7 +7,8 @@ caching (Skip Tuning) runs ``image_blocks`` over a range and resumes later from 
 Layout: open_clip 3.x transformers are batch-first, so every token tensor here is (N, L, D), not OpenAI CLIP's
 (L, N, D). Text is pooled at the EOT token (the argmax of the token ids), and text sequences are cut to
 ``max(eot) + 1`` before the blocks: with the causal mask the features are identical and short prompts run about 3x
-faster (methods.md §0.3 rule 4).
+faster (methods.md §0.3 rule 4). ``truncate_text = False`` (``MODEL.BACKBONE.TRUNCATE_TEXT``) runs every context
+position instead, as the public reference code does: a switch for measuring that cost, not for accuracy.
 
 The pieces are open_clip's own modules and methods (``visual._embeds``, ``visual._pool``, the residual blocks);
 only the block loop is ours, so the wrapper reproduces ``CLIP.encode_image`` / ``CLIP.encode_text`` numerically.
@@ -74,6 +75,8 @@ class CLIPBackbone(nn.Module):
         model: an open_clip ``CLIP`` (see ``vltune.clip.load_clip``).
         arch: the open_clip architecture name, used to pick the tokenizer (empty: open_clip's default CLIP BPE).
     """
+
+    truncate_text: bool = True  # cut text to the last EOT (see the module docstring)
 
     def __init__(self, model: CLIP, arch: str = "") -> None:
         super().__init__()
@@ -181,9 +184,14 @@ class CLIPBackbone(nn.Module):
 
     def _text_length(self, eot_idx: Tensor, length: int, truncate: bool) -> int:
         # Only the causal mask makes positions after the EOT irrelevant.
-        if not truncate or self.model.attn_mask is None:
+        if not (truncate and self.truncate_text) or self.model.attn_mask is None:
             return length
         return min(length, int(eot_idx.max()) + 1)
+
+    def cut_text(self, x: Tensor, eot_idx: Tensor) -> Tensor:
+        """The leading positions of token ids or embeddings (N, L[, D]) that text encoding needs: up to the last
+        EOT in ``eot_idx`` (identical features under the causal mask), or all L when ``truncate_text`` is off."""
+        return x[:, : self._text_length(eot_idx, x.shape[1], True)]
 
     def _add_text_positions(self, x: Tensor) -> Tensor:
         length = x.shape[1]

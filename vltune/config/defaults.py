@@ -82,6 +82,9 @@ def get_cfg_default() -> CN:
     _C.MODEL.BACKBONE.NAME = ""  # CLIP architecture: Dassl names (ViT-B/16, RN50, …) or open_clip names
     _C.MODEL.BACKBONE.PRETRAINED = True  # Dassl leftover; CLIP weights are always loaded
     _C.MODEL.BACKBONE.WEIGHTS = ""  # [vltune] local weights file (OpenAI JIT, state dict, open_clip checkpoint)
+    # [vltune] cut text to its last EOT token (same features, ~3x cheaper prompts); False runs all 77 positions
+    # as the public reference code does (benchmarks/efficiency.py's upstream-style rows)
+    _C.MODEL.BACKBONE.TRUNCATE_TEXT = True
     _C.MODEL.HEAD = CN()
     _C.MODEL.HEAD.NAME = ""  # Dassl leftover, unused by CLIP trainers
     _C.MODEL.HEAD.HIDDEN_LAYERS = ()  # Dassl leftover

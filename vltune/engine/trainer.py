@@ -122,6 +122,7 @@ class TrainerX(TrainerBase):
         from vltune.clip import build_backbone
 
         clip = build_backbone(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.WEIGHTS)
+        clip.truncate_text = bool(self.cfg.MODEL.BACKBONE.TRUNCATE_TEXT)
         size = tuple(self.cfg.INPUT.SIZE)
         if size[0] != clip.image_size:
             n = clip.image_size
