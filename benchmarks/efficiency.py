@@ -14,8 +14,8 @@ optimizer step) are timed one by one and the median is reported; a row whose war
 
 Variants: any registered trainer (``all``: every one), the plugin rows in ``VARIANTS`` (``CoOp+CSkip``, ...) and the
 upstream-style rows ``<trainer>-upstream``, which compute the way the public reference code does: text runs over all
-77 context positions (``MODEL.BACKBONE.TRUNCATE_TEXT False``) and CLIP-Adapter recomputes its frozen class text
-features at every step (its reference ``CustomCLIP.forward`` runs the text encoder per batch). Prompt learners
+77 context positions (``MODEL.BACKBONE.TRUNCATE_TEXT False``) and CLIP-Adapter runs as ``OriginCLIPAdapter``, which
+re-encodes the class text at every step as its reference ``CustomCLIP.forward`` does. Prompt learners
 recompute text per step anyway, and no upstream row caches anything. ``<variant>+compile`` runs the variant with
 every transformer block under ``torch.compile`` (compiled during the warm-up step; use ``--warmup 2``).
 
@@ -56,10 +56,6 @@ from vltune.fileio import atomic_write  # noqa: E402
 from vltune.results.record import write_json_atomic  # noqa: E402
 
 
-def _recompute_class_text(trainer: Any) -> None:
-    trainer.class_weights = trainer.encode_classes  # every call runs the frozen text encoder again
-
-
 def _compile_blocks(trainer: Any) -> None:
     from vltune.clip.backbone import CLIPBackbone
 
@@ -76,9 +72,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], Callable[[Any], None] | None]] = 
 }
 UPSTREAM_SUFFIX = "-upstream"
 COMPILE_SUFFIX = "+compile"  # any variant with its transformer blocks under torch.compile (the first step compiles)
-#: what an upstream-style row changes beyond full-length text
-UPSTREAM_PATCHES: dict[str, Callable[[Any], None]] = {"CLIPAdapter": _recompute_class_text,
-                                                      "OriginCLIPAdapter": _recompute_class_text}
+#: the registered trainer that computes as the reference code does, where ours caches what it recomputes
+UPSTREAM_TRAINERS = {"CLIPAdapter": "OriginCLIPAdapter"}
 DEFAULT = ["FinetuneCLIP", "SkipTuning", "CoOp", "CoOp-upstream", "CoOp@1000", "CoOp+CSkip@1000"]
 EVAL_ROW = "ZeroshotCLIP eval"
 
@@ -133,7 +128,7 @@ def resolve(name: str) -> tuple[str, dict[str, Any], Callable[[Any], None] | Non
         return VARIANTS[name]
     if name.endswith(UPSTREAM_SUFFIX):
         trainer = name[: -len(UPSTREAM_SUFFIX)]
-        return trainer, {"MODEL.BACKBONE.TRUNCATE_TEXT": False}, UPSTREAM_PATCHES.get(trainer)
+        return UPSTREAM_TRAINERS.get(trainer, trainer), {"MODEL.BACKBONE.TRUNCATE_TEXT": False}, None
     return name, {}, None
 
 

@@ -43,7 +43,9 @@ def _row(task, protocol, role, dataset, seed, shots, acc, status="success", trai
     trains = role in TRAINING_ROLES and trainer != "ZeroshotCLIP"
     cost = {"train_time_s": 10.0 * seed if trains else 0.0, "eval_time_s": 2.0 if trains else 1.0,
             "images_per_s": 50.0 if trains else 0.0, "peak_mem_mb": 1000.0 + seed if trains else 300.0,
-            "peak_mem_method": "rss", "trainable_params": trainable, "total_params": 10_000}
+            "peak_mem_method": "rss", "trainable_params": trainable, "total_params": 10_000,
+            "eval_images_per_s": 400.0, "peak_rss_mb": 2000.0 if trains else 500.0,
+            "ckpt_bytes": 4 * trainable if trains else 0}
     if trains and trainer == "SkipTuning":
         cost["cache_time_s"] = 3.0
     record = None if status is None else {"status": status, "metrics": {"accuracy": acc}, "cost": cost}
@@ -207,15 +209,16 @@ def test_grid_task_gets_tables_per_point_and_a_summary(rows):
 def test_cost_table_rows_average_and_total(rows):
     table = _tables(rows)["cost"]
     assert table.header == ["task", "trainer", "jobs", "train time s", "train time total s", "cache time s",
-                            "eval time s", "eval time total s", "images/s", "peak memory MB", "memory method",
-                            "trainable params", "total params"]
+                            "eval time s", "eval time total s", "images/s", "eval images/s", "peak memory MB",
+                            "memory method", "peak RSS MB", "checkpoint MB", "trainable params", "total params"]
     by_name = {r[0]: r[1:] for r in table.rows}
     # coop_b2n: 9 successful jobs (dtd's cancelled and failed ones do not count): 5 trained (10, 20, 10, 20, 10 s)
     # and 4 evaluations; eval time 5 x 2 s + 4 x 1 s = 14 s
-    assert by_name["coop_b2n"] == ["CoOp", 9, 14.0, 70.0, 0.0, pytest.approx(14 / 9), 14.0, 50.0, 1002.0, "rss", 2048,
-                                   10_000]
+    assert by_name["coop_b2n"] == ["CoOp", 9, 14.0, 70.0, 0.0, pytest.approx(14 / 9), 14.0, 50.0, 400.0, 1002.0,
+                                   "rss", 2000.0, 4 * 2048 / 2**20, 2048, 10_000]
     # zero-shot: nothing trained, so no mean train time and no throughput; total train time 0
-    assert by_name["zs_few"] == ["ZeroshotCLIP", 4, None, 0.0, None, 1.0, 4.0, None, 300.0, "rss", 0, 10_000]
+    assert by_name["zs_few"] == ["ZeroshotCLIP", 4, None, 0.0, None, 1.0, 4.0, None, 400.0, 300.0, "rss", 500.0, 0.0,
+                                 0, 10_000]
     assert by_name["coop_xd"][:7] == ["CoOp", 10, 15.0, 30.0, 0.0, 1.2, 12.0]  # 2 trained + 8 eval; 2 x 2 + 8 x 1 s
     assert by_name["skip_b2n [START_LAYER=4]"][:6] == ["SkipTuning", 4, 15.0, 30.0, 3.0, 1.5]  # cache: trained only
     jobs = [9, 8, 4, 10, 4, 4]  # coop_b2n, coop_few, zs_few, coop_xd, skip_b2n x 2 grid points
@@ -225,9 +228,10 @@ def test_cost_table_rows_average_and_total(rows):
     assert average[1] == pytest.approx(mean(jobs)) and average[3] == pytest.approx(mean(train_totals))
     assert average[2] == pytest.approx(mean([14.0, 15.0, 15.0, 15.0, 15.0]))  # zs_few has no train time
     assert average[4] == pytest.approx(mean([0.0, 0.0, 0.0, 3.0, 3.0]))  # cache time: tasks that trained
-    assert average[10] is None and average[11] is None  # no average over parameter counts
+    assert average[13] is None and average[14] is None and average[12] is None  # no average over sizes
+    assert average[11] == pytest.approx(mean([2000.0, 2000.0, 500.0, 2000.0, 2000.0, 2000.0]))
     assert total == [None, sum(jobs), None, sum(train_totals), None, None, sum(eval_totals), None, None, None, None,
-                     None]
+                     None, None, None, None]
     assert "| **total** | - | 39 | - | 280.00 | - |" in table.to_markdown()
 
 

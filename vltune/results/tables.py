@@ -263,6 +263,7 @@ def cost_numbers(rows: list[Row]) -> dict[str, Any]:
     training = [c for c in costs if (c.get("train_time_s") or 0) > 0]
     caches = [c.get("cache_time_s") or 0.0 for c in training]
     speeds = [v for v in values("images_per_s") if v > 0]  # training throughput; 0 on eval-only jobs
+    eval_speeds = [v for v in values("eval_images_per_s") if v > 0]
     # peak memory: of the training jobs when the task trains (its evaluations are measured another way)
     memory = [(c["peak_mem_mb"], c.get("peak_mem_method")) for c in (training or costs) if c.get("peak_mem_mb")]
     methods = sorted({m for _, m in memory if m})
@@ -270,19 +271,23 @@ def cost_numbers(rows: list[Row]) -> dict[str, Any]:
             "train_total": sum(train) if train else None, "cache_mean": fmean(caches) if caches else None,
             "eval_mean": fmean(evals) if evals else None,
             "eval_total": sum(evals) if evals else None, "images_per_s": fmean(speeds) if speeds else None,
+            "eval_images_per_s": fmean(eval_speeds) if eval_speeds else None,
             "peak_mem_mb": max((m for m, _ in memory), default=None),
             "mem_method": ", ".join(methods) if methods else None,
+            "peak_rss_mb": max(values("peak_rss_mb"), default=None),
+            "ckpt_mb": max(values("ckpt_bytes"), default=0) / 2**20 if values("ckpt_bytes") else None,
             "trainable_params": max(values("trainable_params"), default=None),
             "total_params": max(values("total_params"), default=None)}
 
 
 _COST_COLUMNS = {"jobs": "jobs", "train_mean": "train time s", "train_total": "train time total s",
                  "cache_mean": "cache time s", "eval_mean": "eval time s", "eval_total": "eval time total s",
-                 "images_per_s": "images/s",
-                 "peak_mem_mb": "peak memory MB", "mem_method": "memory method",
+                 "images_per_s": "images/s", "eval_images_per_s": "eval images/s",
+                 "peak_mem_mb": "peak memory MB", "mem_method": "memory method", "peak_rss_mb": "peak RSS MB",
+                 "ckpt_mb": "checkpoint MB",
                  "trainable_params": "trainable params", "total_params": "total params"}
 _ADDITIVE = ("jobs", "train_total", "eval_total")
-_NOT_AVERAGED = ("trainable_params", "total_params")  # an average over methods' parameter counts means nothing
+_NOT_AVERAGED = ("trainable_params", "total_params", "ckpt_mb")  # averages of model sizes mean nothing
 
 
 def cost_table(rows: list[Row]) -> Table:
@@ -301,8 +306,9 @@ def cost_table(rows: list[Row]) -> Table:
         total.append(sum(numbers) if key in _ADDITIVE else None)
     title = ("cost per task over its successful jobs: train time (training steps) and cache time (building feature "
              "caches, e.g. Skip Tuning's) means over training jobs only (eval-only jobs excluded), eval time mean per "
-             "job, images/s the training throughput, peak memory the max over the training jobs (over all jobs when "
-             "none trains), params the max; "
+             "job, images/s the training (eval images/s the test) throughput, peak memory the max over the training "
+             "jobs (over all jobs when none trains) measured as its method says, peak RSS the process peak resident "
+             "set (all jobs), checkpoint the saved trainable state, params the max; "
              "average: mean of the task rows; total: sums of the job counts and time totals")
     return Table("cost", title, ["task", "trainer", *_COST_COLUMNS.values()], [*body, average, total], footer=2)
 
