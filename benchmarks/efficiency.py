@@ -157,6 +157,7 @@ def build(trainer_name: str, extra: dict[str, Any], root: str, weights: str, siz
           args: argparse.Namespace) -> Any:
     from vltune.config import get_cfg
     from vltune.engine import build_trainer
+    from vltune.registry import TRAINERS
 
     cuda = args.device == "cuda"
     opts = {"TRAINER.NAME": trainer_name, "DATASET.ROOT": root, "DATASET.NAME": "Digits",
@@ -167,6 +168,10 @@ def build(trainer_name: str, extra: dict[str, Any], root: str, weights: str, siz
             "OPTIM.MAX_EPOCH": 1, "TRAINER.PREC": "amp" if cuda else "fp32", "USE_CUDA": cuda, "SEED": 1,
             "OUTPUT_DIR": tempfile.mkdtemp(prefix="vltune-bench-")}
     opts.update(extra)
+    defaults = get_cfg(opts=["TRAINER.NAME", trainer_name])  # also fills the trainer registry
+    node = TRAINERS.get(trainer_name).config_node  # a method's own PREC key overrides TRAINER.PREC
+    if node and "PREC" in defaults.TRAINER.get(node, {}):
+        opts[f"TRAINER.{node}.PREC"] = opts["TRAINER.PREC"]
     return build_trainer(get_cfg(opts=[x for k, v in opts.items() for x in (k, str(v))] + list(args.opts)))
 
 

@@ -7,7 +7,9 @@ The checks run on a randomly initialised tiny CLIP and the generated digits data
 finite (B, C) logits; training on the base classes then evaluating the saved model on the new ones; after 3
 steps every trainable tensor changed and got a gradient while every other tensor is
 bitwise equal and gradient-free; the optimizers hold exactly the trainable set; save → load in a fresh trainer
-gives equal logits; batched inference equals per-sample inference.
+gives equal logits; batched inference equals per-sample inference; full-length text gives the truncated-text logits;
+class text is encoded before an evaluation's first batch, never inside one (``text_per_image=True``: CoCoOp's
+instance-conditioned prompts, which must run per batch).
 """
 
 from __future__ import annotations
@@ -157,3 +159,33 @@ def test_full_length_text_gives_the_same_logits_as_truncated_text(name, built, d
     backbones = [m for m in full.model.modules() if isinstance(m, CLIPBackbone)]
     assert backbones and not any(b.truncate_text for b in backbones)
     torch.testing.assert_close(eval_logits(full, images), eval_logits(trainer, images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_class_text_is_encoded_once_per_evaluation_not_per_batch(name, built, monkeypatch):
+    """Text features depend on the class set, not the image, except for instance-conditioned prompts (CoCoOp):
+    an evaluation encodes them before its first batch. ``test_overrides=dict(text_per_image=True)`` flips the check."""
+    trainer, _, _ = built(name)
+    assert len(trainer.test_loader) >= 2
+    in_batch, calls = [False], []
+    text_blocks, inference = CLIPBackbone.text_blocks, trainer.model_inference
+
+    def counting_text_blocks(self, *args, **kwargs):
+        calls.append(in_batch[0])
+        return text_blocks(self, *args, **kwargs)
+
+    def flagged_inference(images):
+        in_batch[0] = True
+        try:
+            return inference(images)
+        finally:
+            in_batch[0] = False
+
+    monkeypatch.setattr(CLIPBackbone, "text_blocks", counting_text_blocks)
+    monkeypatch.setattr(trainer, "model_inference", flagged_inference)
+    trainer.test()
+    per_batch = sum(calls)
+    if _overrides(name).get("text_per_image"):
+        assert per_batch >= len(trainer.test_loader), "instance-conditioned text should run for every batch"
+    else:
+        assert per_batch == 0, f"{per_batch} text encoder runs inside evaluation batches; cache them before the loop"

@@ -124,7 +124,8 @@ class CoCoOpModel(nn.Module):
         return self.logits(image, self.text_features(image))
 
 
-@TRAINERS.register("CoCoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=1604))
+@TRAINERS.register("CoCoOp", add_config=add_config, family="prompt",
+                   test_overrides=dict(trainable_params=1604, text_per_image=True))
 class CoCoOp(PromptTrainer):
     """Conditional context optimisation: CoOp's context plus a per-image shift from a small Meta-Net."""
 
