@@ -182,7 +182,7 @@ def test_trainable_count_on_vit_b16_widths():
 
     class Widths:  # the learner only needs the tokenizer, token embeddings and widths
         width_text, width_image = 512, 768
-        tokenize, eot_index = tiny.tokenize, tiny.eot_index
+        tokenize, eot_index, cut_text = tiny.tokenize, tiny.eot_index, tiny.cut_text
 
         @staticmethod
         def token_embedding(ids):
