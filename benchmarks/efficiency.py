@@ -60,7 +60,8 @@ def _compile_blocks(trainer: Any) -> None:
     from vltune.clip.backbone import CLIPBackbone
 
     for clip in (m for m in trainer.model.modules() if isinstance(m, CLIPBackbone)):
-        for block in (*clip.model.transformer.resblocks, *getattr(clip.model.visual, "transformer", clip).resblocks):
+        towers = [clip.model.transformer] + ([clip.model.visual.transformer] if clip.is_vit else [])
+        for block in (b for tower in towers for b in tower.resblocks):
             block.compile()  # per block: hooks and the block loop stay eager
 
 
@@ -235,7 +236,7 @@ def measure(spec: str, tmp: str, weights: str, size: int, args: argparse.Namespa
             "step_peak_mb": step_bytes / 2**20, "model_mb": model_bytes / 2**20, "optimizer_mb": optim_bytes / 2**20,
             "memory_method": method, "trainable_params": trainer.n_trainable, "classes": trainer.num_classes,
             "batch_size": args.batch_size, "text_classes": text_classes(trainer, batch),
-            "text_positions": trainer.cfg.MODEL.BACKBONE.TRUNCATE_TEXT and "to last EOT" or "all"}
+            "text_positions": "to last EOT" if trainer.cfg.MODEL.BACKBONE.TRUNCATE_TEXT else "all"}
 
 
 @torch.no_grad()
