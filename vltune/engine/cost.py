@@ -1,19 +1,31 @@
 """Cost metering owned by the engine: wall-clock phases, throughput, peak memory and parameter counts.
 
-Peak memory is measured, never estimated, and the method is recorded next to the number:
+Peak memory is measured, never estimated, and the method is recorded next to each number. Two peaks are kept apart:
+the training peak (``train``) and the test evaluation's peak (``eval``); a trained run reports both, an
+evaluation-only run the evaluation peak only. Each comes from the device's one meter, never from another:
 
-* CUDA: ``torch.cuda.max_memory_allocated``, reset after setup and after every feature-caching phase (the peak of
-  building a cache is not a training step's), keeping the largest training peak seen (``cuda_max_allocated``);
-* CPU: the tensors live when a sampled training step starts (found through the garbage collector) plus the peak of
-  the step's own allocations from torch's profiler memory events (``cpu_profiler_tensor_bytes``); the sampled step
-  is timed apart (``meter``), so profiling never inflates the training time;
-* and on both, the process peak resident set size (``peak_rss_mb``: interpreter and libraries included, an upper
-  bound of what the run needs).
+* CUDA (``cuda_max_allocated``): ``torch.cuda.max_memory_allocated``. The peak statistics are reset after setup and
+  around every phase whose peak is not training's: the test evaluation (``eval``, whose own peak is the evaluation
+  peak), validation passes for model selection (``val``) and feature caching (``cache``); the training peak is the
+  largest peak seen outside them.
+* CPU (``cpu_profiler_tensor_bytes``): one sampled step per kind, measured as the bytes of the tensors live when the
+  step starts (found through the garbage collector: the model, optimizer state, cached features such as the class
+  text features ``before_evaluate`` builds) plus the peak of the step's own allocations from torch's profiler memory
+  events. Training samples the run's second step (the first warms up), evaluation the test loader's second batch;
+  either samples the only one when there is only one. A sampled step is timed apart (``meter`` /
+  ``eval_meter``), so profiling inflates neither the training nor the evaluation time or throughput, except an
+  only step, whose time is the phase's only time.
+
+Where a meter cannot run (no training step in an evaluation-only run, no test evaluation, an empty test loader) the
+peak is None and the reason is kept in ``notes`` (``meter_notes`` in the record). Separately, on both devices, the
+process peak resident set size (``peak_rss_mb``: interpreter and libraries included, an upper bound of what the run
+needs).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 import sys
 import time
@@ -21,6 +33,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
+
+#: which peak a phase's CUDA memory belongs to when it is not training's (None: nobody's)
+_PEAK_OWNER: dict[str, str | None] = {"eval": "eval", "val": None, "cache": None}
+#: the phase a sampled step of each kind is timed under, apart from the kind's own phase
+_APART = {"train": "meter", "eval": "eval_meter"}
+#: why a kind has no peak when nothing else was said
+_NOT_RUN = {"train": "no training step ran", "eval": "no test evaluation ran"}
 
 
 def step_peak_bytes(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int, str]:
@@ -76,45 +97,74 @@ def peak_rss_mb() -> float:
 
 
 class CostMeter:
-    """Accumulates named wall-clock phases (``train``, ``cache``, ``eval``) and image counts."""
+    """Accumulates named wall-clock phases (``train``, ``cache``, ``eval``, ...), image counts and the two peaks."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
         self.images: dict[str, int] = {}
-        self.cpu_peak_bytes = 0  # the largest sampled training step (CPU)
-        self._cuda_peak = 0  # the largest training peak before the last reset (CUDA)
+        self.notes: list[str] = []  # why a peak is missing (result.json's ``meter_notes``)
+        self.sampled: set[str] = set()  # kinds ("train", "eval") with a metered step
+        self.cpu_peak_bytes: dict[str, int] = {}  # per kind: the largest sampled step (CPU)
+        self._cuda_peak: dict[str, int] = {}  # per kind: the largest peak before the last reset (CUDA)
+        self._owner: list[str | None] = ["train"]  # whose peak the CUDA allocator is measuring now (innermost last)
+        self._unmetered: dict[str, str] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Time the enclosed block under ``name`` (times add up over repeated entries). A ``cache`` phase's memory
-        peak is kept out of the training peak on CUDA."""
+        """Time the enclosed block under ``name`` (times add up over repeated entries). On CUDA, the peak of an
+        ``eval`` phase is the evaluation peak, and those of ``val`` and ``cache`` phases are nobody's: none of them
+        enters the training peak."""
         cuda = self.device.type == "cuda"
+        switch = cuda and name in _PEAK_OWNER
         if cuda:
             torch.cuda.synchronize(self.device)
-            if name == "cache":
-                self._cuda_peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
+        if switch:
+            self._fold_cuda_peak()
+            self._owner.append(_PEAK_OWNER[name])
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             if cuda:
                 torch.cuda.synchronize(self.device)
-                if name == "cache":
-                    torch.cuda.reset_peak_memory_stats(self.device)
+            if switch:
+                self._fold_cuda_peak()
+                self._owner.pop()
+                torch.cuda.reset_peak_memory_stats(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def metered_step(self, fn: Callable[[], Any]) -> Any:
-        """Run one training step and measure its peak tensor memory (CPU; on CUDA the allocator already does).
+    def _fold_cuda_peak(self) -> None:
+        """Credit the allocator's peak since its last reset to whoever it was measuring."""
+        owner = self._owner[-1]
+        if owner is not None:
+            self._cuda_peak[owner] = max(self._cuda_peak.get(owner, 0), torch.cuda.max_memory_allocated(self.device))
 
-        The step is timed under ``meter``, which the training time leaves out (profiling slows it down)."""
-        if self.device.type == "cuda":
-            return fn()
-        with self.phase("meter"):
+    def metered_step(self, fn: Callable[[], Any], kind: str = "train", apart: bool = True) -> Any:
+        """Run the sampled step of ``kind`` ("train" or "eval") and measure its peak tensor memory (CPU: live tensors
+        plus the step's profiler peak; on CUDA the allocator measures every step already).
+
+        With ``apart`` the step is timed under ``meter`` (training) or ``eval_meter`` (evaluation), which the phase's
+        time leaves out (profiling slows it down); without it, its time stays in the enclosing phase."""
+        self.sampled.add(kind)
+        with self.phase(_APART[kind]) if apart else contextlib.nullcontext():
+            if self.device.type == "cuda":
+                return fn()
             before = live_tensor_bytes()
             out, step, _ = step_peak_bytes(fn, self.device)
-        self.cpu_peak_bytes = max(self.cpu_peak_bytes, before + step)
+        self.cpu_peak_bytes[kind] = max(self.cpu_peak_bytes.get(kind, 0), before + step)
         return out
+
+    def unmetered(self, kind: str, reason: str) -> None:
+        """Say why ``kind`` has no sampled step (reported only if none is ever sampled)."""
+        self._unmetered[kind] = reason
+
+    def note(self, text: str) -> None:
+        """Keep and log a note on the metering (once)."""
+        if text not in self.notes:
+            self.notes.append(text)
+            logger.info(f"Cost meter: {text}")
 
     def count(self, name: str, n: int) -> None:
         self.images[name] = self.images.get(name, 0) + int(n)
@@ -123,16 +173,25 @@ class CostMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak_memory(self) -> tuple[float, str]:
-        """(peak MB, how it was measured): the training peak, or the process peak RSS when no step was sampled."""
+    def peak_mb(self, kind: str) -> tuple[float | None, str | None]:
+        """(peak MB, how it was measured) of ``kind`` ("train" or "eval"), or (None, None) with a note saying why
+        when it was not metered: never another meter's number."""
+        if kind not in self.sampled:
+            self.note(f"{kind} peak: {self._unmetered.get(kind, _NOT_RUN[kind])}")
+            return None, None
         if self.device.type == "cuda":
-            peak = max(self._cuda_peak, torch.cuda.max_memory_allocated(self.device))
+            peak = self._cuda_peak.get(kind, 0)
+            if self._owner[-1] == kind:  # still measuring it: the allocator's running peak counts too
+                peak = max(peak, torch.cuda.max_memory_allocated(self.device))
             return peak / 2**20, "cuda_max_allocated"
-        if self.cpu_peak_bytes:
-            return self.cpu_peak_bytes / 2**20, "cpu_profiler_tensor_bytes"
-        return peak_rss_mb(), "rss"
+        return self.cpu_peak_bytes[kind] / 2**20, "cpu_profiler_tensor_bytes"
+
+    def net_seconds(self, name: str) -> float:
+        """Seconds of phase ``name`` without its sampled step's (timed apart, see ``metered_step``)."""
+        apart = self.seconds.get(_APART[name], 0.0) if name in _APART else 0.0
+        return max(self.seconds.get(name, 0.0) - apart, 0.0)
 
     def throughput(self, name: str) -> float:
-        """Images per second of phase ``name`` (0 when it did not run)."""
-        secs = self.seconds.get(name, 0.0)
+        """Images per second of phase ``name`` without its sampled step (0 when it did not run)."""
+        secs = self.net_seconds(name)
         return self.images.get(name, 0) / secs if secs > 0 else 0.0

@@ -78,6 +78,7 @@ class TrainerX(TrainerBase):
         self.max_epoch = int(cfg.OPTIM.MAX_EPOCH)
         self.output_dir = cfg.OUTPUT_DIR
         self.cost = CostMeter(self.device)
+        self.steps_run = 0  # training steps this run has taken (the cost meter samples the second)
         self.loaded_epoch: int | None = None
         self.resumed_from = 0
         self.last_metrics: dict[str, Any] = {}
@@ -91,6 +92,10 @@ class TrainerX(TrainerBase):
     # ---- configuration ---------------------------------------------------------------------------------------
     #: the method's config node under TRAINER (e.g. "COOP"); a non-empty PREC there wins over TRAINER.PREC
     config_node: str | None = None
+    #: other config nodes the method reads (e.g. a plugin's node, a parent method's node): with the nodes its
+    #: add_config creates and ``config_node`` they form the config part of a run's identity; collected along the
+    #: class hierarchy (``vltune.config.identity.trainer_units``)
+    config_reads: tuple[str, ...] = ()
 
     def check_cfg(self, cfg: CfgNode) -> None:
         """Validate settings before anything is built (methods override and call super)."""
@@ -285,12 +290,18 @@ class TrainerX(TrainerBase):
                 data_time.update(time.time() - end)
                 batch = self.to_device(batch)
                 n = len(batch["label"])
-                if self.batch_idx == 1 and self.epoch == self.start_epoch:  # the sampled step (after a warm one)
-                    metrics = self.cost.metered_step(lambda: self.forward_backward(batch))
+                # The meter samples the run's second step (after a warm one), counted across epochs, so a run with
+                # one batch per epoch samples its second epoch's. A one-step run samples its only step, whose time
+                # then counts as training time (there is no other), profiling included.
+                only = self.steps_run == 0 and self.num_batches * (self.max_epoch - self.start_epoch) == 1
+                if self.steps_run == 1 or only:
+                    metrics = self.cost.metered_step(lambda: self.forward_backward(batch), "train", apart=not only)
                 else:
                     metrics = self.forward_backward(batch)
+                if self.steps_run != 1:
                     self.cost.count("train", n)
                     self.cost.count("train_batches", 1)
+                self.steps_run += 1
                 for k, v in metrics.items():
                     meters.setdefault(k, _Meter()).update(float(v), n)
                 batch_time.update(time.time() - end)
@@ -368,23 +379,38 @@ class TrainerX(TrainerBase):
         split = "val" if loader is self.val_loader else "test"
         logger.info(f"Evaluate on the *{split}* set")
         phase = "eval" if split == "test" else "val"  # model selection on val is not the reported eval cost
+        # The test evaluation's memory is metered on its second batch (or its only one), timed apart like the
+        # training step's unless it is the only batch.
+        n_batches = len(loader)
+        sample = (1 if n_batches > 1 else 0) if phase == "eval" else -1
+        if phase == "eval" and n_batches == 0:
+            self.cost.unmetered("eval", "the test loader has no batches")
         with self.cost.phase(phase):
             with self.precision.autocast():
                 self.before_evaluate()
             try:
-                for batch in loader:
-                    images = batch["img"].to(self.device, non_blocking=True)
-                    with self.precision.autocast():
-                        logits = self.model_inference(images)
-                    self.evaluator.process(logits.float(), batch["label"])
-                    self.cost.count(phase, len(images))
+                for i, batch in enumerate(loader):
+                    if i == sample:
+                        n = self.cost.metered_step(lambda: self._evaluate_batch(batch), "eval", apart=n_batches > 1)
+                    else:
+                        n = self._evaluate_batch(batch)
+                    if i != sample or n_batches == 1:
+                        self.cost.count(phase, n)
             finally:
                 self.after_evaluate()
         self.last_metrics = self.evaluator.evaluate()
         if phase == "eval":
-            seconds, speed = self.cost.seconds["eval"], self.cost.throughput("eval")
+            seconds, speed = self.cost.net_seconds("eval"), self.cost.throughput("eval")
             logger.info(f"Test time: {seconds:.2f}s, Speed: {speed:.2f} img/s")
         return self.last_metrics["accuracy"]
+
+    def _evaluate_batch(self, batch: dict[str, Any]) -> int:
+        """Infer one evaluation batch into the evaluator; returns its number of images."""
+        images = batch["img"].to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            logits = self.model_inference(images)
+        self.evaluator.process(logits.float(), batch["label"])
+        return len(images)
 
     # ---- the record ------------------------------------------------------------------------------------------
     def method_record(self) -> dict[str, Any]:
@@ -393,15 +419,19 @@ class TrainerX(TrainerBase):
         return {}
 
     def cost_record(self) -> dict[str, Any]:
-        """Measured cost of this run so far, in result.json's units."""
-        peak, method = self.cost.peak_memory()
+        """Measured cost of this run so far, in result.json's units.
+
+        The sampled steps run inside the train and eval phases but are profiled: their time counts as metering
+        (``meter_time_s``, ``eval_meter_time_s``), not as training or evaluation. A peak that could not be metered
+        is None, with the reason in ``meter_notes``."""
+        train_peak, train_method = self.cost.peak_mb("train")
+        eval_peak, eval_method = self.cost.peak_mb("eval")
         ckpt_bytes = sum(t.numel() * t.element_size() for n in self._models for t in self.trainable_state(n).values())
         seconds = self.cost.seconds
-        # the sampled step runs inside the train phase but is profiled: its time counts as metering, not training
-        train = max(seconds.get("train", 0.0) - seconds.get("meter", 0.0), 0.0)
-        return {"train_time_s": train, "cache_time_s": seconds.get("cache", 0.0),
-                "meter_time_s": seconds.get("meter", 0.0), "eval_time_s": seconds.get("eval", 0.0),
-                "images_per_s": self.cost.images.get("train", 0) / train if train else 0.0,
-                "eval_images_per_s": self.cost.throughput("eval"), "peak_mem_mb": peak, "peak_mem_method": method,
-                "peak_rss_mb": peak_rss_mb(), "trainable_params": self.n_trainable, "total_params": self.n_total,
-                "ckpt_bytes": ckpt_bytes}
+        return {"train_time_s": self.cost.net_seconds("train"), "cache_time_s": seconds.get("cache", 0.0),
+                "meter_time_s": seconds.get("meter", 0.0), "eval_time_s": self.cost.net_seconds("eval"),
+                "eval_meter_time_s": seconds.get("eval_meter", 0.0), "images_per_s": self.cost.throughput("train"),
+                "eval_images_per_s": self.cost.throughput("eval"), "train_peak_mb": train_peak,
+                "train_peak_method": train_method, "eval_peak_mb": eval_peak, "eval_peak_method": eval_method,
+                "peak_rss_mb": peak_rss_mb(), "meter_notes": list(self.cost.notes),
+                "trainable_params": self.n_trainable, "total_params": self.n_total, "ckpt_bytes": ckpt_bytes}
