@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the jobs and what a run would do, then exit")
     p.add_argument("--rerun-failed", action="store_true", help="run again the jobs an earlier run recorded failed")
     p.add_argument("--force", action="store_true", help="rerun every selected job from an emptied folder")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="empty and rerun only the jobs whose folders hold a finished run of a different config")
     p.add_argument("--gpus", nargs="+", metavar="ID", help="run every pipeline on these GPU ids ('cpu': no GPU)")
     p.add_argument("--executor", choices=("local", "ray"), help="where jobs run (default: base['executor'])")
     p.add_argument("--ray-address", help="the Ray cluster for --executor ray (default: base['executor']['address'])")
@@ -106,7 +108,7 @@ def prepare_minibench(experiments: Experiments) -> None:
 def print_plan(scheduler: Scheduler, experiments: Experiments) -> None:
     root = experiments.base.output_root
     index = {s.job.out: i for i, s in enumerate(scheduler.states)}
-    word = {"pending": "run", "success": "done", "failed": "failed earlier", "skipped": "skip"}
+    word = {"pending": "run", "success": "done", "failed": "failed earlier", "skipped": "skip", "stale": "stale"}
     for i, s in enumerate(scheduler.states):
         j = s.job
         dep = f"after #{index[j.depends_on]}" if j.depends_on in index else ""
@@ -117,7 +119,10 @@ def print_plan(scheduler: Scheduler, experiments: Experiments) -> None:
     lanes = "; ".join(f"{'+'.join(map(str, lane.devices))} x{lane.slots}: {', '.join(lane.tasks)}"
                       for lane in scheduler.lanes)
     print(f"{len(scheduler.states)} jobs: {counts['pending']} to run, {counts['success']} done, {counts['failed']} "
-          f"failed earlier (--rerun-failed retries them), {counts['skipped']} to skip | lanes: {lanes}")
+          f"failed earlier (--rerun-failed retries them), {counts['skipped']} to skip, {counts['stale']} stale "
+          f"(--rerun-stale reruns them) | lanes: {lanes}")
+    if scheduler.stale_report():
+        print(scheduler.stale_report())
 
 
 class Notifier:
@@ -134,12 +139,14 @@ class Notifier:
         try:
             from vltune.notify import send_mail, summary_body, summary_subject
             from vltune.results.plots import write_plots
-            from vltune.results.tables import render_report
+            from vltune.results.record import Record
+            from vltune.results.report import render_report
 
             counts = {k: sum(1 for _, r in rows if (r or {}).get("status") == k)
                       for k in ("success", "failed", "skipped", "cancelled")}
-            plots = write_plots(rows, self.root)
-            body = summary_body(title, render_report(rows), failures)
+            records = [Record.from_dict(r, os.path.join(j.out, "result.json")) for j, r in rows if r]
+            plots = write_plots(records, self.root)
+            body = summary_body(title, render_report(records), failures)
             subject = summary_subject(title, counts["success"], counts["failed"], counts["skipped"],
                                       counts["cancelled"])
             send_mail(self.settings, subject, body, [os.path.join(self.root, p) for p in plots])
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_outputs(root))
             return 0
         jobs = expand(experiments, REPO, args.only)
-        scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed)
+        scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed, rerun_stale=args.rerun_stale)
         if args.dry_run:
             print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
             return 0
@@ -216,6 +223,9 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
     scheduler = Scheduler(jobs, lanes, executor, on_event=progress.event, on_task_done=notifier.task_done,
                           **scheduler_args)
     done_before = sum(s.previous for s in scheduler.states)
+    stale = scheduler.stale_report()
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr, flush=True)
     if done_before:
         print(f"resuming: {done_before} of {len(jobs)} jobs have results from an earlier run", flush=True)
     started = time.time()
@@ -228,9 +238,11 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
     notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
     c = result.counts
     print(f"\n{report}\n{c['success']}/{len(jobs)} jobs succeeded, {c['failed']} failed, {c['skipped']} skipped, "
-          f"{c['cancelled']} cancelled in {time.time() - started:.0f} s; report: {os.path.join(root, 'report.md')}")
+          f"{c['stale']} stale, {c['cancelled']} cancelled in {time.time() - started:.0f} s; report: {os.path.join(root, 'report.md')}")
     for f in result.failures():
         print(f"  {f['status']}: {f['job']} (exit code {f['exit_code']}) -> {f['folder']}", file=sys.stderr)
+    if stale:
+        print(f"warning: {stale}", file=sys.stderr)
     if result.interrupted:
         return 130
     return 0 if c["success"] == len(jobs) else 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import platform
@@ -23,54 +24,97 @@ import threading
 import traceback
 from typing import Any
 
+import yaml
+
 import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
 from vltune.cli import build_parser
 from vltune.config import ConfigError, get_cfg
 from vltune.engine import build_trainer, set_random_seed
 from vltune.logs import setup_logging
 from vltune.registry import RegistryError
-from vltune.results.record import SCHEMA, config_hash, config_to_dict, environment, read_record, write_json_atomic
+from vltune.config.identity import format_diff, identity, identity_diff, identity_hash
+from vltune.results.record import (JobInfo, Record, config_to_dict, environment, infer_protocol_role, load_record,
+                                   read_record, record_identity, write_json_atomic)
 
 logger = logging.getLogger("train")
 
 
-def job_identity(args: argparse.Namespace, cfg: Any) -> dict[str, Any]:
+def job_info(args: argparse.Namespace, cfg: Any) -> JobInfo:
+    """The record's ``job``: what ran, and its place in a benchmark (given by the runner, or inferred)."""
     config = os.path.splitext(os.path.basename(args.config_file))[0] if args.config_file else ""
-    return {"trainer": cfg.TRAINER.NAME, "config": config, "dataset": cfg.DATASET.NAME,
-            "shots": int(cfg.DATASET.NUM_SHOTS), "subsample": cfg.DATASET.SUBSAMPLE_CLASSES, "seed": int(cfg.SEED),
-            "phase": "eval" if args.eval_only else "train", "source": os.path.abspath(args.model_dir) if
-            args.model_dir else ""}
+    meta = json.loads(args.job_meta) if args.job_meta else {}
+    info = JobInfo(trainer=cfg.TRAINER.NAME, config=config, dataset=cfg.DATASET.NAME,
+                   shots=int(cfg.DATASET.NUM_SHOTS), subsample=cfg.DATASET.SUBSAMPLE_CLASSES, seed=int(cfg.SEED),
+                   phase="eval" if args.eval_only else "train", task=str(meta.get("task", "")),
+                   grid=dict(meta.get("grid") or {}), grid_name=str(meta.get("grid_name", "")),
+                   index=int(meta.get("index", -1)))
+    if args.eval_only and args.model_dir:
+        info.source = os.path.relpath(os.path.abspath(args.model_dir), os.path.abspath(cfg.OUTPUT_DIR))
+        info.source_dataset = _trained_dataset(args.model_dir)
+    info.protocol, info.role = meta.get("protocol", ""), meta.get("role", "")
+    if not (info.protocol and info.role):
+        info.protocol, info.role = infer_protocol_role(info.phase, info.subsample, info.dataset, info.source_dataset,
+                                                       _variant_of(info.dataset))
+    return info
 
 
-def make_record(status: str, args: argparse.Namespace, cfg: Any, trainer: Any, error: str = "") -> dict[str, Any]:
+def _check_job_meta(text: str) -> None:
+    try:
+        meta = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--job-meta is not valid JSON ({e}): {text!r}") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"--job-meta must be a JSON object, got {text!r}")
+
+
+def _trained_dataset(model_dir: str) -> str:
+    """The dataset the run in ``model_dir`` trained on (its record, else its saved config)."""
+    record = read_record(os.path.join(model_dir, "result.json"))
+    if record and (record.get("job") or {}).get("dataset"):
+        return str(record["job"]["dataset"])
+    try:
+        with open(os.path.join(model_dir, "config.yaml")) as f:
+            return str((yaml.safe_load(f) or {}).get("DATASET", {}).get("NAME", ""))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return ""
+
+
+def _variant_of(dataset: str) -> str:
+    """The dataset whose domain-shifted variant ``dataset`` is (ImageNetV2 → ImageNet), or ""."""
+    from vltune.registry import DATASETS
+
+    return getattr(DATASETS.get(dataset), "variant_of", "") if dataset in DATASETS else ""
+
+
+def make_record(status: str, args: argparse.Namespace, cfg: Any, trainer: Any, ident: dict[str, Any],
+                error: str = "") -> dict[str, Any]:
+    """The run's ``result.json`` (``vltune.results.record.Record``)."""
     import torch
 
     device = trainer.device if trainer is not None else torch.device("cpu")
     metrics = {k: v for k, v in (trainer.last_metrics if trainer is not None else {}).items()
                if k in ("accuracy", "error", "macro_f1", "per_class")}
-    record = {"schema": SCHEMA, "status": status, "created_at": datetime.datetime.now().isoformat(timespec="seconds"),
-              "job": job_identity(args, cfg), "metrics": metrics,
-              "cost": trainer.cost_record() if trainer is not None else {},
-              "method": trainer.method_record() if trainer is not None else {}, "env": environment(device),
-              "config_hash": config_hash(cfg), "config": config_to_dict(cfg)}
+    job = job_info(args, cfg)
     if trainer is not None:
-        record["job"]["resumed_from_epoch"] = trainer.resumed_from
-        if trainer.loaded_epoch is not None:
-            record["job"]["load_epoch"] = trainer.loaded_epoch
-    if error:
-        record["error"] = error
-    return record
+        job.resumed_from_epoch = trainer.resumed_from
+        job.load_epoch = trainer.loaded_epoch
+    record = Record(status=status, job=job, metrics=metrics,
+                    cost=trainer.cost_record() if trainer is not None else {},
+                    method=trainer.method_record() if trainer is not None else {}, env=environment(device),
+                    identity=ident, identity_hash=identity_hash(ident), config=config_to_dict(cfg),
+                    created_at=datetime.datetime.now().isoformat(timespec="seconds"), error=error)
+    return record.to_dict()
 
 
-def already_finished(output_dir: str, cfg: Any) -> bool:
-    """True when ``output_dir`` holds a successful record of this config; raise if it holds another config's."""
-    record = read_record(os.path.join(output_dir, "result.json"))
-    if not record or record.get("status") != "success":
+def already_finished(output_dir: str, ident: dict[str, Any]) -> bool:
+    """True when ``output_dir`` holds a successful record of this job; raise if it holds another config's."""
+    record = load_record(os.path.join(output_dir, "result.json"))
+    if record is None or record.status != "success":
         return False
-    if record.get("config_hash") != config_hash(cfg):
-        raise SystemExit(f"error: {output_dir} holds a finished run of a different config "
-                         f"(hash {record.get('config_hash')} vs {config_hash(cfg)}); use another --output-dir, "
-                         "or delete that folder to rerun")
+    diff = identity_diff(record_identity(record), ident)
+    if diff:
+        raise SystemExit(f"error: {output_dir} holds a finished run of a different config ({format_diff(diff)}); "
+                         "use another --output-dir, or delete that folder to rerun")
     return True
 
 
@@ -83,11 +127,13 @@ def main(argv: list[str] | None = None, console: bool = True) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = get_cfg(args)
+        _check_job_meta(args.job_meta)
     except (ConfigError, RegistryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = cfg.OUTPUT_DIR
-    if already_finished(out, cfg):
+    ident = identity(cfg)
+    if already_finished(out, ident):
         print("This task was already finished")
         return 0
     os.makedirs(out, exist_ok=True)
@@ -122,7 +168,7 @@ def main(argv: list[str] | None = None, console: bool = True) -> int:
         else:
             trainer.train()
     except KeyboardInterrupt:
-        write_json_atomic(os.path.join(out, "result.json"), make_record("cancelled", args, cfg, trainer))
+        write_json_atomic(os.path.join(out, "result.json"), make_record("cancelled", args, cfg, trainer, ident))
         logger.info("Cancelled")
         return 130
     except Exception as e:  # noqa: BLE001  (any failure is recorded, then reported through the exit code)
@@ -131,12 +177,12 @@ def main(argv: list[str] | None = None, console: bool = True) -> int:
             f.write(tb)
         logger.error(tb)
         write_json_atomic(os.path.join(out, "result.json"),
-                          make_record("failed", args, cfg, trainer, error=f"{type(e).__name__}: {e}"))
+                          make_record("failed", args, cfg, trainer, ident, error=f"{type(e).__name__}: {e}"))
         return 1
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    write_json_atomic(os.path.join(out, "result.json"), make_record("success", args, cfg, trainer))
+    write_json_atomic(os.path.join(out, "result.json"), make_record("success", args, cfg, trainer, ident))
     return 0
 
 

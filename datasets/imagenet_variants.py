@@ -25,6 +25,7 @@ class ImageNetVariant(CoOpDataset):
     split_file = ""
     template = "a photo of a {}."
     test_only = True
+    variant_of = "ImageNet"
 
     def build_split(self) -> splits.Split:
         classnames = splits.read_classnames(self.require("classnames.txt"))

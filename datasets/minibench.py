@@ -60,6 +60,7 @@ class MiniUnionV2(MiniBenchDataset):
     dataset_dir = "mini_union_v2"
     template = "a photo of a {}."
     test_only = True
+    variant_of = "MiniUnion"
 
 
 @DATASETS.register()
@@ -69,6 +70,7 @@ class MiniUnionSketch(MiniBenchDataset):
     dataset_dir = "mini_union_sketch"
     template = "a sketch of a {}."
     test_only = True
+    variant_of = "MiniUnion"
 
 
 @DATASETS.register()
@@ -78,6 +80,7 @@ class MiniUnionNoise(MiniBenchDataset):
     dataset_dir = "mini_union_noise"
     template = "a photo of a {}."
     test_only = True
+    variant_of = "MiniUnion"
 
 
 @DATASETS.register()
@@ -87,3 +90,4 @@ class MiniUnionInverted(MiniBenchDataset):
     dataset_dir = "mini_union_inverted"
     template = "a photo of a {}."
     test_only = True
+    variant_of = "MiniUnion"

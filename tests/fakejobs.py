@@ -15,7 +15,7 @@ from vltune.runner.executor import LocalExecutor  # noqa: E402
 from vltune.runner.jobs import Job  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 
-HASH = "fakehash"
+IDENTITY = {"fake.key": "fake value"}
 SCRIPT = """
 import json, os, subprocess, sys, time
 out, events, name = {out!r}, {events!r}, {name!r}
@@ -31,7 +31,7 @@ if {fail!r}:
     print("boom: job", name, "failed on purpose", file=sys.stderr)
     sys.exit({fail!r})
 with open(os.path.join(out, "result.json"), "w") as f:
-    json.dump(dict(status="success", config_hash={hash!r}, metrics=dict(accuracy=50.0), cost=dict()), f)
+    json.dump(dict(status="success", identity={identity!r}, metrics=dict(accuracy=50.0), cost=dict()), f)
 log("end")
 if kid:
     kid.kill()
@@ -41,9 +41,9 @@ if kid:
 def fake_job(root: str, name: str, events: str, *, sleep: float = 0.0, fail: int = 0, task: str = "t",
              depends_on: str = "", grandchild: bool = False) -> Job:
     out = os.path.join(root, name)
-    code = SCRIPT.format(out=out, events=events, name=name, sleep=sleep, fail=fail, hash=HASH, grandchild=grandchild)
+    code = SCRIPT.format(out=out, events=events, name=name, sleep=sleep, fail=fail, identity=IDENTITY, grandchild=grandchild)
     return Job(task=task, out=out, argv=[sys.executable, "-c", code], depends_on=os.path.join(root, depends_on)
-               if depends_on else "", role=name, dataset=name, config_hash=HASH)
+               if depends_on else "", role=name, dataset=name, identity=dict(IDENTITY))
 
 
 def read_events(path: str) -> list[dict[str, Any]]:

@@ -79,9 +79,14 @@ def test_result_record_and_dassl_log_lines(runs):
     assert set(rec["metrics"]) >= {"accuracy", "macro_f1", "per_class", "error"}
     assert len(rec["metrics"]["per_class"]) == 10
     assert rec["method"] == {}  # CoOp reports nothing beyond its config (CoPrompt reports its descriptions source)
-    for key in ("train_time_s", "eval_time_s", "peak_mem_mb", "peak_mem_method", "trainable_params", "total_params"):
+    for key in ("train_time_s", "eval_time_s", "train_peak_mb", "train_peak_method", "eval_peak_mb",
+                "eval_peak_method", "peak_rss_mb", "meter_notes", "trainable_params", "total_params"):
         assert key in rec["cost"]
-    assert rec["cost"]["train_time_s"] > 0 and rec["cost"]["peak_mem_mb"] > 0
+    assert rec["cost"]["train_time_s"] > 0 and rec["cost"]["train_peak_mb"] > 0 and rec["cost"]["eval_peak_mb"] > 0
+    assert rec["cost"]["train_peak_method"] == rec["cost"]["eval_peak_method"] == "cpu_profiler_tensor_bytes"
+    zs = _record(runs["zs"])["cost"]  # evaluation only: an eval peak, no train peak, and a note saying why
+    assert zs["eval_peak_method"] == "cpu_profiler_tensor_bytes" and zs["train_peak_mb"] is None
+    assert zs["meter_notes"] == ["train peak: no training step ran"]
     assert rec["config"]["OPTIM"]["MAX_EPOCH"] == 10 and rec["env"]["torch"]
     log = open(os.path.join(runs["coop"], "log.txt")).read().splitlines()
     for line in ("Finish training", "=> result", "Deploy the last-epoch model", "Setting fixed seed: 1"):
@@ -112,7 +117,7 @@ def test_rerun_into_a_finished_dir_does_not_retrain(runs, capsys):
     assert train.main(argv) == 0
     assert "This task was already finished" in capsys.readouterr().out
     assert _record(runs["coop"]) == before and os.path.getmtime(ckpt) == mtime
-    with pytest.raises(SystemExit, match="different config"):
+    with pytest.raises(SystemExit, match="different config.*OPTIM.MAX_EPOCH 10 → 11"):
         train.main(argv[:-2] + ["OPTIM.MAX_EPOCH", "11"])
 
 

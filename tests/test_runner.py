@@ -12,13 +12,12 @@ import time
 
 import pytest
 from conftest import REPO
-from fakejobs import HASH, fake_job, read_events, run_spec
+from fakejobs import IDENTITY, fake_job, read_events, run_spec
 
 from vltune.results.record import read_record
 from vltune.runner.executor import LocalExecutor
 from vltune.runner.lock import LockedError, RunnerLock
 from vltune.runner.scheduler import Lane, Scheduler
-from vltune.runner.schema import SuiteError
 
 
 def _intervals(events: list[dict]) -> dict[str, tuple[float, float, dict]]:
@@ -145,15 +144,25 @@ def test_a_rerun_train_job_makes_its_evaluations_rerun(tmp_path):
     assert [e["name"] for e in read_events(events) if e["event"] == "start"] == ["train", "eval", "train", "eval"]
 
 
-def test_a_finished_folder_of_another_config_stops_the_run_before_anything_starts(tmp_path):
+def test_a_finished_folder_of_another_config_is_stale_kept_and_named_and_the_rest_runs(tmp_path):
     events = str(tmp_path / "events.jsonl")
-    job = fake_job(str(tmp_path), "a", events)
-    os.makedirs(job.out)
-    with open(os.path.join(job.out, "result.json"), "w") as f:
-        json.dump({"status": "success", "config_hash": "another"}, f)
-    with pytest.raises(SuiteError, match="(?s)different config.*--force"):
-        Scheduler([job], [Lane([0], 1, ["t"])], LocalExecutor())
-    assert not read_events(events)
+    jobs = [fake_job(str(tmp_path), "a", events), fake_job(str(tmp_path), "b", events, depends_on="a"),
+            fake_job(str(tmp_path), "c", events, task="u")]
+    os.makedirs(jobs[0].out)
+    stale = {"status": "success", "identity": {"fake.key": "old value"}, "metrics": {"accuracy": 1.0}}
+    with open(os.path.join(jobs[0].out, "result.json"), "w") as f:
+        json.dump(stale, f)
+    scheduler = Scheduler(jobs, [Lane([0], 1, ["t", "u"])], LocalExecutor(), poll_s=0.02)
+    report = scheduler.stale_report()
+    assert "task 't': 1 job folders hold a finished run of a different config: fake.key old value → fake value" in report
+    assert "--rerun-stale" in report and "'u'" not in report
+    result = scheduler.run()
+    assert dict(result.counts) == {"stale": 1, "skipped": 1, "success": 1}  # b needs a's model; c runs
+    assert [e["name"] for e in read_events(events) if e["event"] == "start"] == ["c"]
+    assert read_record(os.path.join(jobs[0].out, "result.json"))["identity"] == stale["identity"]  # kept
+    again = Scheduler(jobs, [Lane([0], 1, ["t", "u"])], LocalExecutor(), poll_s=0.02, rerun_stale=True).run()
+    assert dict(again.counts) == {"success": 3}
+    assert [e["name"] for e in read_events(events) if e["event"] == "start"] == ["c", "a", "b"]  # c stays done
 
 
 def _driver(tmp_path, jobs: list[dict], slots: int = 1) -> tuple[subprocess.Popen, str]:
@@ -253,8 +262,8 @@ def test_fake_jobs_write_what_train_py_writes(tmp_path):
                 jobs=[dict(name="a")])
     run_spec(spec)
     record = read_record(str(tmp_path / "a" / "result.json"))
-    assert record["config_hash"] == HASH and record["status"] == "success" and "runner" in record
-    assert json.loads((tmp_path / "a" / "job.json").read_text())["config_hash"] == HASH
+    assert record["identity"] == IDENTITY and record["status"] == "success" and "runner" in record
+    assert json.loads((tmp_path / "a" / "job.json").read_text())["identity"] == IDENTITY
 
 
 def test_a_job_that_cannot_start_is_recorded_failed_and_the_rest_run(tmp_path):

@@ -139,6 +139,6 @@ def test_dry_run_lists_the_jobs_and_errors_exit_2(tmp_path, capsys):
 def test_the_shipped_configs_py_is_valid_and_expands(capsys):
     exp = load_experiments(str(REPO / "configs.py"), str(REPO))
     jobs = expand(exp, str(REPO))
-    assert len({j.out for j in jobs}) == len(jobs) and all(j.config_hash for j in jobs)
+    assert len({j.out for j in jobs}) == len(jobs) and all(j.identity and j.identity_hash for j in jobs)
     assert {j.protocol for j in jobs} == {"b2n", "fewshot", "xd"}
     assert not exp.base.mail.enabled

@@ -233,6 +233,7 @@ class CoOp(PromptTrainer):
     """Context optimisation: learn the prompt's context words, keep CLIP frozen."""
 
     config_node = "COOP"
+    config_reads = ("TRAINER.COOP",)  # also read by the methods that build on CoOp's prompt learner
     checkpoint_ignore_keys = ("token_prefix", "token_suffix", "token_midfix")
 
     def check_cfg(self, cfg: CN) -> None:

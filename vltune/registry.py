@@ -110,6 +110,115 @@ def mirror_into_dassl(registry: Registry, module: str, attr: str) -> bool:
     return True
 
 
-TRAINERS = Registry("trainer")
+class ConfigOwnershipError(RegistryError):
+    """A trainer's ``add_config`` creates or alters a config node that another trainer (or vltune) owns."""
+
+
+class TrainerRegistry(Registry):
+    """Trainers, and the config nodes each one owns.
+
+    A trainer's ``add_config`` (registration metadata) creates its nodes: every node or key it adds to the defaults is
+    owned by that trainer (trainers registered with the same ``add_config`` function share it). Registration fails when
+    ``add_config`` creates or alters a node owned by another trainer, or changes a default of vltune's own keys, naming
+    both trainers and the node, so one method can never silently replace another's settings.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._owners: dict[str, tuple[str, Any]] = {}  # unit ("TRAINER.COOP", "OPTIM.LR_EXP") -> (trainer, add_config)
+        self._owned: dict[str, tuple[str, ...]] = {}
+
+    def _add(self, name: str, obj: Any, aliases: tuple[str, ...], force: bool, meta: dict[str, Any]) -> Any:
+        add_config = meta.get("add_config")
+        units = self._claims(name, add_config) if add_config is not None else ()
+        obj = super()._add(name, obj, aliases, force, meta)
+        for unit in units:
+            if unit not in self._owners or self._owners[unit][0] == name:
+                self._owners[unit] = (name, add_config)
+        self._owned[name] = units
+        return obj
+
+    def unregister(self, name: str) -> None:
+        """Remove trainer ``name``, its aliases and its ownership of config nodes (tests register throwaway
+        trainers)."""
+        name = self.canonical(name)
+        del self._objects[name], self._meta[name]
+        self._aliases = {a: n for a, n in self._aliases.items() if n != name}
+        self._owned.pop(name, None)
+        for unit in [u for u, (owner, _) in self._owners.items() if owner == name]:
+            fn = self._owners.pop(unit)[1]
+            heir = next((n for n, units in self._owned.items()
+                         if unit in units and self._meta[n].get("add_config") is fn), None)
+            if heir is not None:
+                self._owners[unit] = (heir, fn)
+
+    def _claims(self, name: str, add_config: Callable[[Any], None]) -> tuple[str, ...]:
+        """The config units ``add_config`` creates; raises when it touches a unit another trainer or vltune owns.
+
+        ``add_config`` runs on the defaults extended by every other registered trainer's nodes, so a redefinition
+        (a node object replaced) and an in-place change of another trainer's node both show up.
+        """
+        from vltune.config.defaults import get_cfg_default
+        from vltune.config.nodes import config_units, flat_keys
+
+        shared_with = [unit for unit, (owner, fn) in self._owners.items() if fn is add_config and owner != name]
+        if shared_with:  # a variant registered with its family's add_config (e.g. DePT over several bases)
+            return tuple(shared_with)
+        cfg = get_cfg_default()
+        core = flat_keys(cfg)
+        for fn in dict.fromkeys(fn for owner, fn in self._owners.values() if owner != name):
+            fn(cfg)
+        before = flat_keys(cfg)
+        nodes = {unit: _node(cfg, unit) for unit, (owner, _) in self._owners.items() if owner != name}
+        add_config(cfg)
+        after = flat_keys(cfg)
+        for unit, (owner, fn) in self._owners.items():
+            if owner == name:
+                continue
+            keys = [k for k in {*before, *after} if k == unit or k.startswith(unit + ".")]
+            replaced = nodes[unit] is not None and _node(cfg, unit) is not nodes[unit]
+            if replaced or any(before.get(k, _MISSING) != after.get(k, _MISSING) for k in keys):
+                raise ConfigOwnershipError(
+                    f"trainer {name!r}: its add_config {'redefines' if replaced else 'alters'} {unit}, which trainer "
+                    f"{owner!r} owns ({_where(fn)}); give {name} a node of its own (e.g. TRAINER.{name.upper()}), "
+                    f"and list {unit} in the trainer class's config_reads if it reads it")
+        units = config_units(before, after)
+        for unit, kind in units.items():
+            if kind == "changed":
+                raise ConfigOwnershipError(
+                    f"trainer {name!r}: its add_config changes {unit}, which vltune's defaults own"
+                    f"{'' if unit in core else ' (or another trainer)'}; set it in the trainer's yaml files instead")
+        return tuple(units)
+
+    def owned_units(self, name: str) -> tuple[str, ...]:
+        """The config nodes and keys trainer ``name`` created through its ``add_config``."""
+        return self._owned[self.canonical(name)]
+
+    def owner(self, unit: str) -> str | None:
+        """The trainer that owns config unit ``unit`` (first registered, for a shared ``add_config``), or None."""
+        owner = self._owners.get(unit)
+        return owner[0] if owner else None
+
+    def owners(self) -> dict[str, str]:
+        """``{unit: owning trainer}`` for every config unit a trainer created."""
+        return {unit: owner for unit, (owner, _) in self._owners.items()}
+
+
+_MISSING = object()
+
+
+def _node(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg.get(part) if hasattr(cfg, "get") else None
+        if cfg is None:
+            return None
+    return cfg if hasattr(cfg, "items") else None
+
+
+def _where(fn: Any) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
+TRAINERS = TrainerRegistry("trainer")
 DATASETS = Registry("dataset")
 EVALUATORS = Registry("evaluator")

@@ -29,6 +29,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from vltune.config.defaults import get_cfg_default
+from vltune.config.nodes import flat_keys
 from vltune.registry import DATASETS, TRAINERS
 
 __all__ = ["CN", "ConfigError", "get_cfg", "get_cfg_default", "extend_cfg", "merge_file", "merge_opts", "flat_keys"]
@@ -36,18 +37,6 @@ __all__ = ["CN", "ConfigError", "get_cfg", "get_cfg_default", "extend_cfg", "mer
 
 class ConfigError(ValueError):
     """A config key or value that cannot be merged."""
-
-
-def flat_keys(cfg: CN, prefix: str = "") -> dict[str, Any]:
-    """``{"OPTIM.LR": 0.002, ...}`` for every leaf of ``cfg``."""
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, CN):
-            out.update(flat_keys(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _suggest(key: str, valid: Iterable[str]) -> str:

@@ -84,6 +84,8 @@ class CoOpDataset(DatasetBase):
         template: the hand-written prompt, one ``{}`` for the class name (CoOp's ``CUSTOM_TEMPLATES`` entry).
         layout: the expected folder contents, quoted when something is missing.
         test_only: evaluation-only data (ImageNet variants): ``train_x = test``; NUM_SHOTS/SUBSAMPLE ignored.
+        variant_of: the registry name of the dataset this one is a domain-shifted test set of (domain
+            generalisation; a hand-run evaluation of its trained model is a DG result).
         fewshot_val: draw val too (``min(K, 4)``); False for ImageNet, whose val is its test set.
     and override ``build_split(self) -> (train, val, test)`` when the split can be built from raw files; it is called
     only when the JSON is missing and must draw randomness from ``self.rng``. Instances hold the absolute paths
@@ -96,6 +98,7 @@ class CoOpDataset(DatasetBase):
     template = "a photo of a {}."
     layout = ""
     test_only = False
+    variant_of = ""  # the dataset this one is a domain-shifted test set of (ImageNetV2: "ImageNet"); tables use it
     fewshot_val = True
 
     def __init__(self, cfg: CfgNode, *, load_train: bool = True) -> None:

@@ -10,8 +10,9 @@ Protocols (protocols_and_numbers.md §2-5):
 
 A task with ``eval_only`` (zero-shot CLIP) trains nothing: every job evaluates and depends on nothing.
 Job folders: ``<output>/<task>/<train_base|test_new|dataset folders>/<dataset>/shots<K>/[<grid point>/]seed<S>``.
-Every job writes ``job.json`` (its place in the suite) beside ``result.json``, so tables can be rebuilt from the
-output folder alone.
+Each job's place in the suite (task, protocol, role, grid point, index) goes to ``train.py`` as ``--job-meta`` and
+so into its ``result.json``, from which tables are built; the scheduler also writes ``job.json`` beside it for
+people reading the folder.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Job:
     shots: int = 0
     grid: dict[str, Any] = field(default_factory=dict)
     grid_name: str = ""
-    config_hash: str = ""  # the hash a successful result.json must carry to count as this job's result
+    identity: dict[str, Any] = field(default_factory=dict)  # what a finished result.json must match (see
+    # vltune.config.identity); empty: any successful record counts
+    identity_hash: str = ""
     index: int = 0  # position in the full pipeline (table order)
 
     @property
@@ -149,22 +152,28 @@ def expand(experiments: Experiments, repo: str, only: list[str] | None = None, h
             for j in expand_task(experiments.tasks[name], experiments.base, repo):
                 j.index = len(jobs)
                 jobs.append(j)
+    for j in jobs:
+        meta = {"task": j.task, "protocol": j.protocol, "role": j.role, "grid": j.grid, "grid_name": j.grid_name,
+                "index": j.index}
+        j.argv[2:2] = ["--job-meta", json.dumps(meta, default=str)]
     if only:
         jobs = [j for j in jobs if j.task in only]
     if hashes:
-        fill_config_hashes(jobs)
+        fill_identities(jobs)
     return jobs
 
 
-def fill_config_hashes(jobs: list[Job]) -> None:
-    """Set ``config_hash`` of every job from the config ``train.py`` will build (fails on any bad key)."""
+def fill_identities(jobs: list[Job]) -> None:
+    """Set every job's identity from the config ``train.py`` will build (fails on any bad key). The weights digest
+    is computed once per weights file and cached for the jobs."""
     from vltune.cli import job_config
     from vltune.config import ConfigError
+    from vltune.config.identity import identity, identity_hash
     from vltune.registry import RegistryError
-    from vltune.results.record import config_hash
 
     for j in jobs:
         try:
-            j.config_hash = config_hash(job_config(j.argv[2:]))
+            j.identity = identity(job_config(j.argv[2:]))
         except (ConfigError, RegistryError, FileNotFoundError) as e:
             raise SuiteError(f"task {j.task!r}, job {j.label}: {e}") from None
+        j.identity_hash = identity_hash(j.identity)

@@ -7,9 +7,13 @@
   a device of its own lane.
 * **Dependencies**: an evaluation starts as soon as its own train job has succeeded. When a job fails, is
   cancelled or is skipped, every job depending on it is recorded ``skipped``; all other jobs go on.
-* **Resume**: a job whose ``result.json`` is a success with the job's config hash is not run again; a recorded
-  failure is not retried unless ``rerun_failed``; everything else runs. A job that reruns makes its dependents rerun
-  (their old results came from the old model). ``force`` reruns everything from an emptied folder.
+* **Resume**: a job whose ``result.json`` is a success with the job's identity (``vltune.config.identity``: the keys
+  its computation depends on, weights by content) is not run again; a recorded failure is not retried unless
+  ``rerun_failed``; everything else runs. A job that reruns makes its dependents rerun (their old results came from
+  the old model). ``force`` reruns everything from an emptied folder.
+* **Stale results**: a job whose folder holds a success of a *different* identity is ``stale``: it keeps its result
+  and does not run (nor do the evaluations that need it), every other job runs, and ``stale_report()`` names the
+  differing keys (old → new) per task; ``rerun_stale`` empties and reruns exactly those jobs.
 * **Cancellation**: ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM/SIGHUP turned into it) sends SIGTERM to the process
   group of every job this scheduler started, then SIGKILL after ``grace_s``; those jobs are recorded ``cancelled``.
 """
@@ -26,12 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vltune.results.record import SCHEMA, read_record, write_json_atomic
+from vltune.config.identity import format_diff, identity_diff
+from vltune.results.record import JobInfo, Record, read_record, record_identity, write_json_atomic
 from vltune.runner.executor import CPU, Executor, Handle
 from vltune.runner.jobs import Job
 from vltune.runner.schema import SuiteError
 
-TERMINAL = ("success", "failed", "cancelled", "skipped")
+TERMINAL = ("success", "failed", "cancelled", "skipped", "stale")
 LOG_TAIL_LINES = 20
 
 
@@ -47,12 +52,13 @@ class Lane:
 @dataclass
 class JobState:
     job: Job
-    status: str = "pending"  # pending | running | success | failed | cancelled | skipped
+    status: str = "pending"  # pending | running | success | failed | cancelled | skipped | stale
     previous: bool = False  # its status comes from an earlier run
     reset: str = ""  # before it starts: "wipe" its folder (force), or drop its "result" (its train job reruns)
     handle: Handle | None = None
     wall_s: float = 0.0
     record: dict[str, Any] | None = None
+    diff: list[tuple[str, Any, Any]] = field(default_factory=list)  # stale: (key, recorded value, this run's value)
 
 
 @dataclass
@@ -99,22 +105,34 @@ def _now() -> str:
 
 
 def _bare_record(job: Job, status: str, error: str) -> dict[str, Any]:
-    return {"schema": SCHEMA, "status": status, "created_at": _now(),
-            "job": {"trainer": job.trainer, "config": job.config, "dataset": job.dataset, "shots": job.shots,
-                    "seed": job.seed, "role": job.role},
-            "metrics": {}, "cost": {}, "config_hash": job.config_hash, "error": error}
+    """The record of a job that left none of its own (skipped, or ended without writing one)."""
+    info = JobInfo(trainer=job.trainer, config=job.config, dataset=job.dataset, shots=job.shots, seed=job.seed,
+                   phase="eval" if "--eval-only" in job.argv else "train", protocol=job.protocol, role=job.role, task=job.task, grid=dict(job.grid),
+                   grid_name=job.grid_name, index=job.index,
+                   subsample={"base": "base", "new": "new"}.get(job.role, "all"))
+    if job.depends_on:
+        info.source = os.path.relpath(job.depends_on, job.out)
+    return Record(status=status, job=info, identity=job.identity, identity_hash=job.identity_hash, created_at=_now(),
+                  error=error).to_dict()
+
+
+def _difference(record: dict[str, Any] | None, job: Job) -> list[tuple[str, Any, Any]]:
+    """How a successful record's identity differs from the job's ([] when it is this job's result)."""
+    if not job.identity or not record:
+        return []
+    return identity_diff(record_identity(Record.from_dict(record, os.path.join(job.out, "result.json"))),
+                         job.identity)
 
 
 def _counts_as_done(record: dict[str, Any] | None, job: Job) -> bool:
-    return bool(record) and record.get("status") == "success" and (
-        not job.config_hash or record.get("config_hash") == job.config_hash)
+    return bool(record) and record.get("status") == "success" and not _difference(record, job)
 
 
 class Scheduler:
     """Runs ``jobs`` on ``lanes`` with ``executor``; see the module docstring for the rules."""
 
     def __init__(self, jobs: Sequence[Job], lanes: Sequence[Lane], executor: Executor, *, force: bool = False,
-                 rerun_failed: bool = False, grace_s: float = 10.0, poll_s: float = 0.05,
+                 rerun_failed: bool = False, rerun_stale: bool = False, grace_s: float = 10.0, poll_s: float = 0.05,
                  on_event: Callable[[str, JobState], None] | None = None,
                  on_task_done: Callable[[str, SuiteResult], None] | None = None,
                  cuda_visible: Sequence[str] | None = None, cpu_count: int | None = None) -> None:
@@ -142,28 +160,25 @@ class Scheduler:
             os.environ["CUDA_VISIBLE_DEVICES"].split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else None)
         self.threads = max(1, (cpu_count or os.cpu_count() or 1) // max(1, sum(self.capacity.values())))
         self._running = False
-        self._plan(force, rerun_failed)
+        self._plan(force, rerun_failed, rerun_stale)
 
     # ---- planning -------------------------------------------------------------------------------------------
-    def _plan(self, force: bool, rerun_failed: bool) -> None:
-        conflicts = []
+    def _plan(self, force: bool, rerun_failed: bool, rerun_stale: bool) -> None:
         for s in self.states:
             record = read_record(os.path.join(s.job.out, "result.json"))
             if force:
                 s.reset = "wipe"
-            elif _counts_as_done(record, s.job):
-                s.status, s.previous, s.record = "success", True, record
             elif record and record.get("status") == "success":
-                conflicts.append(s.job.out)
+                s.diff = _difference(record, s.job)
+                if not s.diff:
+                    s.status, s.previous, s.record = "success", True, record
+                elif rerun_stale:
+                    s.reset = "wipe"
+                else:
+                    s.status, s.previous, s.record = "stale", True, record
             elif (record and record.get("status") == "failed" and not rerun_failed
-                  and record.get("config_hash") in ("", None, s.job.config_hash)):
+                  and not _difference(record, s.job)):
                 s.status, s.previous, s.record = "failed", True, record
-        if conflicts:
-            shown = "\n  ".join(conflicts[:10]) + (f"\n  … and {len(conflicts) - 10} more" if len(conflicts) > 10
-                                                   else "")
-            raise SuiteError(f"{len(conflicts)} job folders hold a finished run of a different config:\n  {shown}\n"
-                             "Nothing was run. Rerun them with --force (their folders are emptied first), or set "
-                             "another base['output']['root'].")
         changed = True
         while changed:  # a job that runs again makes its dependents run again
             changed = False
@@ -172,12 +187,39 @@ class Scheduler:
                 if dep is not None and dep.status == "pending" and s.status in ("success", "failed") and s.previous:
                     s.status, s.previous, s.record, s.reset, changed = "pending", False, None, "result", True
         for s in self.states:
+            dep = self.by_out.get(s.job.depends_on)
+            if dep is not None and dep.status == "stale" and s.status == "pending":
+                s.status = "skipped"
+                s.record = _bare_record(s.job, "skipped", f"not run: {dep.job.label} ({dep.job.out}) holds a stale "
+                                                          "result (see the stale jobs above)")
             if s.job.depends_on and s.job.depends_on not in self.by_out and s.status == "pending":
                 dep_record = read_record(os.path.join(s.job.depends_on, "result.json")) or {}
                 if dep_record.get("status") != "success":
                     s.status = "skipped"  # recorded when the run starts; a dry run writes nothing
                     s.record = _bare_record(s.job, "skipped", f"needs {s.job.depends_on}, which has no successful "
                                                               "result; run its task too")
+
+    def stale_report(self) -> str:
+        """Per task: how many jobs hold a finished run of a different config, and the differing keys (old → new);
+        "" when none does."""
+        by_task: dict[str, list[JobState]] = {}
+        for s in self.states:
+            if s.status == "stale":
+                by_task.setdefault(s.job.task, []).append(s)
+        if not by_task:
+            return ""
+        lines = []
+        for task, states in by_task.items():
+            diffs = list(dict.fromkeys(format_diff(s.diff) for s in states))
+            lines.append(f"task {task!r}: {len(states)} job folders hold a finished run of a different config: "
+                         + "; ".join(diffs[:3]) + (f"; … ({len(diffs) - 3} more)" if len(diffs) > 3 else ""))
+            lines += [f"    {s.job.out}" for s in states[:3]] + ([f"    … and {len(states) - 3} more"]
+                                                                  if len(states) > 3 else [])
+        n = sum(len(v) for v in by_task.values())
+        lines.append(f"These {n} jobs keep their results and were not run (nor the evaluations that need them); the "
+                     "other jobs run. --rerun-stale empties and reruns exactly these jobs; or set another "
+                     "base['output']['root'].")
+        return "\n".join(lines)
 
     # ---- state changes --------------------------------------------------------------------------------------
     def _set(self, s: JobState, status: str, record: dict[str, Any] | None) -> None:
@@ -240,7 +282,7 @@ class Scheduler:
         else:
             status = "failed"
         if record is None or record.get("status") != status:
-            why = {0: "exited 0 without a successful result.json with the job's config hash"}.get(
+            why = {0: "exited 0 without a successful result.json of the job's config"}.get(
                 code, f"exit code {code}" + (" (killed by signal)" if code is not None and code < 0 else ""))
             record = _bare_record(s.job, status, f"{why}; see {s.job.out}")
         record["runner"] = {"exit_code": code, "device": str(h.device), "wall_s": round(s.wall_s, 2),

@@ -24,6 +24,7 @@ class SkipPluginMixin:
 
     _selector: ClassSelector | None = None  # CSkip, built on first use
     skip_plugin = False  # a trainer class opts in in its own body (never inherited)
+    config_reads = ("TRAINER.SKIP_PLUGIN", "TRAINER.SKIP")
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
