@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO
 
 import parallel_runner
-from vltune.results.tables import collect, render_report
+from vltune.results.record import find_records
+from vltune.results.report import render_report
 from vltune.runner.jobs import expand
 from vltune.runner.schema import load_experiments
 
@@ -37,27 +38,27 @@ def suite(minibench, tmp_path_factory):
                       f"            model=dict(base['model'], weights={weights!r}), prepare='')\n")
     assert parallel_runner.main(["--config", str(config), "--debug", "--plain"]) == 0
     experiments = load_experiments(str(REPO / "configs.py"), str(REPO))
-    return experiments, collect(str(out / "output")), str(out / "output")
+    return experiments, find_records(str(out / "output")), str(out / "output")
 
 
 def _acc(rows, task: str, **match) -> list[float]:
-    return [r["metrics"]["accuracy"] for j, r in rows
-            if j.task == task and all(getattr(j, k) == v for k, v in match.items())]
+    return [r.metrics["accuracy"] for r in rows
+            if r.job.task == task and all(getattr(r.job, k) == v for k, v in match.items())]
 
 
 def test_every_job_of_the_default_suite_succeeds(suite):
     experiments, rows, _ = suite
-    failed = [(j.task, j.role, j.dataset) for j, r in rows if not r or r["status"] != "success"]
+    failed = [(r.job.task, r.job.role, r.job.dataset) for r in rows if r.status != "success"]
     assert not failed
-    assert len(rows) == len(expand(experiments, str(REPO), hashes=False))  # every job left job.json and a record
+    assert len(rows) == len(expand(experiments, str(REPO), hashes=False))  # every job left a record
 
 
 def test_mini_clip_zero_shot_is_well_above_chance_on_every_mini_dataset(suite):
     _, rows, _ = suite
-    for j, r in rows:
-        if j.task in ("zs_fewshot", "zs_xd"):  # all classes of every mini dataset, source and variants included
-            n_classes = len(r["metrics"]["per_class"])
-            assert r["metrics"]["accuracy"] > 100 / n_classes + 20, (j.dataset, r["metrics"]["accuracy"])
+    for r in rows:
+        if r.job.task in ("zs_fewshot", "zs_xd"):  # all classes of every mini dataset, source and variants included
+            n_classes = len(r.metrics["per_class"])
+            assert r.metrics["accuracy"] > 100 / n_classes + 20, (r.job.dataset, r.metrics["accuracy"])
 
 
 def test_coop_16_shot_base_accuracy_beats_zero_shot(suite):
@@ -79,7 +80,10 @@ def test_few_shot_accuracy_grows_with_shots_on_average(suite):
 def test_report_has_every_protocol_table(suite):
     _, rows, out = suite
     report = render_report(rows)
-    for heading in ("coop_b2n", "coop_fewshot", "coop_xd", "average_xd", "average_dg", "## Cost", "**average**"):
+    for heading in ("## Comparison", "coop_b2n", "coop_fewshot", "coop_xd", "average_xd", "average_dg",
+                    "cost per method", "**average**"):
         assert heading in report
-    assert render_report(collect(out)).count("|") == report.count("|")
+    assert report.index("## Comparison") < report.index("coop_b2n")  # the comparison opens the report
+    written = open(os.path.join(out, "report.md")).read()  # the runner's report: the same tables, plus plots
+    assert written.split("## Plots")[0].strip() == report.split("## Per task")[0].strip()
     assert os.path.isdir(out)

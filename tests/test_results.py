@@ -1,21 +1,24 @@
-"""Tables, plots and the rebuild command on a hand-made suite: every expected number is worked out by hand below.
+"""Per-task tables, the cost table, plots and the rebuild command on a hand-made suite of ``Record``s: every expected
+number is worked out by hand below.
 
 The suite: a base-to-new task (2 datasets x 2 seeds, plus a dataset whose runs failed), a few-shot task (2 datasets x
 K in {1, 4} x 2 seeds), a zero-shot few-shot task, a cross-dataset task (source, 2 targets, 2 variants, 2 seeds) and
 a base-to-new task with a 2-point grid. Cost per record: a training job trains 10 s x seed, evaluates 2 s, runs at
-50 images/s with 1000 + seed MB peak; an eval-only job trains 0 s, evaluates 1 s, 0 images/s, 300 MB.
+50 images/s with a training peak of 1000 + seed MB and an evaluation peak of 400 + seed MB (CPU profiler); an
+eval-only job trains 0 s, evaluates 1 s, 0 images/s, 300 MB evaluation peak. The comparison tables (methods as rows)
+are tested in test_compare.py.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import subprocess
 import sys
 from statistics import mean
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO
@@ -23,33 +26,39 @@ from conftest import REPO
 from vltune.results.__main__ import main
 from vltune.results.formats import Stat, Table
 from vltune.results.plots import write_plots
-from vltune.results.tables import (
-    build_tables,
-    collect,
-    cost_table,
-    harmonic_mean,
-    render_report,
-    task_tables,
-    write_tables,
-)
+from vltune.results.record import JobInfo, Record, find_records, write_json_atomic
+from vltune.results.report import build_tables, render_report, write_tables
+from vltune.results.tables import harmonic_mean, task_tables
 
 TRAINING_ROLES = ("base", "fewshot", "source")
+CPU = "cpu_profiler_tensor_bytes"
 
 
 def _row(task, protocol, role, dataset, seed, shots, acc, status="success", trainer="CoOp", grid=None, trainable=2048):
-    job = SimpleNamespace(task=task, protocol=protocol, role=role, trainer=trainer, config="vit_b16", dataset=dataset,
-                          seed=seed, shots=shots, grid=grid or {}, grid_name=",".join(f"{k}={v}" for k, v in
-                                                                                       (grid or {}).items()))
+    """One record; ``status=None``: the job never ran, so there is no record (None, dropped by ``_records``)."""
+    if status is None:
+        return None
     trains = role in TRAINING_ROLES and trainer != "ZeroshotCLIP"
+    job = JobInfo(task=task, protocol=protocol, role=role, trainer=trainer, config="vit_b16", dataset=dataset,
+                  seed=seed, shots=shots, phase="train" if trains else "eval", grid=grid or {},
+                  grid_name=",".join(f"{k}={v}" for k, v in (grid or {}).items()))
     cost = {"train_time_s": 10.0 * seed if trains else 0.0, "eval_time_s": 2.0 if trains else 1.0,
-            "images_per_s": 50.0 if trains else 0.0, "peak_mem_mb": 1000.0 + seed if trains else 300.0,
-            "peak_mem_method": "rss", "trainable_params": trainable, "total_params": 10_000,
+            "images_per_s": 50.0 if trains else 0.0, "train_peak_mb": 1000.0 + seed if trains else None,
+            "train_peak_method": CPU if trains else None, "eval_peak_mb": 400.0 + seed if trains else 300.0,
+            "eval_peak_method": CPU, "trainable_params": trainable, "total_params": 10_000,
             "eval_images_per_s": 400.0, "peak_rss_mb": 2000.0 if trains else 500.0,
             "ckpt_bytes": 4 * trainable if trains else 0}
     if trains and trainer == "SkipTuning":
         cost["cache_time_s"] = 3.0
-    record = None if status is None else {"status": status, "metrics": {"accuracy": acc}, "cost": cost}
-    return job, record
+    return Record(status=status, job=job, metrics={"accuracy": acc}, cost=cost)
+
+
+def _records(rows) -> list[Record]:
+    """The records in pipeline order (``job.index``), as ``find_records`` gives them back from a folder."""
+    out = [r for r in rows if r is not None]
+    for i, r in enumerate(out):
+        r.job.index = i
+    return out
 
 
 def _b2n_rows():
@@ -93,11 +102,15 @@ def _grid_rows():
 
 @pytest.fixture
 def rows():
-    return _b2n_rows() + _fewshot_rows() + _xd_rows() + _grid_rows()
+    return _records(_b2n_rows() + _fewshot_rows() + _xd_rows() + _grid_rows())
 
 
 def _tables(rows) -> dict:
     return {t.name: t for t in build_tables(rows)}
+
+
+def _per_task(rows) -> list[str]:
+    return [name for name in _tables(rows) if not name.startswith("compare_")]
 
 
 def _csv(table) -> dict[str, dict[str, str]]:
@@ -153,8 +166,9 @@ def test_latex_is_booktabs_with_escaped_cells(rows):
     assert "86.50 $\\pm$ 1.50" in tex
     assert lines[lines.index("\\bottomrule") - 2] == "\\midrule"  # a rule before the bold average row
     assert lines[lines.index("\\bottomrule") - 1].startswith("\\textbf{average} & 85.00")
-    cost = tables["cost"].to_latex()
-    assert "coop\\_b2n & CoOp" in cost and "\\textbf{total}" in cost
+    cost = tables["compare_cost"].to_latex()
+    assert "CoOp (b2n) & 9 & 14.00" in cost and "\\textbf{average}" in cost
+    assert "\n% train/eval peak MB: the max over the jobs" in cost  # the notes, as comments above the tabular
     odd = Table("odd", "odd cells", ["name_x", "value"], [["a_b 50% x&y #1", 1.0]]).to_latex()
     assert "name\\_x & value \\\\" in odd and "a\\_b 50\\% x\\&y \\#1 & 1.00 \\\\" in odd
 
@@ -186,7 +200,8 @@ def test_xd_and_dg_tables_per_seed_and_seed_means(rows):
 
 
 def test_xd_average_is_missing_when_a_target_failed(rows):
-    rows = [(j, {**r, "status": "failed"} if (j.dataset, j.seed) == ("oxford_pets", 2) else r) for j, r in _xd_rows()]
+    rows = [dataclasses.replace(r, status="failed") if (r.job.dataset, r.job.seed) == ("oxford_pets", 2) else r
+            for r in _records(_xd_rows())]
     xd = _tables(rows)["coop_xd.xd"]
     assert xd.rows[1] == ["seed 2", 72.0, 92.0, None, None]
     assert xd.rows[2] == ["mean", 71.0, 91.0, 85.0, (91.0 + 85.0) / 2]  # the seed mean of what succeeded
@@ -194,53 +209,51 @@ def test_xd_average_is_missing_when_a_target_failed(rows):
 
 def test_grid_task_gets_tables_per_point_and_a_summary(rows):
     tables = _tables(rows)
-    assert list(tables) == ["coop_b2n.b2n", "coop_few.fewshot", "zs_few.fewshot", "coop_xd.xd", "coop_xd.dg",
-                            "skip_b2n.START_LAYER-4.b2n", "skip_b2n.START_LAYER-8.b2n", "skip_b2n.grid", "cost"]
+    assert _per_task(rows) == ["coop_b2n.b2n", "coop_few.fewshot", "zs_few.fewshot", "coop_xd.xd", "coop_xd.dg",
+                               "skip_b2n.START_LAYER-4.b2n", "skip_b2n.START_LAYER-8.b2n", "skip_b2n.grid"]
     grid = tables["skip_b2n.grid"]
     assert grid.header == ["grid point", "START_LAYER", "base", "new", "H"]
     # START_LAYER=4: base (80 + 82) / 2 = 81, new (70 + 72) / 2 = 71; START_LAYER=8: base 85, new 61
     assert grid.rows[0] == ["START_LAYER=4", 4, 81.0, 71.0, pytest.approx(2 * 81 * 71 / (81 + 71))]
     assert grid.rows[1] == ["START_LAYER=8", 8, 85.0, 61.0, pytest.approx(2 * 85 * 61 / (85 + 61))]
     assert tables["skip_b2n.START_LAYER-8.b2n"].rows[-1][-3] == Stat(85.0, 1.0)
-    summary, per_point = task_tables("coop_b2n", {"": _b2n_rows()})
+    summary, per_point = task_tables("coop_b2n", {"": _records(_b2n_rows())})
     assert summary is None and list(per_point) == [""]  # no grid: no summary
 
 
-def test_cost_table_rows_average_and_total(rows):
-    table = _tables(rows)["cost"]
-    assert table.header == ["task", "trainer", "jobs", "train time s", "train time total s", "cache time s",
-                            "eval time s", "eval time total s", "images/s", "eval images/s", "peak memory MB",
-                            "memory method", "peak RSS MB", "checkpoint MB", "trainable params", "total params"]
+def test_cost_table_has_a_row_per_method_and_protocol_and_an_average(rows):
+    table = _tables(rows)["compare_cost"]
+    assert table.header == ["method", "jobs", "train time s", "cache time s", "train+cache s", "eval time s",
+                            "images/s", "eval images/s", f"train peak MB ({CPU})", f"eval peak MB ({CPU})",
+                            "peak RSS MB (process)", "checkpoint MB", "trainable params"]
     by_name = {r[0]: r[1:] for r in table.rows}
+    assert list(by_name) == ["CoOp (b2n)", "SkipTuning [START_LAYER=4] (b2n)", "SkipTuning [START_LAYER=8] (b2n)",
+                             "CoOp (fewshot)", "ZeroshotCLIP (fewshot)", "CoOp (xd)", "average"]
     # coop_b2n: 9 successful jobs (dtd's cancelled and failed ones do not count): 5 trained (10, 20, 10, 20, 10 s)
-    # and 4 evaluations; eval time 5 x 2 s + 4 x 1 s = 14 s
-    assert by_name["coop_b2n"] == ["CoOp", 9, 14.0, 70.0, 0.0, pytest.approx(14 / 9), 14.0, 50.0, 400.0, 1002.0,
-                                   "rss", 2000.0, 4 * 2048 / 2**20, 2048, 10_000]
-    # zero-shot: nothing trained, so no mean train time and no throughput; total train time 0
-    assert by_name["zs_few"] == ["ZeroshotCLIP", 4, None, 0.0, None, 1.0, 4.0, None, 400.0, 300.0, "rss", 500.0, 0.0,
-                                 0, 10_000]
-    assert by_name["coop_xd"][:7] == ["CoOp", 10, 15.0, 30.0, 0.0, 1.2, 12.0]  # 2 trained + 8 eval; 2 x 2 + 8 x 1 s
-    assert by_name["skip_b2n [START_LAYER=4]"][:6] == ["SkipTuning", 4, 15.0, 30.0, 3.0, 1.5]  # cache: trained only
-    jobs = [9, 8, 4, 10, 4, 4]  # coop_b2n, coop_few, zs_few, coop_xd, skip_b2n x 2 grid points
-    train_totals = [70.0, 120.0, 0.0, 30.0, 30.0, 30.0]
-    eval_totals = [14.0, 16.0, 4.0, 12.0, 6.0, 6.0]
-    average, total = by_name["average"], by_name["total"]
-    assert average[1] == pytest.approx(mean(jobs)) and average[3] == pytest.approx(mean(train_totals))
-    assert average[2] == pytest.approx(mean([14.0, 15.0, 15.0, 15.0, 15.0]))  # zs_few has no train time
-    assert average[4] == pytest.approx(mean([0.0, 0.0, 0.0, 3.0, 3.0]))  # cache time: tasks that trained
-    assert average[13] is None and average[14] is None and average[12] is None  # no average over sizes
-    assert average[11] == pytest.approx(mean([2000.0, 2000.0, 500.0, 2000.0, 2000.0, 2000.0]))
-    assert total == [None, sum(jobs), None, sum(train_totals), None, None, sum(eval_totals), None, None, None, None,
-                     None, None, None, None]
-    assert "| **total** | - | 39 | - | 280.00 | - |" in table.to_markdown()
+    # and 4 evaluations; eval time 5 x 2 s + 4 x 1 s = 14 s; peaks: training 1000 + seed, evaluation 400 + seed
+    assert by_name["CoOp (b2n)"] == [9, 14.0, 0.0, 14.0, pytest.approx(14 / 9), 50.0, 400.0, 1002.0, 402.0, 2000.0,
+                                     4 * 2048 / 2**20, 2048]
+    # zero-shot: nothing trained, so no train time, throughput or training peak; its evaluation peak shares the column
+    assert by_name["ZeroshotCLIP (fewshot)"] == [4, None, None, None, 1.0, None, 400.0, None, 300.0, 500.0, 0.0, 0]
+    assert by_name["CoOp (xd)"][:5] == [10, 15.0, 0.0, 15.0, 1.2]  # 2 trained + 8 eval; (2 x 2 + 8 x 1) / 10 s
+    assert by_name["SkipTuning [START_LAYER=4] (b2n)"][:5] == [4, 15.0, 3.0, 18.0, 1.5]  # cache: trained jobs only
+    jobs = [9, 4, 4, 8, 4, 10]  # CoOp b2n, SkipTuning x 2 grid points, CoOp few-shot, zero-shot, CoOp xd
+    average = by_name["average"]
+    assert average[0] == pytest.approx(mean(jobs))
+    assert average[1] == pytest.approx(mean([14.0, 15.0, 15.0, 15.0, 15.0]))  # zero-shot has no train time
+    assert average[2] == pytest.approx(mean([0.0, 3.0, 3.0, 0.0, 0.0]))  # cache time: methods that trained
+    assert average[9] == pytest.approx(mean([2000.0, 2000.0, 2000.0, 2000.0, 500.0, 2000.0]))
+    assert average[10] is None and average[11] is None  # no average over sizes
+    assert "| **average** | 6.50 | 14.80 | 1.20 |" in table.to_markdown()
 
 
 def test_report_sections_and_plot_links(rows):
     report = render_report(rows, ["plots/fewshot.png"])
-    order = ["# Results", "## coop_b2n: CoOp `vit_b16`, b2n", "## coop_few: CoOp `vit_b16`, fewshot",
-             "## coop_xd: CoOp `vit_b16`, xd", "average_dg", "## skip_b2n: SkipTuning `vit_b16`, b2n",
-             "| grid point | START_LAYER | base | new | H |", "### START_LAYER=4", "### START_LAYER=8", "## Cost",
-             "## Plots", "![fewshot](plots/fewshot.png)"]
+    order = ["# Results", "## Comparison", "*cost per method", "## Plots", "![fewshot](plots/fewshot.png)",
+             "## Per task", "### coop_b2n: CoOp `vit_b16`, b2n", "### coop_few: CoOp `vit_b16`, fewshot",
+             "### coop_xd: CoOp `vit_b16`, xd", "coop_xd: domain-generalisation",
+             "### skip_b2n: SkipTuning `vit_b16`, b2n", "| grid point | START_LAYER | base | new | H |",
+             "#### START_LAYER=4", "#### START_LAYER=8"]
     positions = [report.index(s) for s in order]
     assert positions == sorted(positions)
     assert "## Plots" not in render_report(rows)
@@ -250,7 +263,7 @@ def test_write_tables_writes_csv_and_tex_per_table(rows, tmp_path):
     paths = write_tables(rows, str(tmp_path))
     names = [t.name for t in build_tables(rows)]
     assert sorted(paths) == sorted(str(tmp_path / "tables" / f"{n}.{e}") for n in names for e in ("csv", "tex"))
-    assert (tmp_path / "tables" / "cost.csv").read_text() == cost_table(rows).to_csv()
+    assert (tmp_path / "tables" / "compare_cost.csv").read_text() == _tables(rows)["compare_cost"].to_csv()
 
 
 def _is_png(path) -> bool:
@@ -260,26 +273,29 @@ def _is_png(path) -> bool:
 
 def test_write_plots_writes_only_plots_with_data(rows, tmp_path):
     paths = write_plots(rows, str(tmp_path / "all"))
-    assert paths == ["plots/fewshot.png", "plots/efficiency_time.png", "plots/efficiency_memory.png",
+    assert paths == ["plots/fewshot.png", "plots/efficiency_time.png", f"plots/efficiency_memory_{CPU}.png",
                      "plots/grid_skip_b2n.png"]
     assert all(_is_png(tmp_path / "all" / p) for p in paths)
-    no_fewshot = [r for r in rows if r[0].protocol != "fewshot"]
+    no_fewshot = [r for r in rows if r.job.protocol != "fewshot"]
     assert "plots/fewshot.png" not in write_plots(no_fewshot, str(tmp_path / "b"))
     assert not (tmp_path / "b" / "plots" / "fewshot.png").exists()
     # zero-shot only: its dashed line is a few-shot plot, but nothing trained and there is no grid
-    assert write_plots([r for r in rows if r[0].task == "zs_few"], str(tmp_path / "zs")) == ["plots/fewshot.png"]
+    assert write_plots([r for r in rows if r.job.task == "zs_few"], str(tmp_path / "zs")) == ["plots/fewshot.png"]
 
 
 def _write_output_folder(rows, root) -> None:
-    """job.json + result.json per job, in folders whose sorted order is the rows' order; jobs without a grid are
-    written in the older job.json format (no grid keys)."""
-    for i, (job, record) in enumerate(rows):
+    """One result.json per record, in folders whose sorted order is the rows' order; records without a grid are
+    written in the older layout (schema 1: the task, protocol, role and index only in a job.json beside them)."""
+    legacy = ("task", "protocol", "role", "index")
+    for i, record in enumerate(rows):
         folder = root / f"{i:03d}"
-        folder.mkdir(parents=True)
-        fields = {k: v for k, v in vars(job).items() if job.grid or k not in ("grid", "grid_name")}
-        (folder / "job.json").write_text(json.dumps({**fields, "config_hash": "abc", "source": ""}))
-        if record is not None:
-            (folder / "result.json").write_text(json.dumps(record))
+        data = record.to_dict()
+        if not record.job.grid:
+            data["schema"] = 1
+            job = data["job"]
+            (folder / "job.json").parent.mkdir(parents=True)
+            (folder / "job.json").write_text(json.dumps({k: job.pop(k) for k in legacy} | {"config_hash": "abc"}))
+        write_json_atomic(str(folder / "result.json"), data)
 
 
 def test_rebuild_command_writes_report_tables_and_plots(rows, tmp_path):
@@ -289,34 +305,21 @@ def test_rebuild_command_writes_report_tables_and_plots(rows, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "out" / "report.md").read_text()
-    plots = ["plots/fewshot.png", "plots/efficiency_time.png", "plots/efficiency_memory.png",
+    plots = ["plots/fewshot.png", "plots/efficiency_time.png", f"plots/efficiency_memory_{CPU}.png",
              "plots/grid_skip_b2n.png"]
     assert report == render_report(rows, plots)  # the folder alone rebuilds what the rows give
-    assert report in proc.stdout and str(tmp_path / "out" / "tables" / "cost.tex") in proc.stdout
+    assert report in proc.stdout and str(tmp_path / "out" / "tables" / "compare_cost.tex") in proc.stdout
     assert all(_is_png(tmp_path / "out" / p) for p in plots)
     assert (tmp_path / "out" / "tables" / "skip_b2n.grid.csv").is_file()
-    assert len(collect(str(tmp_path / "out"))) == len(rows)
+    assert len(find_records(str(tmp_path / "out"))) == len(rows)
 
 
 def test_rebuild_command_without_plots_and_on_bad_folders(rows, tmp_path, capsys):
-    _write_output_folder(_b2n_rows(), tmp_path / "out")
+    _write_output_folder(_records(_b2n_rows()), tmp_path / "out")
     assert main([str(tmp_path / "out"), "--no-plots"]) == 0
     assert (tmp_path / "out" / "report.md").is_file() and not (tmp_path / "out" / "plots").exists()
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
-    assert "no job.json" in capsys.readouterr().err
+    assert "no result.json" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
-
-
-def test_task_peak_memory_comes_from_its_training_jobs():
-    from vltune.results.tables import cost_numbers
-
-    train = {"status": "success", "metrics": {"accuracy": 80.0},
-             "cost": {"train_time_s": 5.0, "peak_mem_mb": 15.0, "peak_mem_method": "cpu_profiler_tensor_bytes"}}
-    evaluation = {"status": "success", "metrics": {"accuracy": 70.0},
-                  "cost": {"train_time_s": 0.0, "peak_mem_mb": 400.0, "peak_mem_method": "rss"}}
-    numbers = cost_numbers([(None, train), (None, evaluation)])
-    assert (numbers["peak_mem_mb"], numbers["mem_method"]) == (15.0, "cpu_profiler_tensor_bytes")
-    only_eval = cost_numbers([(None, evaluation)])
-    assert (only_eval["peak_mem_mb"], only_eval["mem_method"]) == (400.0, "rss")

@@ -15,7 +15,8 @@ from aiosmtpd.controller import Controller
 from test_mail import Recorder, free_port
 
 import parallel_runner
-from vltune.results.tables import collect, harmonic_mean
+from vltune.results.record import find_records
+from vltune.results.tables import harmonic_mean
 
 SUITE = """
 base = dict(data=dict(root={root!r}), model=dict(backbone="vltune-tiny", weights={weights!r}),
@@ -55,25 +56,25 @@ def _table(out: str, name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _acc(rows, task: str, **match) -> dict:
-    return {(j.dataset, j.seed, j.role, j.shots): r["metrics"]["accuracy"] for j, r in rows
-            if j.task == task and all(getattr(j, k) == v for k, v in match.items())}
+def _acc(records, task: str, **match) -> dict:
+    return {(r.job.dataset, r.job.seed, r.job.role, r.job.shots): r.metrics["accuracy"] for r in records
+            if r.job.task == task and all(getattr(r.job, k) == v for k, v in match.items())}
 
 
 def test_every_job_ran_in_its_own_process_and_succeeded(run):
     code, out, _, _ = run
-    rows = collect(out)
+    rows = find_records(out)
     assert code == 0 and len(rows) == N_JOBS
-    assert all(r["status"] == "success" and r["runner"]["exit_code"] == 0 for _, r in rows)
-    for job, _ in rows:
-        assert os.path.exists(os.path.join(job.out, "stdout.log")) and os.path.exists(os.path.join(job.out,
-                                                                                                "config.yaml"))
-    assert "Finish training" in open(os.path.join(rows[4][0].out, "log.txt")).read()  # coop_b2n's first train job
+    assert all(r.status == "success" and r.runner["exit_code"] == 0 for r in rows)
+    for r in rows:
+        assert os.path.exists(os.path.join(r.folder, "stdout.log")) and os.path.exists(os.path.join(r.folder,
+                                                                                                 "config.yaml"))
+    assert "Finish training" in open(os.path.join(rows[4].folder, "log.txt")).read()  # coop_b2n's first train job
 
 
 def test_b2n_table_equals_the_hand_computed_numbers(run):
     _, out, _, _ = run
-    acc = _acc(collect(out), "coop_b2n")
+    acc = _acc(find_records(out), "coop_b2n")
     table = {r["dataset"].strip("*"): r for r in _table(out, "coop_b2n.b2n")}
     base_means, new_means = {}, {}
     for d in ("digits", "mini_shapes"):
@@ -90,13 +91,13 @@ def test_b2n_table_equals_the_hand_computed_numbers(run):
 
 def test_fewshot_xd_and_dg_tables_equal_the_hand_computed_numbers(run):
     _, out, _, _ = run
-    rows = collect(out)
+    rows = find_records(out)
     few = _acc(rows, "coop_fewshot")
     table = {r["dataset"].strip("*"): r for r in _table(out, "coop_fewshot.fewshot")}
     for k in (1, 2):
         column = next(c for c in table["digits"] if c.startswith(f"{k}-shot") and "std" not in c)
         assert float(table["digits"][column]) == pytest.approx(few["digits", 1, "fewshot", k])
-    xd = {(j.role, j.dataset): r["metrics"]["accuracy"] for j, r in rows if j.task == "coop_xd"}
+    xd = {(r.job.role, r.job.dataset): r.metrics["accuracy"] for r in rows if r.job.task == "coop_xd"}
     xd_row = next(r for r in _table(out, "coop_xd.xd") if "mean" in next(iter(r.values())))
     assert float(xd_row["mini_union"]) == pytest.approx(xd["source", "mini_union"])
     assert float(xd_row["average_xd"]) == pytest.approx(mean([xd["target", "digits"], xd["target", "mini_shapes"]]))
@@ -104,7 +105,8 @@ def test_fewshot_xd_and_dg_tables_equal_the_hand_computed_numbers(run):
     assert float(dg_row["average_dg"]) == pytest.approx(
         mean([xd["variant", "mini_union_sketch"], xd["variant", "mini_union_v2"]]))
     report = open(os.path.join(out, "report.md")).read()
-    for part in ("coop_b2n", "coop_fewshot", "average_xd", "average_dg", "## Cost", "plots/fewshot.png"):
+    for part in ("## Comparison", "coop_b2n", "coop_fewshot", "average_xd", "average_dg", "cost per method",
+                 "plots/fewshot.png"):
         assert part in report
     assert os.path.getsize(os.path.join(out, "plots", "efficiency_time.png")) > 1000
 
@@ -121,15 +123,15 @@ def test_a_mail_per_task_and_one_at_the_end_with_tables_and_plots(run):
     body = final.get_body(preferencelist=("plain",)).get_content()
     assert "| **average** |" in body and "average_xd" in body and "No failures." in body
     pngs = {p.get_filename(): p.get_content() for p in final.iter_attachments()}
-    assert {"fewshot.png", "efficiency_time.png", "efficiency_memory.png"} <= set(pngs)
+    assert {"fewshot.png", "efficiency_time.png", "efficiency_memory_cpu_profiler_tensor_bytes.png"} <= set(pngs)
     assert all(data.startswith(b"\x89PNG") for data in pngs.values())
 
 
 def test_rerun_with_the_mail_server_down_skips_every_job_and_still_succeeds(run, capsys):
     _, out, _, folder = run
-    before = {j.out: r["created_at"] for j, r in collect(out)}
+    before = {r.path: r.created_at for r in find_records(out)}
     assert parallel_runner.main(["--config", str(folder / "configs.py"), "--plain"]) == 0
     assert f"resuming: {N_JOBS} of {N_JOBS} jobs" in capsys.readouterr().out
-    assert {j.out: r["created_at"] for j, r in collect(out)} == before  # nothing ran again
+    assert {r.path: r.created_at for r in find_records(out)} == before  # nothing ran again
     log = open(os.path.join(out, "runner.log")).read()
     assert "127.0.0.1" in log  # the failed delivery is logged, naming the server

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
+from vltune.results.record import JobInfo, Record
 from vltune.results.tables import b2n_summary, b2n_table, fewshot_table, harmonic_mean, xd_tables
 
 
@@ -22,10 +21,9 @@ def test_b2n_averages_seeds_before_the_harmonic_mean():
     assert harmonic_mean(0.0, 50.0) == 0.0
 
 
-def _row(role: str, dataset: str, acc: float | None, shots: int = 16, seed: int = 1, status: str = "success"):
-    job = SimpleNamespace(task="t", protocol="b2n", role=role, dataset=dataset, shots=shots, seed=seed)
-    record = None if acc is None else {"status": status, "metrics": {"accuracy": acc}}
-    return job, record
+def _row(role: str, dataset: str, acc: float, shots: int = 16, seed: int = 1, status: str = "success") -> Record:
+    job = JobInfo(task="t", protocol="b2n", role=role, dataset=dataset, shots=shots, seed=seed)
+    return Record(status=status, job=job, metrics={"accuracy": acc})
 
 
 def test_b2n_table_skips_failed_runs_and_marks_missing_ones():

@@ -1,6 +1,7 @@
-"""``python -m vltune.results OUTPUT_DIR [--no-plots]``: rebuild report.md, tables and plots from a suite's outputs.
+"""``python -m vltune.results DIR [--no-plots]``: rebuild report.md, tables and plots from the records under DIR.
 
-Exit status 0 on success, 2 when OUTPUT_DIR does not exist or holds no ``job.json``.
+DIR is any folder of runs (the runner's output, hand-run ``train.py`` jobs, or both). Exit status 0 on success, 2
+when DIR does not exist or holds no ``result.json``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from vltune.results.report import rebuild_files
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vltune.results", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", help="the suite's output folder (job.json + result.json per job)")
+    parser.add_argument("output_dir", help="a folder of runs (one result.json per run, at any depth)")
     parser.add_argument("--no-plots", action="store_true", help="write the report and tables only")
     args = parser.parse_args(argv)
     try:

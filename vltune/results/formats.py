@@ -5,6 +5,9 @@
   ``""`` for a missing value, so a parsed cell gives back the exact float;
 * LaTeX (for papers): a booktabs ``tabular``, cells escaped, a ``\\midrule`` before the bold summary rows.
 
+A table's ``notes`` (how its numbers are measured) follow it in markdown and precede it as comments in LaTeX; CSV
+holds the numbers only.
+
 A missing value is ``None`` in ``Table.rows`` and shows as ``-`` in markdown and LaTeX.
 """
 
@@ -64,6 +67,7 @@ class Table:
         rows: cells, summary rows (average, total) last.
         footer: how many trailing rows are summaries (bold, after a rule).
         stat_columns: indices of the columns holding ``Stat`` cells; each becomes two CSV columns (mean, std).
+        notes: footnotes, one sentence each (e.g. how a cost column is measured).
     """
 
     name: str
@@ -72,12 +76,13 @@ class Table:
     rows: list[list[Cell]]
     footer: int = 0
     stat_columns: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def _is_footer(self, i: int) -> bool:
         return i >= len(self.rows) - self.footer
 
     def to_markdown(self) -> str:
-        """A GitHub markdown table; summary rows have their label in bold."""
+        """A GitHub markdown table; summary rows have their label in bold; the notes follow as a list."""
 
         def line(cells: list[str]) -> str:
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
@@ -88,6 +93,8 @@ class Table:
             if self._is_footer(i) and cells:
                 cells[0] = f"**{cells[0]}**"
             out.append(line(cells))
+        if self.notes:
+            out += ["", *(f"- {note}" for note in self.notes)]
         return "\n".join(out)
 
     def to_csv(self) -> str:
@@ -115,10 +122,10 @@ class Table:
         return buf.getvalue()
 
     def to_latex(self) -> str:
-        """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), preceded by the title as a comment."""
+        """A booktabs ``tabular`` (needs ``\\usepackage{booktabs}``), preceded by the title and notes as comments."""
         numeric = [any(isinstance(r[j], (int, float, Stat)) for r in self.rows) for j in range(len(self.header))]
         spec = "".join("r" if n else "l" for n in numeric)
-        out = [f"% {self.title}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+        out = [f"% {self.title}", *(f"% {note}" for note in self.notes), f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
                " & ".join(_latex_escape(h) for h in self.header) + " \\\\", "\\midrule"]
         for i, row in enumerate(self.rows):
             cells = [_latex_escape(c) if isinstance(c, str) else _text(c, "$\\pm$") for c in row]

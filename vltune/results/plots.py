@@ -1,10 +1,16 @@
-"""Plots of a suite's results, from the same rows and aggregation as the tables (``tables.py``).
+"""Plots of a folder's results, from the same methods and aggregation as the tables (``compare.py``, ``tables.py``).
 
-* ``fewshot.png``: the few-shot average over datasets against K (log2 axis), one line per few-shot task; an eval-only
-  (zero-shot) task is a dashed horizontal line;
-* ``efficiency_time.png``, ``efficiency_memory.png``: each training task's headline accuracy against its total
-  training time and its peak memory;
+* ``fewshot.png``: each few-shot method's average over datasets against K (log2 axis); an eval-only (zero-shot)
+  method is a dashed horizontal line;
+* ``efficiency_time.png``: each method's headline accuracy (b2n: average H; few-shot: the average at its largest K;
+  xd: average_xd) against its training cost, a panel per protocol. The cost is train + cache time as the **mean per
+  training job** (one job = one dataset and seed), so methods run on different numbers of datasets or seeds compare;
+* ``efficiency_memory_<meter>.png``: the same accuracy against the training peak memory, one plot per meter (a
+  CUDA peak and a CPU-profiler peak are different quantities and never share an axis);
 * ``grid_<task>.png``: the headline accuracy per grid point of a task with a grid.
+
+In the efficiency plots an eval-only method (zero-shot) has no training cost: it is a labelled dashed horizontal
+line. Point labels are placed by ``place_labels`` so that no two overlap.
 
 Only plots that have data are written. PNG at a fixed dpi through the non-interactive Agg backend, so this runs on
 machines without a display (the runner's, a CI box).
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -21,18 +29,40 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display is needed or wanted
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.text import Annotation, Text  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from vltune.fileio import atomic_write  # noqa: E402
+from vltune.results.compare import (  # noqa: E402
+    PROTOCOL_NAMES,
+    Method,
+    TaskGroup,
+    cost_numbers,
+    find_methods,
+    task_groups,
+)
 from vltune.results.formats import slug  # noqa: E402
-from vltune.results.tables import Row, cost_numbers, fewshot_averages, group_rows, headline_accuracy  # noqa: E402
+from vltune.results.record import Record  # noqa: E402
+from vltune.results.tables import fewshot_averages, headline_accuracy, point_grid  # noqa: E402
 
 DPI = 120
 SHOT_TICKS = (1, 2, 4, 8, 16)
-PROTOCOL_NAMES = {"b2n": "base-to-new", "fewshot": "few-shot", "xd": "cross-dataset"}
+LABEL_PAD_PX = 2.0
+LOG_RATIO = 30.0  # an x range wider than this factor is drawn on a log axis
+
+Point = tuple[str, float, float]  # (label, x, accuracy)
+Reference = tuple[str, float]  # (label, accuracy) of an eval-only method
 
 
-def _save(fig: Any, out_dir: str, name: str) -> str:
+def _figure(panels: int = 1) -> tuple[Figure, Any]:
+    """A figure at the saved dpi, so label boxes measured on its renderer are the ones written."""
+    return plt.subplots(1, panels, figsize=(5.6 * panels, 4.4), squeeze=False, dpi=DPI)
+
+
+def _save(fig: Figure, out_dir: str, name: str) -> str:
     """Write the figure to ``out_dir/plots/<name>`` atomically, close it, and return the path relative to out_dir."""
     try:
         buf = io.BytesIO()
@@ -44,29 +74,76 @@ def _save(fig: Any, out_dir: str, name: str) -> str:
     return path
 
 
-def _label(trainer: str, task: str, grid_name: str) -> str:
-    return f"{trainer} ({task}, {grid_name})" if grid_name else f"{trainer} ({task})"
+def label_box(annotation: Annotation, renderer: Any) -> Bbox:
+    """The display box of an annotation's text alone (``Annotation.get_window_extent`` adds its leader line)."""
+    annotation.update_positions(renderer)
+    return Text.get_window_extent(annotation, renderer)
 
 
-def _fewshot(groups: dict[str, dict[str, list[Row]]], out_dir: str) -> list[str]:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+def _overlap(a: Bbox, b: Bbox, pad: float) -> bool:
+    return a.x0 < b.x1 + pad and b.x0 < a.x1 + pad and a.y0 < b.y1 + pad and b.y0 < a.y1 + pad
+
+
+def place_labels(fig: Figure, annotations: list[Annotation], pad: float = LABEL_PAD_PX) -> None:
+    """Move labels (annotations with ``textcoords="offset points"``) up until no two text boxes overlap.
+
+    Deterministic greedy sweep: labels are taken bottom-up (then left to right) by their initial position; each is
+    raised just above every already placed label it overlaps, until it overlaps none. It only moves up, so it ends,
+    and a label that overlaps nothing stays where it was. The axes limits must be final (they place the anchors).
+    """
+    renderer = fig.canvas.get_renderer()
+    start = {id(a): label_box(a, renderer) for a in annotations}
+    placed: list[Bbox] = []
+    for a in sorted(annotations, key=lambda a: (start[id(a)].y0, start[id(a)].x0)):
+        box = start[id(a)]
+        while over := [p for p in placed if _overlap(box, p, pad)]:
+            rise_px = max(p.y1 for p in over) + pad + 0.5 - box.y0  # 0.5 px: no float-rounding stalemate
+            x, y = a.xyann
+            a.xyann = (x, y + rise_px * 72.0 / fig.dpi)
+            box = label_box(a, renderer)
+        placed.append(box)
+
+
+def scatter_labelled(ax: Axes, points: Sequence[Point], references: Sequence[Reference] = ()) -> list[Annotation]:
+    """Points with non-overlapping labels, and each reference as a labelled dashed horizontal line; returns the
+    labels (points' first, then the references')."""
+    ax.scatter([p[1] for p in points], [p[2] for p in points], zorder=3)
+    for _, y in references:
+        ax.axhline(y, linestyle="--", color="0.45", linewidth=1)
+    xs = [p[1] for p in points]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > LOG_RATIO:
+        ax.set_xscale("log")
+    ax.margins(0.12)
+    ax.autoscale_view()
+    ax.set_xlim(ax.get_xlim())  # fixed from here: label placement measures anchors in display space
+    ax.set_ylim(ax.get_ylim())
+    leader = dict(arrowstyle="-", color="0.6", linewidth=0.6, shrinkA=0, shrinkB=3)
+    labels = [ax.annotate(name, (x, y), xytext=(5, 4), textcoords="offset points", fontsize="small",
+                          annotation_clip=False, arrowprops=leader) for name, x, y in points]
+    labels += [ax.annotate(f"{name} (zero-shot)", (1, y), xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                           textcoords="offset points", ha="right", fontsize="small", color="0.3",
+                           annotation_clip=False) for name, y in references]
+    place_labels(ax.figure, labels)
+    return labels
+
+
+def _fewshot(methods: list[Method], out_dir: str) -> list[str]:
+    fig, axes = _figure()
+    ax = axes[0][0]
     shots: set[int] = set()
     drawn = 0
-    for task, points in groups.items():
-        for grid_name, rs in points.items():
-            job = rs[0][0]
-            if job.protocol != "fewshot":
-                continue
-            averages = fewshot_averages(rs)
-            curve = [(k, v) for k, v in averages.items() if k > 0 and v is not None]
-            color = f"C{drawn % 10}"
-            if curve:
-                ax.plot(*zip(*curve), marker="o", color=color, label=_label(job.trainer, task, grid_name))
-                shots.update(k for k, _ in curve)
-            if averages.get(0) is not None:
-                zs = f"{job.trainer} zero-shot" + (f" ({grid_name})" if grid_name else "")
-                ax.axhline(averages[0], linestyle="--", color=color, label=zs)
-            drawn += bool(curve) or averages.get(0) is not None
+    for m in methods:
+        if m.protocol != "fewshot":
+            continue
+        averages = fewshot_averages(m.records)
+        curve = [(k, v) for k, v in averages.items() if k > 0 and v is not None]
+        color = f"C{drawn % 10}"
+        if curve:
+            ax.plot(*zip(*curve), marker="o", color=color, label=m.label)
+            shots.update(k for k, _ in curve)
+        if averages.get(0) is not None:
+            ax.axhline(averages[0], linestyle="--", color=color, label=f"{m.label} zero-shot")
+        drawn += bool(curve) or averages.get(0) is not None
     if not drawn:
         plt.close(fig)
         return []
@@ -82,50 +159,81 @@ def _fewshot(groups: dict[str, dict[str, list[Row]]], out_dir: str) -> list[str]
     return [_save(fig, out_dir, "fewshot.png")]
 
 
-def _efficiency(groups: dict[str, dict[str, list[Row]]], out_dir: str) -> list[str]:
-    """Accuracy vs training cost, one panel per protocol (their headline accuracies do not compare)."""
-    points: dict[str, list[tuple]] = {}  # protocol -> (label, accuracy, train seconds, peak MB, memory method)
-    metric: dict[str, str] = {}
-    for task, by_grid in groups.items():
-        for grid_name, rs in by_grid.items():
-            cost, (name, accuracy) = cost_numbers(rs), headline_accuracy(rs)
-            if cost["train_total"] and accuracy is not None:  # eval-only tasks have no training cost to plot
-                protocol = rs[0][0].protocol
-                label = f"{rs[0][0].trainer} ({task}{f' [{grid_name}]' if grid_name else ''})"
-                points.setdefault(protocol, []).append((label, accuracy, cost["train_total"], cost["peak_mem_mb"],
-                                                        cost["mem_method"]))
-                metric[protocol] = name
-    paths = []
-    methods = ", ".join(sorted({p[4] for ps in points.values() for p in ps if p[4]}))
-    for filename, column, xlabel in (("efficiency_time.png", 2, "total training time (s)"),
-                                     ("efficiency_memory.png", 3, f"peak memory (MB, {methods or 'unknown'})")):
-        panels = {proto: [p for p in ps if p[column] is not None] for proto, ps in points.items()}
-        panels = {proto: ps for proto, ps in panels.items() if ps}
-        if not panels:
+@dataclass
+class _Panel:
+    """One protocol's efficiency data: the accuracy's name per trained method, trained methods, eval-only
+    references (their zero-shot accuracy is drawn as a line, whatever its name)."""
+
+    metrics: list[str] = field(default_factory=list)
+    trained: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)  # (label, accuracy, cost_numbers)
+    references: list[Reference] = field(default_factory=list)
+
+    @property
+    def metric(self) -> str:
+        names = set(self.metrics)
+        return self.metrics[0] if len(names) == 1 else "average at each method's largest K"
+
+
+def _panels(methods: list[Method]) -> dict[str, _Panel]:
+    panels: dict[str, _Panel] = {}
+    for m in methods:
+        name, accuracy = headline_accuracy(m.records)
+        if accuracy is None:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-        for ax, (protocol, drawn) in zip(axes[0], panels.items()):
-            ax.scatter([p[column] for p in drawn], [p[1] for p in drawn])
-            for p in drawn:
-                ax.annotate(p[0], (p[column], p[1]), textcoords="offset points", xytext=(4, 4), fontsize="small")
-            ax.set(xlabel=xlabel, ylabel=f"{metric[protocol]} (%)", title=f"{PROTOCOL_NAMES.get(protocol, protocol)}")
-            ax.title.set_fontsize("medium")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"Accuracy vs {'training time' if column == 2 else 'peak memory'}", fontsize="medium")
-        paths.append(_save(fig, out_dir, filename))
+        panel = panels.setdefault(m.protocol, _Panel())
+        if m.eval_only:
+            panel.references.append((m.label, accuracy))
+        else:
+            panel.metrics.append(name)
+            panel.trained.append((m.label, accuracy, cost_numbers(m.records)))
+    return panels
+
+
+def _efficiency_plot(panels: dict[str, _Panel], x: Callable[[dict[str, Any]], float | None], xlabel: str, title: str,
+                     out_dir: str, name: str) -> list[str]:
+    """One figure, a panel per protocol that has a trained method with an ``x(cost_numbers)``."""
+    drawn = {p: [(label, v, acc) for label, acc, cost in panel.trained if (v := x(cost)) is not None]
+             for p, panel in panels.items()}
+    drawn = {p: points for p, points in drawn.items() if points}
+    if not drawn:
+        return []
+    fig, axes = _figure(len(drawn))
+    for ax, (protocol, points) in zip(axes[0], drawn.items()):
+        scatter_labelled(ax, points, panels[protocol].references)
+        ax.set(xlabel=xlabel, ylabel=f"{panels[protocol].metric} (%)", title=PROTOCOL_NAMES.get(protocol, protocol))
+        ax.title.set_fontsize("medium")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize="medium")
+    return [_save(fig, out_dir, name)]
+
+
+def _efficiency(methods: list[Method], out_dir: str) -> list[str]:
+    """Accuracy vs training time, and vs training peak memory per meter; a panel per protocol (their headline
+    accuracies do not compare)."""
+    panels = _panels(methods)
+    paths = _efficiency_plot(panels, lambda c: c["train_cache_s"], "train + cache time per training job (s)",
+                             "Accuracy vs training time", out_dir, "efficiency_time.png")
+    meters = list(dict.fromkeys(meter for panel in panels.values() for _, _, cost in panel.trained
+                                for meter in cost["peaks"]["train"]))
+    for meter in meters:
+        paths += _efficiency_plot(panels, lambda c, meter=meter: c["peaks"]["train"].get(meter),
+                                  "training peak memory per method (MB, max over jobs)",
+                                  f"Accuracy vs training peak memory ({meter})", out_dir,
+                                  f"efficiency_memory_{slug(meter)}.png")
     return paths
 
 
-def _grid(task: str, points: dict[str, list[Row]], out_dir: str) -> list[str]:
-    values = {g: headline_accuracy(rs) for g, rs in points.items()}
-    if len(points) < 2 or all(v is None for _, v in values.values()):
+def _grid(group: TaskGroup, out_dir: str) -> list[str]:
+    values = {g: headline_accuracy(rs) for g, rs in group.points.items()}
+    if len(group.points) < 2 or all(v is None for _, v in values.values()):
         return []
     metric = next(iter(values.values()))[0]
-    grids = {g: getattr(rs[0][0], "grid", {}) or {} for g, rs in points.items()}
+    grids = {g: point_grid(rs) for g, rs in group.points.items()}
     keys = {k for grid in grids.values() for k in grid}
     numeric = len(keys) == 1 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for grid in grids.values() for v in grid.values())
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, axes = _figure()
+    ax = axes[0][0]
     if numeric:
         (key,) = keys
         xy = sorted((grids[g][key], v) for g, (_, v) in values.items() if v is not None and key in grids[g])
@@ -136,15 +244,15 @@ def _grid(task: str, points: dict[str, list[Row]], out_dir: str) -> list[str]:
         ax.plot(range(len(names)), [v[1] if v[1] is not None else float("nan") for v in values.values()], marker="o")
         ax.set_xticks(range(len(names)), labels=names, rotation=30, ha="right", fontsize="small")
         ax.set_xlabel("grid point")
-    ax.set(ylabel=f"accuracy (%): {metric}", title=f"{task}: {metric} per grid point")
+    ax.set(ylabel=f"accuracy (%): {metric}", title=f"{group.name}: {metric} per grid point")
     ax.grid(alpha=0.3)
-    return [_save(fig, out_dir, f"grid_{slug(task)}.png")]
+    return [_save(fig, out_dir, f"grid_{slug(group.name)}.png")]
 
 
-def write_plots(rows: list[Row], out_dir: str) -> list[str]:
+def write_plots(records: list[Record], out_dir: str) -> list[str]:
     """Write the plots that have data into ``out_dir/plots/``; returns their paths relative to ``out_dir``."""
-    groups = group_rows(rows)
-    paths = _fewshot(groups, out_dir) + _efficiency(groups, out_dir)
-    for task, points in groups.items():
-        paths += _grid(task, points, out_dir)
+    methods = find_methods(records)
+    paths = _fewshot(methods, out_dir) + _efficiency(methods, out_dir)
+    for group in task_groups(methods):
+        paths += _grid(group, out_dir)
     return paths

@@ -1,0 +1,104 @@
+"""Hand-run results give comparison tables: three methods run with ``train.py`` into a CoOp-script layout (train on
+the base classes, evaluate on the new ones, two seeds), then ``python -m vltune.results DIR`` writes the base-to-new
+comparison with the numbers computed here from the records. No runner, no job.json."""
+
+from __future__ import annotations
+
+import csv
+import os
+from statistics import mean, pstdev
+
+import pytest
+from conftest import REPO
+
+import train
+from vltune.results.__main__ import main as results_main
+from vltune.results.record import load_record
+from vltune.results.tables import harmonic_mean
+
+DIGITS = str(REPO / "configs/datasets/digits.yaml")
+METHODS = {"ZeroshotCLIP": "tiny", "CoOp": "tiny_ep10", "KgCoOp": "tiny_ep10"}
+SEEDS = (1, 2)
+
+
+def _run(trainer: str, root: str, weights: str, out: str, seed: int, subsample: str, *extra: str) -> None:
+    config = str(REPO / "configs" / "trainers" / trainer / f"{METHODS[trainer]}.yaml")
+    argv = ["--root", root, "--seed", str(seed), "--trainer", trainer, "--dataset-config-file", DIGITS,
+            "--config-file", config, "--output-dir", out, *extra, "MODEL.BACKBONE.WEIGHTS", weights,
+            "USE_CUDA", "False", "DATASET.NUM_SHOTS", "4", "OPTIM.MAX_EPOCH", "2", "DATASET.SUBSAMPLE_CLASSES", subsample]
+    assert train.main(argv, console=False) == 0
+
+
+@pytest.fixture(scope="module")
+def handrun(tmp_path_factory, digits_root, tiny_clip_weights):
+    """``output/base2new/{train_base,test_new}/digits/shots_4/<trainer>/<config>/seed<S>``, as CoOp's scripts lay
+    out their runs."""
+    root = tmp_path_factory.mktemp("handrun") / "output"
+    folders = {}
+    for trainer, config in METHODS.items():
+        for seed in SEEDS:
+            train_dir = str(root / "base2new" / "train_base" / "digits" / "shots_4" / trainer / config / f"seed{seed}")
+            test_dir = str(root / "base2new" / "test_new" / "digits" / "shots_4" / trainer / config / f"seed{seed}")
+            _run(trainer, digits_root, tiny_clip_weights, train_dir, seed, "base")
+            _run(trainer, digits_root, tiny_clip_weights, test_dir, seed, "new", "--eval-only", "--model-dir",
+                 train_dir, "--load-epoch", "2" if trainer != "ZeroshotCLIP" else "-1")
+            folders[trainer, seed] = (train_dir, test_dir)
+    return str(root), folders
+
+
+def test_records_say_what_a_hand_run_job_was(handrun):
+    _, folders = handrun
+    train_dir, test_dir = folders["CoOp", 1]
+    base, new = load_record(os.path.join(train_dir, "result.json")), load_record(os.path.join(test_dir, "result.json"))
+    assert (base.job.protocol, base.job.role, base.job.phase, base.job.task) == ("b2n", "base", "train", "")
+    assert (new.job.protocol, new.job.role, new.job.phase) == ("b2n", "new", "eval")
+    assert new.source_folder() == os.path.normpath(train_dir) and new.job.source_dataset == "Digits"
+    assert not os.path.exists(os.path.join(train_dir, "job.json"))
+
+
+def test_results_cli_writes_the_b2n_comparison_of_hand_run_jobs(handrun, capsys):
+    root, folders = handrun
+    assert results_main([root, "--no-plots"]) == 0
+    report = open(os.path.join(root, "report.md")).read()
+    assert report.startswith("# Results") and "## Comparison" in report
+    with open(os.path.join(root, "tables", "compare_b2n.csv")) as f:
+        table = {row["method"]: row for row in csv.DictReader(f)}
+    assert set(table) == set(METHODS)
+    for trainer in METHODS:
+        base = [load_record(os.path.join(folders[trainer, s][0], "result.json")).accuracy for s in SEEDS]
+        new = [load_record(os.path.join(folders[trainer, s][1], "result.json")).accuracy for s in SEEDS]
+        row = table[trainer]
+        assert float(row["Digits Base mean"]) == pytest.approx(mean(base))
+        assert float(row["Digits Base std"]) == pytest.approx(pstdev(base))
+        assert float(row["Digits New mean"]) == pytest.approx(mean(new))
+        assert float(row["Digits H mean"]) == pytest.approx(harmonic_mean(mean(base), mean(new)))
+        assert float(row["Average H mean"]) == pytest.approx(harmonic_mean(mean(base), mean(new)))
+    with open(os.path.join(root, "tables", "compare_cost.csv")) as f:
+        cost = {row["method"]: row for row in csv.DictReader(f)}
+    meter = "eval peak MB (cpu_profiler_tensor_bytes)"
+    assert cost["ZeroshotCLIP (b2n)"][meter] and cost["CoOp (b2n)"][meter]  # one meter for zero-shot and trained
+
+
+def test_readme_script_pastes_the_generated_comparison_between_its_markers(handrun, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_tables", REPO / "scripts" / "readme_tables.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root, _ = handrun
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{script.BEGIN}\nold text\n{script.END}\noutro\n")
+    assert script.main([root, "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    block = text.split(script.BEGIN)[1].split(script.END)[0]
+    assert block.strip() == script.comparison_markdown(root).strip() and "old text" not in text
+    assert "| method |" in block and "| KgCoOp |" in block and text.endswith(f"{script.END}\noutro\n")
+    assert script.main([root, "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    assert script.main([root, "--readme", str(readme)]) == 2
+
+
+def test_the_readme_shows_a_generated_comparison():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- comparison:begin -->")[1].split("<!-- comparison:end -->")[0]
+    assert "| method |" in block and "train peak MB (cpu_profiler_tensor_bytes)" in block
