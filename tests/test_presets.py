@@ -137,9 +137,9 @@ def test_script_runs_on_a_miniature_root_and_writes_tables(script, args, jobs, c
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert _successes(tmp_path) == jobs
     tables = {p.name for p in (tmp_path / "run" / "tables").glob("*.csv")}
-    assert "cost.csv" in tables and len(tables) > 1, tables
+    assert "compare_cost.csv" in tables and len(tables) > 1, tables
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "# Results" in report and "## Cost" in report
+    assert report.startswith("# Results\n\n## Comparison") and "cost per method and protocol" in report
 
 
 def test_script_help_and_bad_options():

@@ -77,7 +77,7 @@ def test_b2n_table_equals_the_hand_computed_numbers(run):
     acc = _acc(find_records(out), "coop_b2n")
     table = {r["dataset"].strip("*"): r for r in _table(out, "coop_b2n.b2n")}
     base_means, new_means = {}, {}
-    for d in ("digits", "mini_shapes"):
+    for d in ("Digits", "MiniShapes"):  # records and tables name datasets by their registry names
         base = [acc[d, s, "base", 4] for s in (1, 2)]
         new = [acc[d, s, "new", 4] for s in (1, 2)]
         base_means[d], new_means[d] = mean(base), mean(new)
@@ -95,15 +95,15 @@ def test_fewshot_xd_and_dg_tables_equal_the_hand_computed_numbers(run):
     few = _acc(rows, "coop_fewshot")
     table = {r["dataset"].strip("*"): r for r in _table(out, "coop_fewshot.fewshot")}
     for k in (1, 2):
-        column = next(c for c in table["digits"] if c.startswith(f"{k}-shot") and "std" not in c)
-        assert float(table["digits"][column]) == pytest.approx(few["digits", 1, "fewshot", k])
+        column = next(c for c in table["Digits"] if c.startswith(f"{k}-shot") and "std" not in c)
+        assert float(table["Digits"][column]) == pytest.approx(few["Digits", 1, "fewshot", k])
     xd = {(r.job.role, r.job.dataset): r.metrics["accuracy"] for r in rows if r.job.task == "coop_xd"}
     xd_row = next(r for r in _table(out, "coop_xd.xd") if "mean" in next(iter(r.values())))
-    assert float(xd_row["mini_union"]) == pytest.approx(xd["source", "mini_union"])
-    assert float(xd_row["average_xd"]) == pytest.approx(mean([xd["target", "digits"], xd["target", "mini_shapes"]]))
+    assert float(xd_row["MiniUnion"]) == pytest.approx(xd["source", "MiniUnion"])
+    assert float(xd_row["average_xd"]) == pytest.approx(mean([xd["target", "Digits"], xd["target", "MiniShapes"]]))
     dg_row = next(r for r in _table(out, "coop_xd.dg") if "mean" in next(iter(r.values())))
     assert float(dg_row["average_dg"]) == pytest.approx(
-        mean([xd["variant", "mini_union_sketch"], xd["variant", "mini_union_v2"]]))
+        mean([xd["variant", "MiniUnionSketch"], xd["variant", "MiniUnionV2"]]))
     report = open(os.path.join(out, "report.md")).read()
     for part in ("## Comparison", "coop_b2n", "coop_fewshot", "average_xd", "average_dg", "cost per method",
                  "plots/fewshot.png"):

@@ -181,7 +181,7 @@ def test_a_tiny_minibench_task_gives_the_same_tables_as_local(cluster, digits_ro
         tables[kind] = (out / "tables" / "coop.b2n.csv").read_text()
         records = [json.loads(p.read_text()) for p in out.rglob("result.json")]
         assert len(records) == 2 and {r["runner"]["device"] for r in records} == {RAY_DEVICE if kind == "ray" else CPU}
-    assert tables["ray"] == tables["local"] and "digits" in tables["local"]
+    assert tables["ray"] == tables["local"] and "Digits" in tables["local"]
 
 
 def _zero_shot_suite(path, executor: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 from yacs.config import CfgNode as CN
 
 from vltune.config.defaults import get_cfg_default
-from vltune.config.nodes import flat_keys, flatten_dict, under
+from vltune.config.nodes import flat_keys, under
 from vltune.fileio import atomic_write
 
 #: keys that do not change what a run computes: where it writes, where the data sits, how chatty it is, and the
@@ -79,7 +79,7 @@ def identity(cfg: CN) -> dict[str, Any]:
 
 def identity_of_saved(config: dict[str, Any]) -> dict[str, Any]:
     """The identity of a config saved in a record of schema 1 (which has no ``identity`` of its own)."""
-    flat = flatten_dict(config)
+    flat = flat_keys(config)
     return identity_of(flat, weights_identity(str(flat.get("MODEL.BACKBONE.NAME", "")),
                                               str(flat.get("MODEL.BACKBONE.WEIGHTS", ""))))
 

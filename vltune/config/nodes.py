@@ -12,25 +12,14 @@ from typing import Any
 from yacs.config import CfgNode as CN
 
 
-def flat_keys(cfg: CN, prefix: str = "") -> dict[str, Any]:
-    """``{"OPTIM.LR": 0.002, ...}`` for every leaf of ``cfg``."""
+def flat_keys(cfg: CN | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"OPTIM.LR": 0.002, ...}`` for every leaf of a yacs config or of a plain nested dict (a config saved in
+    result.json)."""
     out: dict[str, Any] = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"
-        if isinstance(v, CN):
+        if isinstance(v, dict):  # CfgNode is a dict
             out.update(flat_keys(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def flatten_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``flat_keys`` for a plain nested dict (a config saved in result.json)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_dict(v, key + "."))
         else:
             out[key] = v
     return out
