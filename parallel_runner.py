@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)
 
 import vltune  # noqa: E402,F401  (compat shim first)
 from vltune.runner.executor import CPU, Executor, InlineExecutor, LocalExecutor  # noqa: E402
-from vltune.runner.jobs import Job, expand  # noqa: E402
+from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
@@ -213,6 +213,7 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
     root = experiments.base.output_root
     if experiments.base.prepare == "minibench":
         prepare_minibench(experiments)
+        refresh_identities(jobs)  # the mini CLIP may have just been made: identify it by its content
     notifier = Notifier(experiments, enabled=not args.no_mail)
     progress = Progress(live=False if args.plain else None)
     try:
@@ -238,7 +239,8 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
     notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
     c = result.counts
     print(f"\n{report}\n{c['success']}/{len(jobs)} jobs succeeded, {c['failed']} failed, {c['skipped']} skipped, "
-          f"{c['stale']} stale, {c['cancelled']} cancelled in {time.time() - started:.0f} s; report: {os.path.join(root, 'report.md')}")
+          f"{c['stale']} stale, {c['cancelled']} cancelled in {time.time() - started:.0f} s; "
+          f"report: {os.path.join(root, 'report.md')}")
     for f in result.failures():
         print(f"  {f['status']}: {f['job']} (exit code {f['exit_code']}) -> {f['folder']}", file=sys.stderr)
     if stale:

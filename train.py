@@ -29,12 +29,21 @@ import yaml
 import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
 from vltune.cli import build_parser
 from vltune.config import ConfigError, get_cfg
+from vltune.config.identity import format_diff, identity, identity_diff, identity_hash
 from vltune.engine import build_trainer, set_random_seed
 from vltune.logs import setup_logging
 from vltune.registry import RegistryError
-from vltune.config.identity import format_diff, identity, identity_diff, identity_hash
-from vltune.results.record import (JobInfo, Record, config_to_dict, environment, infer_protocol_role, load_record,
-                                   read_record, record_identity, write_json_atomic)
+from vltune.results.record import (
+    JobInfo,
+    Record,
+    config_to_dict,
+    environment,
+    infer_protocol_role,
+    load_record,
+    read_record,
+    record_identity,
+    write_json_atomic,
+)
 
 logger = logging.getLogger("train")
 

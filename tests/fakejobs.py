@@ -41,7 +41,8 @@ if kid:
 def fake_job(root: str, name: str, events: str, *, sleep: float = 0.0, fail: int = 0, task: str = "t",
              depends_on: str = "", grandchild: bool = False) -> Job:
     out = os.path.join(root, name)
-    code = SCRIPT.format(out=out, events=events, name=name, sleep=sleep, fail=fail, identity=IDENTITY, grandchild=grandchild)
+    code = SCRIPT.format(out=out, events=events, name=name, sleep=sleep, fail=fail, identity=IDENTITY,
+                         grandchild=grandchild)
     return Job(task=task, out=out, argv=[sys.executable, "-c", code], depends_on=os.path.join(root, depends_on)
                if depends_on else "", role=name, dataset=name, identity=dict(IDENTITY))
 

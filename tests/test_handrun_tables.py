@@ -25,7 +25,8 @@ def _run(trainer: str, root: str, weights: str, out: str, seed: int, subsample: 
     config = str(REPO / "configs" / "trainers" / trainer / f"{METHODS[trainer]}.yaml")
     argv = ["--root", root, "--seed", str(seed), "--trainer", trainer, "--dataset-config-file", DIGITS,
             "--config-file", config, "--output-dir", out, *extra, "MODEL.BACKBONE.WEIGHTS", weights,
-            "USE_CUDA", "False", "DATASET.NUM_SHOTS", "4", "OPTIM.MAX_EPOCH", "2", "DATASET.SUBSAMPLE_CLASSES", subsample]
+            "USE_CUDA", "False", "DATASET.NUM_SHOTS", "4", "OPTIM.MAX_EPOCH", "2",
+            "DATASET.SUBSAMPLE_CLASSES", subsample]
     assert train.main(argv, console=False) == 0
 
 

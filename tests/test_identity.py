@@ -12,8 +12,14 @@ from conftest import tiny_opts
 from yacs.config import CfgNode as CN
 
 from vltune.config import get_cfg
-from vltune.config.identity import (file_digest, identity, identity_diff, identity_hash, identity_of_saved,
-                                    trainer_units)
+from vltune.config.identity import (
+    file_digest,
+    identity,
+    identity_diff,
+    identity_hash,
+    identity_of_saved,
+    trainer_units,
+)
 from vltune.config.nodes import under
 from vltune.engine import build_trainer
 from vltune.registry import TRAINERS, ConfigOwnershipError, RegistryError

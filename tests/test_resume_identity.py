@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+from conftest import REPO
 from yacs.config import CfgNode as CN
 
 import parallel_runner
@@ -141,3 +142,19 @@ def test_changing_a_key_marks_exactly_that_tasks_jobs_stale_and_the_rest_runs(su
     assert all(_stamps(copy)[p] == before[p] for p in untouched)
     job = json.loads(open(os.path.join(os.path.dirname(coop[0]), "job.json")).read())
     assert job["identity"]["OPTIM.LR"] == 0.05
+
+
+def test_a_weights_file_made_after_expansion_is_identified_by_content_before_jobs_run(tmp_path, digits_root,
+                                                                                        tiny_clip_weights):
+    from vltune.runner.jobs import expand, refresh_identities
+    from vltune.runner.schema import load_experiments
+
+    later = tmp_path / "weights" / "made-later.pt"  # MiniBench pretrains its CLIP after the jobs are expanded
+    config = _write(tmp_path, digits_root, str(later), str(tmp_path / "out"))
+    jobs = expand(load_experiments(config, str(REPO)), str(REPO))
+    assert all(j.identity["weights"] == f"missing:{later}" for j in jobs)
+    later.parent.mkdir()
+    shutil.copy(tiny_clip_weights, later)
+    refresh_identities(jobs)
+    digest = identity_module.file_digest(str(later))
+    assert all(j.identity["weights"] == f"sha256:{digest}" for j in jobs)

@@ -154,7 +154,8 @@ def test_a_finished_folder_of_another_config_is_stale_kept_and_named_and_the_res
         json.dump(stale, f)
     scheduler = Scheduler(jobs, [Lane([0], 1, ["t", "u"])], LocalExecutor(), poll_s=0.02)
     report = scheduler.stale_report()
-    assert "task 't': 1 job folders hold a finished run of a different config: fake.key old value → fake value" in report
+    assert ("task 't': 1 job folders hold a finished run of a different config: fake.key old value → fake value"
+            in report)
     assert "--rerun-stale" in report and "'u'" not in report
     result = scheduler.run()
     assert dict(result.counts) == {"stale": 1, "skipped": 1, "success": 1}  # b needs a's model; c runs

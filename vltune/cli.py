@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="build the trainer but do not train")
     p.add_argument("--pre_train_exp_name", type=str, default="", help="accepted for CoPrompt scripts")
     p.add_argument("--job-meta", type=str, default="",
-                   help="JSON of the job's place in a benchmark (task, protocol, role, grid, grid_name, index), set by "
-                        "the runner and saved in result.json; a job run by hand has its protocol and role inferred")
+                   help="JSON of the job's place in a benchmark (task, protocol, role, grid, grid_name, index), set "
+                        "by the runner and saved in result.json; a job run by hand has its protocol and role inferred")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 

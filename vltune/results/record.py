@@ -1,4 +1,4 @@
-"""``result.json``: one record per run, written atomically by ``train.py``, read by the runner, the tables and the mail.
+"""``result.json``: one record per run, written atomically by ``train.py``, read by the runner, the tables and mail.
 
 One schema (``Record``, ``JobInfo``), version ``SCHEMA``::
 

@@ -165,7 +165,8 @@ def expand(experiments: Experiments, repo: str, only: list[str] | None = None, h
 
 def fill_identities(jobs: list[Job]) -> None:
     """Set every job's identity from the config ``train.py`` will build (fails on any bad key). The weights digest
-    is computed once per weights file and cached for the jobs."""
+    is computed once per weights file and cached for the jobs. A weights file that does not exist yet (MiniBench
+    makes its mini CLIP before the first job) gives ``missing:<path>``: ``refresh_identities`` fills it in later."""
     from vltune.cli import job_config
     from vltune.config import ConfigError
     from vltune.config.identity import identity, identity_hash
@@ -177,3 +178,10 @@ def fill_identities(jobs: list[Job]) -> None:
         except (ConfigError, RegistryError, FileNotFoundError) as e:
             raise SuiteError(f"task {j.task!r}, job {j.label}: {e}") from None
         j.identity_hash = identity_hash(j.identity)
+
+
+def refresh_identities(jobs: list[Job]) -> None:
+    """Recompute the identities whose weights file was missing when the jobs were expanded, once it exists."""
+    from vltune.config.identity import WEIGHTS_KEY
+
+    fill_identities([j for j in jobs if str(j.identity.get(WEIGHTS_KEY, "")).startswith("missing:")])

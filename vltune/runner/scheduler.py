@@ -107,8 +107,8 @@ def _now() -> str:
 def _bare_record(job: Job, status: str, error: str) -> dict[str, Any]:
     """The record of a job that left none of its own (skipped, or ended without writing one)."""
     info = JobInfo(trainer=job.trainer, config=job.config, dataset=job.dataset, shots=job.shots, seed=job.seed,
-                   phase="eval" if "--eval-only" in job.argv else "train", protocol=job.protocol, role=job.role, task=job.task, grid=dict(job.grid),
-                   grid_name=job.grid_name, index=job.index,
+                   phase="eval" if "--eval-only" in job.argv else "train", protocol=job.protocol, role=job.role,
+                   task=job.task, grid=dict(job.grid), grid_name=job.grid_name, index=job.index,
                    subsample={"base": "base", "new": "new"}.get(job.role, "all"))
     if job.depends_on:
         info.source = os.path.relpath(job.depends_on, job.out)
@@ -284,6 +284,8 @@ class Scheduler:
         if record is None or record.get("status") != status:
             why = {0: "exited 0 without a successful result.json of the job's config"}.get(
                 code, f"exit code {code}" + (" (killed by signal)" if code is not None and code < 0 else ""))
+            if code == 0 and record and record.get("status") == "success":
+                why = f"exited 0 with a result.json of another config ({format_diff(_difference(record, s.job))})"
             record = _bare_record(s.job, status, f"{why}; see {s.job.out}")
         record["runner"] = {"exit_code": code, "device": str(h.device), "wall_s": round(s.wall_s, 2),
                             "started_at": datetime.datetime.fromtimestamp(h.started).isoformat(timespec="seconds"),
