@@ -5,7 +5,9 @@ comparison with the numbers computed here from the records. No runner, no job.js
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 from statistics import mean, pstdev
 
 import pytest
@@ -103,3 +105,27 @@ def test_the_readme_shows_a_generated_comparison():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- comparison:begin -->")[1].split("<!-- comparison:end -->")[0]
     assert "| method |" in block and "train peak MB (cpu_profiler_tensor_bytes)" in block
+
+
+def test_malformed_records_are_named_skipped_and_the_report_is_still_written(handrun, tmp_path, capsys):
+    root, folders = handrun
+    copy = tmp_path / "runs"
+    shutil.copytree(root, copy)
+    bad_accuracy = copy / os.path.relpath(folders["CoOp", 1][1], root) / "result.json"
+    record = json.loads(bad_accuracy.read_text())
+    record["metrics"]["accuracy"] = "high"
+    bad_accuracy.write_text(json.dumps(record))
+    cut = copy / os.path.relpath(folders["KgCoOp", 2][0], root) / "result.json"
+    cut.write_text(cut.read_text()[:200])
+    wrong_shape = copy / "extra" / "result.json"
+    wrong_shape.parent.mkdir()
+    wrong_shape.write_text(json.dumps({"status": "success", "job": ["not", "a", "mapping"]}))
+    untouched = {p: p.read_bytes() for p in copy.rglob("result.json")}
+    assert results_main([str(copy), "--no-plots"]) == 0
+    report = (copy / "report.md").read_text()
+    assert "**3 record(s) skipped**" in report
+    for path, why in ((bad_accuracy, "metrics.accuracy 'high' is not a number"), (cut, "unreadable"),
+                      (wrong_shape, "malformed")):
+        assert f"`{path}`: " in report and why in report.split(f"`{path}`: ")[1].splitlines()[0]
+    assert "| CoOp |" in report and "| ZeroshotCLIP |" in report  # the rest is still compared
+    assert {p: p.read_bytes() for p in copy.rglob("result.json")} == untouched  # nothing rewritten

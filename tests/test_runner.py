@@ -300,3 +300,16 @@ def test_inline_jobs_detach_their_log_file_when_they_end(tmp_path):
     logging.getLogger("vltune.after").warning("after the job")
     text = (out / "log.txt").read_text()
     assert handle.poll() == 0 and "inside the job" in text and "after the job" not in text
+
+
+def test_a_malformed_finished_record_is_kept_and_named_not_a_crash(tmp_path):
+    events = str(tmp_path / "events.jsonl")
+    job = fake_job(str(tmp_path), "a", events)
+    os.makedirs(job.out)
+    damaged = json.dumps({"status": "success", "job": ["not", "a", "mapping"]})
+    with open(os.path.join(job.out, "result.json"), "w") as f:
+        f.write(damaged)
+    scheduler = Scheduler([job], [Lane([0], 1, ["t"])], LocalExecutor(), poll_s=0.02)
+    assert "result.json malformed" in scheduler.stale_report()
+    assert dict(scheduler.run().counts) == {"stale": 1} and not read_events(events)
+    assert open(os.path.join(job.out, "result.json")).read() == damaged

@@ -129,6 +129,27 @@ class Record:
     path: str = ""  # where it was read from (not saved)
     schema: int = SCHEMA
 
+    def problems(self) -> list[str]:
+        """What makes this record unusable for tables ([] when nothing): wrong types where tables compute."""
+        out = []
+        if self.status not in ("success", "failed", "cancelled", "skipped"):
+            out.append(f"status {self.status!r} is not success/failed/cancelled/skipped")
+        for name in ("shots", "seed", "index"):
+            if not isinstance(getattr(self.job, name), int) or isinstance(getattr(self.job, name), bool):
+                out.append(f"job.{name} {getattr(self.job, name)!r} is not an integer")
+        for name in ("trainer", "dataset", "protocol", "role", "task", "grid_name", "source"):
+            if not isinstance(getattr(self.job, name), str):
+                out.append(f"job.{name} {getattr(self.job, name)!r} is not a string")
+        if self.job.protocol not in PROTOCOLS:
+            out.append(f"job.protocol {self.job.protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        if self.status == "success" and not _is_number(self.metrics.get("accuracy")):
+            out.append(f"metrics.accuracy {self.metrics.get('accuracy')!r} is not a number")
+        for key, value in self.cost.items():
+            if key.endswith(("_s", "_mb", "_params", "_bytes", "_per_s")) and value is not None and not _is_number(
+                    value):
+                out.append(f"cost.{key} {value!r} is not a number")
+        return out
+
     @property
     def accuracy(self) -> float | None:
         """The test accuracy of a successful run, else None."""
@@ -189,20 +210,48 @@ def record_identity(record: Record) -> dict[str, Any]:
     return identity_of_saved(record.config)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_record(path: str) -> Record | None:
     """The record at ``path`` (a ``result.json``), or None when missing or unreadable."""
     d = read_record(path)
     return Record.from_dict(d, path) if d is not None else None
 
 
-def find_records(root: str) -> list[Record]:
+def find_records(root: str, skipped: list[tuple[str, str]] | None = None) -> list[Record]:
     """Every ``result.json`` under ``root`` (any folder of runs: the runner's output, hand-run ``train.py`` jobs, or
-    both), ordered by pipeline index, then by folder."""
+    both), ordered by pipeline index, then by folder.
+
+    A record that cannot be read (not JSON, not an object) or whose fields have the wrong types (``Record.problems``,
+    also for the ``job.json`` a schema-1 record is completed from) is left out, so one damaged file never stops the
+    tables; ``skipped`` (when given) receives ``(path, reason)`` for each.
+    """
     out = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
-        if "result.json" in files and (r := load_record(os.path.join(folder, "result.json"))) is not None:
-            out.append(r)
+        if "result.json" not in files:
+            continue
+        path = os.path.join(folder, "result.json")
+        reason = ""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            record = Record.from_dict(data, path) if isinstance(data, dict) else None
+            if record is None:
+                reason = f"not a JSON object ({type(data).__name__})"
+            elif problems := record.problems():
+                reason = "; ".join(problems)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            reason = f"unreadable: {e}"
+        except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong shape (e.g. "job": [])
+            reason = f"malformed: {type(e).__name__}: {e}"
+        if reason:
+            if skipped is not None:
+                skipped.append((path, reason))
+            continue
+        out.append(record)
     out.sort(key=lambda r: (r.job.index < 0, r.job.index, r.path))
     return out
 

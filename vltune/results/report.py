@@ -10,6 +10,7 @@ plots, then the per-task tables as an appendix (``tables.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from vltune.fileio import atomic_write
@@ -17,6 +18,8 @@ from vltune.results.compare import Method, comparison_tables, find_methods, task
 from vltune.results.formats import Table
 from vltune.results.record import Record, find_records
 from vltune.results.tables import task_tables
+
+logger = logging.getLogger(__name__)
 
 
 def _all_tables(methods: list[Method]) -> list[Table]:
@@ -36,11 +39,17 @@ def _section(table: Table) -> list[str]:
     return [f"*{table.title}*", "", table.to_markdown(), ""]
 
 
-def render_report(records: list[Record], plots: list[str] | None = None) -> str:
+def render_report(records: list[Record], plots: list[str] | None = None,
+                  skipped: list[tuple[str, str]] | None = None) -> str:
     """report.md's text: the comparison section, the plots (paths relative to the report's folder), the per-task
-    appendix."""
+    appendix; ``skipped`` records (path, reason) are listed first, so a damaged file is seen, not silently lost."""
     methods = find_methods(records)
-    parts = ["# Results", "", "## Comparison", ""]
+    parts = ["# Results", ""]
+    if skipped:
+        parts += [f"**{len(skipped)} record(s) skipped** (unreadable or malformed; fix or delete them, then rebuild "
+                  "with `python -m vltune.results DIR`):", "", *(f"- `{path}`: {reason}" for path, reason in skipped),
+                  ""]
+    parts += ["## Comparison", ""]
     parts += [line for t in comparison_tables(methods) for line in _section(t)]
     if plots:
         parts += ["## Plots", "", *(f"![{os.path.splitext(os.path.basename(p))[0]}]({p})" for p in plots), ""]
@@ -76,16 +85,20 @@ def rebuild_files(root: str, plots: bool = True) -> tuple[str, list[str]]:
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"output folder not found: {root}")
-    records = find_records(root)
+    skipped: list[tuple[str, str]] = []
+    records = find_records(root, skipped)
+    for path, reason in skipped:
+        logger.warning(f"skipped {path}: {reason}")
     if not records:
-        raise ValueError(f"no result.json under {root}; is it a folder of runs?")
+        raise ValueError(f"no usable result.json under {root}; is it a folder of runs?"
+                         + "".join(f"\n  skipped {p}: {r}" for p, r in skipped))
     written = write_tables(records, root)
     plot_paths: list[str] = []
     if plots:
         from vltune.results.plots import write_plots  # matplotlib is only needed here
 
         plot_paths = write_plots(records, root)
-    report = render_report(records, plot_paths)  # plot paths are relative to root, where report.md goes
+    report = render_report(records, plot_paths, skipped)  # plot paths are relative to root, where report.md goes
     report_path = os.path.join(root, "report.md")
     atomic_write(report_path, report.encode())
     return report, [report_path, *written, *(os.path.join(root, p) for p in plot_paths)]

@@ -120,8 +120,11 @@ def _difference(record: dict[str, Any] | None, job: Job) -> list[tuple[str, Any,
     """How a successful record's identity differs from the job's ([] when it is this job's result)."""
     if not job.identity or not record:
         return []
-    return identity_diff(record_identity(Record.from_dict(record, os.path.join(job.out, "result.json"))),
-                         job.identity)
+    try:
+        recorded = record_identity(Record.from_dict(record, os.path.join(job.out, "result.json")))
+    except (TypeError, ValueError, AttributeError) as e:  # a damaged record: kept and named, never silently rerun
+        return [("result.json", f"malformed ({type(e).__name__}: {e})", "this job's config")]
+    return identity_diff(recorded, job.identity)
 
 
 def _counts_as_done(record: dict[str, Any] | None, job: Job) -> bool:
