@@ -10,16 +10,21 @@
 Each job is ``train.py`` in its own process group with ``CUDA_VISIBLE_DEVICES`` set to its GPU, in its own folder
 (``stdout.log``, ``stderr.log``, ``log.txt``, ``config.yaml``, ``result.json``). Evaluations start as soon as their
 own train job has succeeded. A finished job is not run again, so an interrupted suite continues where it stopped.
-Ctrl-C ends the jobs this runner started and records them as cancelled. Exit code: 0 when every job succeeded,
-1 when any failed, was cancelled or skipped, 2 on a bad experiment file, 130 when interrupted.
+Ctrl-C ends the jobs this runner started and records them as cancelled. Mail goes out on a worker thread and never
+holds up a job or changes the exit code; at the end the runner waits at most ``mail.final_wait_s`` for it (a
+Ctrl-C ends that wait at once). Exit code: 0 when every job succeeded, 1 when any failed, was cancelled or skipped,
+2 on a bad experiment file or an output folder that cannot be written (read-only, disk full), 130 when interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -126,18 +131,27 @@ def print_plan(scheduler: Scheduler, experiments: Experiments) -> None:
 
 
 class Notifier:
-    """Mails a summary after each task and at the end; a mail problem is logged and never stops the run."""
+    """Mails a summary after each task and at the end; a mail problem is logged and never stops the run.
+
+    The summary is built here (tables, plots) but sent by a :class:`~vltune.notify.MailQueue` worker thread:
+    ``task_done`` runs inside the scheduler loop, and waiting there for an SMTP server would leave free slots idle
+    (and let a signal meant for the jobs land in the middle of a mail).
+    """
 
     def __init__(self, experiments: Experiments, enabled: bool) -> None:
+        from vltune.notify import MailQueue
+
         self.settings = experiments.base.mail
         self.enabled = enabled and bool(self.settings and self.settings.enabled)
         self.root = experiments.base.output_root
+        self.queue = MailQueue(self.settings) if self.enabled else None
 
     def send(self, title: str, rows: list, failures: list[dict]) -> None:
-        if not self.enabled:
+        """Build the summary of ``rows`` and queue it; returns without waiting for the server."""
+        if self.queue is None:
             return
         try:
-            from vltune.notify import send_mail, summary_body, summary_subject
+            from vltune.notify import summary_body, summary_subject
             from vltune.results.plots import write_plots
             from vltune.results.record import Record
             from vltune.results.report import render_report
@@ -149,12 +163,36 @@ class Notifier:
             body = summary_body(title, render_report(records), failures)
             subject = summary_subject(title, counts["success"], counts["failed"], counts["skipped"],
                                       counts["cancelled"])
-            send_mail(self.settings, subject, body, [os.path.join(self.root, p) for p in plots])
+            self.queue.submit(subject, body, [os.path.join(self.root, p) for p in plots])
         except Exception:  # noqa: BLE001  (mail is a courtesy: never let it end the suite)
             logger.exception("could not build or send the summary mail; the run goes on")
 
     def task_done(self, task: str, result: SuiteResult) -> None:
         self.send(task, [(j, r) for j, r in result.rows if j.task == task], result.failures(task))
+
+    def finish(self) -> bool:
+        """Wait at most ``mail.final_wait_s`` for the mails still queued; SIGINT, SIGTERM or SIGHUP end the wait at
+        once (the user has already waited for the suite). True when every mail was sent or given up in time."""
+        if self.queue is None or not self.queue.pending():
+            return True
+        wait_s = self.settings.final_wait_s
+        where = self.queue.where
+        stop = threading.Event()
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+        try:
+            print(f"waiting up to {wait_s:g} s for the summary mail to {where} (Ctrl-C to skip)", flush=True)
+            done = self.queue.wait(wait_s, stop)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if not done:
+            why = "a signal ended the wait" if stop.is_set() else f"still pending after {wait_s:g} s (final_wait_s)"
+            logger.warning("mail to %s: %d summary mail(s) not sent: %s; the runner exits without them", where,
+                           self.queue.pending(), why)
+        return done
 
 
 def write_outputs(root: str) -> str:
@@ -164,17 +202,40 @@ def write_outputs(root: str) -> str:
     return rebuild(root)
 
 
+# Errors of the output folder's file system: reported in one line with what to do, not as a traceback.
+STORAGE_ERRNOS = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOSPC: "the disk is full",
+                  errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def storage_error_line(e: OSError, root: str) -> str:
+    """One line for an output folder that cannot be written: what failed, where, and what to do."""
+    where = e.filename or root
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = ("free space there (or set base['output']['root'] to another disk) and run again; finished jobs "
+                "keep their results and are not rerun")
+    else:
+        todo = "make the folder writable or set base['output']['root'] to a writable folder, then run again"
+    return f"error: cannot write {where} ({STORAGE_ERRNOS[e.errno]}): {todo}"
+
+
 def _setup_logging(root: str) -> None:
+    """Warnings to stderr, everything to ``<root>/runner.log``; replaces the handlers of an earlier call (tests
+    call ``main`` more than once in one process)."""
     os.makedirs(root, exist_ok=True)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(logging.WARNING)
     file_handler = logging.FileHandler(os.path.join(root, "runner.log"))
     for name in ("parallel_runner", "vltune.notify", "vltune.runner"):
         log = logging.getLogger(name)
+        for old in [h for h in log.handlers if getattr(h, "_vltune_runner", False)]:
+            log.removeHandler(old)
+            old.close()
         log.setLevel(logging.INFO)
         log.addHandler(handler)
         log.addHandler(file_handler)
         log.propagate = False
+    handler._vltune_runner = file_handler._vltune_runner = True  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,15 +255,17 @@ def main(argv: list[str] | None = None) -> int:
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _setup_logging(root)
     try:
+        _setup_logging(root)
         with RunnerLock(root):
             return run(experiments, jobs, args, scheduler_args)
-    except LockedError as e:
+    except (LockedError, SuiteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        print(storage_error_line(e, root), file=sys.stderr)
         return 2
 
 
@@ -245,6 +308,7 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         print(f"  {f['status']}: {f['job']} (exit code {f['exit_code']}) -> {f['folder']}", file=sys.stderr)
     if stale:
         print(f"warning: {stale}", file=sys.stderr)
+    notifier.finish()
     if result.interrupted:
         return 130
     return 0 if c["success"] == len(jobs) else 1

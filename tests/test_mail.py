@@ -12,6 +12,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
 import zlib
 from email.message import EmailMessage
@@ -62,6 +63,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class TrickleServer:
+    """A raw TCP server on 127.0.0.1 that answers every connection with an endless multi-line SMTP greeting, one
+    byte every ``every_s`` seconds: each read gets a byte well within any socket timeout, so only an overall
+    deadline can end the conversation. ``disconnected`` is set once a client has closed its socket."""
+
+    GREETING = b"220-slow.example trickles its greeting\r\n"
+
+    def __init__(self, every_s: float = 0.3) -> None:
+        self.every_s = every_s
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.connected.set()
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        with conn:
+            i = 0
+            while not self.stop.is_set():
+                try:
+                    conn.sendall(self.GREETING[i % len(self.GREETING):][:1])
+                except OSError:  # the client closed the connection (EPIPE / ECONNRESET)
+                    self.disconnected.set()
+                    return
+                i += 1
+                self.stop.wait(self.every_s)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def trickle_server():
+    server = TrickleServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture
@@ -322,12 +377,50 @@ def test_silent_server_times_out(caplog):
     assert f"127.0.0.1:{port}" in caplog.text and "timed out" in caplog.text
 
 
+def test_byte_trickling_server_is_cut_off_at_the_deadline(trickle_server, caplog):
+    # timeout_s bounds each read; the server sends a byte every 0.3 s forever, so only deadline_s ends the send.
+    settings = MailSettings(enabled=True, host="127.0.0.1", port=trickle_server.port, security="none",
+                            sender="a@b.c", to="x@y.z", timeout_s=2, deadline_s=1.0)
+    outcome: dict = {}
+    sender = threading.Thread(target=lambda: outcome.update(ok=send_mail(settings, "s", "b")), daemon=True)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="vltune.notify"):
+        sender.start()
+        sender.join(10)  # a hung send fails the test instead of hanging it
+        elapsed = time.monotonic() - start
+    assert not sender.is_alive(), "send_mail still blocked after 10 s"
+    assert outcome["ok"] is False and trickle_server.connected.is_set()
+    assert 0.9 < elapsed < 1.8
+    assert f"127.0.0.1:{trickle_server.port}" in caplog.text and "deadline_s" in caplog.text
+    assert trickle_server.disconnected.wait(5)  # the socket was really closed, not left trickling
+    assert not [t for t in threading.enumerate() if t.name.startswith("vltune-smtp")]
+
+
+def test_mail_queue_returns_at_once_and_waits_boundedly(trickle_server, caplog):
+    from vltune.notify import MailQueue
+
+    settings = MailSettings(enabled=True, host="127.0.0.1", port=trickle_server.port, security="none",
+                            sender="a@b.c", to="x@y.z", timeout_s=2, deadline_s=0.6)
+    queue = MailQueue(settings)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="vltune.notify"):
+        queue.submit("one", "b")
+        queue.submit("two", "b")
+        assert time.monotonic() - start < 0.2 and queue.pending() == 2
+        assert queue.wait(0.2) is False  # a bounded wait, still pending
+        assert queue.wait(5) is True  # each send gives up at its deadline
+    assert 1.1 < time.monotonic() - start < 3
+    assert caplog.text.count(f"127.0.0.1:{trickle_server.port} not sent") == 2
+
+
 # ---------------------------------------------------------------------------------------------------- settings
 
 
 def test_from_dict_unknown_key_suggests(tmp_path):
     with pytest.raises(ValueError, match=r"base\[\"mail\"\]\[\"hots\"\].*did you mean 'host'.*valid keys: enabled"):
         MailSettings.from_dict(dict(hots="smtp.example.org"), str(tmp_path))
+    with pytest.raises(ValueError, match=r"\[\"final_wait\"\].*did you mean 'final_wait_s'"):
+        MailSettings.from_dict(dict(final_wait=5), str(tmp_path))
 
 
 @pytest.mark.parametrize("key", ["password", "pass", "passwd", "secret", "token", "smtp_password"])
@@ -384,6 +477,9 @@ def test_from_dict_to_string_and_defaults(tmp_path):
         (dict(port=70000), "port"),
         (dict(security="tls"), "security"),
         (dict(sender="", user=""), "sender"),
+        (dict(timeout_s=0), "timeout_s"),
+        (dict(deadline_s=-1), "deadline_s"),
+        (dict(final_wait_s="60"), "final_wait_s"),
     ],
 )
 def test_enabled_settings_validated(change, key):

@@ -14,8 +14,11 @@ import logging
 import mimetypes
 import os
 import smtplib
+import socket
 import ssl
 import stat
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -51,6 +54,9 @@ class MailSettings:
         password_file: a file outside the repository holding the password on its first line; ``~`` is expanded.
         ca_file: extra CA bundle to trust, for servers with a private CA.
         timeout_s: socket timeout for every SMTP operation, in seconds.
+        deadline_s: the most wall-clock seconds one message may take, connect to quit; a server that answers one
+            byte at a time never trips ``timeout_s``, so this is what bounds a send.
+        final_wait_s: the most seconds the runner waits, at the end of a suite, for mails still being sent.
         subject_prefix: put before every subject, so mail filters can sort the summaries.
     """
 
@@ -73,6 +79,12 @@ class MailSettings:
     )
     ca_file: str = field(default="", metadata={"help": "extra CA bundle to trust, for servers with a private CA"})
     timeout_s: float = field(default=20.0, metadata={"help": "socket timeout for every SMTP operation, in seconds"})
+    deadline_s: float = field(
+        default=60.0, metadata={"help": "the most seconds one message may take, connect to quit"}
+    )
+    final_wait_s: float = field(
+        default=60.0, metadata={"help": "the most seconds the runner waits for its mails at the end of a suite"}
+    )
     subject_prefix: str = field(default="[vltune]", metadata={"help": "put before every subject"})
 
     def __post_init__(self) -> None:
@@ -104,8 +116,16 @@ class MailSettings:
                 f"{_setting('sender')} and {_setting('user')} are both empty: set sender to the From address "
                 "(or user, which is also used as the From address)"
             )
-        if not self.timeout_s > 0:
-            raise ValueError(f"{_setting('timeout_s')} = {self.timeout_s!r} must be a positive number of seconds")
+        for key in ("timeout_s", "deadline_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{_setting(key)} = {value!r} must be a positive number of seconds")
+        if isinstance(self.final_wait_s, bool) or not isinstance(self.final_wait_s, (int, float)) or not (
+            self.final_wait_s >= 0
+        ):
+            raise ValueError(
+                f"{_setting('final_wait_s')} = {self.final_wait_s!r} must be a number of seconds (0 or more)"
+            )
 
     @property
     def from_addr(self) -> str:
@@ -261,7 +281,8 @@ def send_mail(settings: MailSettings, subject: str, body: str, attachments: Sequ
 
     Never raises: a refused connection, a timeout, a TLS or login error or a missing attachment is logged (with
     ``host:port`` and the reason) and gives False, because a notification must not fail a suite. Returns False
-    without connecting when mail is not enabled.
+    without connecting when mail is not enabled. Returns within ``settings.deadline_s`` (plus building the
+    message), however slowly the server answers.
 
     Args:
         settings: server, security, login and recipients.
@@ -300,54 +321,210 @@ def send_mail(settings: MailSettings, subject: str, body: str, attachments: Sequ
                 settings.password_env,
             )
             return False
-    try:
-        context = None
-        if settings.security in ("ssl", "starttls"):
-            context = ssl.create_default_context(cafile=settings.ca_file or None)
-        # The constructors connect. The host must be given to them (not to a later connect()): it is the name the
-        # certificate is checked against, for SMTP_SSL and for starttls().
-        if settings.security == "ssl":
-            smtp = smtplib.SMTP_SSL(settings.host, settings.port, timeout=settings.timeout_s, context=context)
-        else:
-            smtp = smtplib.SMTP(settings.host, settings.port, timeout=settings.timeout_s)
-        # try/finally rather than `with smtp`: its __exit__ sends QUIT even after a timeout, which would wait a
-        # second timeout_s on a hung server.
-        try:
-            if settings.security == "starttls":
-                smtp.starttls(context=context)
-            if settings.user:
-                smtp.login(settings.user, password)
-            refused = smtp.send_message(msg, from_addr=settings.from_addr, to_addrs=settings.to)
+    return _Session(settings, msg, password, where).deliver()
+
+
+class MailQueue:
+    """Sends mails one after another on a daemon worker thread, so that the caller (the runner's scheduler loop)
+    never waits for an SMTP server; each send is bounded by ``settings.deadline_s`` (see :func:`send_mail`).
+
+    ``submit`` returns at once; ``wait`` gives the end of a run a bounded wait for what is still queued.
+    """
+
+    def __init__(self, settings: MailSettings) -> None:
+        self.settings = settings
+        self._items: list[tuple[str, str, list[str]]] = []
+        self._pending = 0  # queued plus the one being sent
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.settings.host}:{self.settings.port}"
+
+    def submit(self, subject: str, body: str, attachments: Sequence[str] = ()) -> None:
+        """Queue one mail; nothing happens when mail is not enabled."""
+        if not self.settings.enabled:
+            return
+        with self._cond:
+            self._items.append((subject, body, list(attachments)))
+            self._pending += 1
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="vltune-mail", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Mails submitted and not yet sent or given up."""
+        with self._cond:
+            return self._pending
+
+    def wait(self, timeout_s: float, stop: threading.Event | None = None) -> bool:
+        """Wait until every submitted mail is sent or given up, at most ``timeout_s`` seconds, or until ``stop`` is
+        set; True when nothing is left pending."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or (stop is not None and stop.is_set()):
+                    return False
+                self._cond.wait(min(left, 0.05))  # short: a signal handler sets `stop` without notifying
+            return True
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items:
+                    self._cond.wait()
+                subject, body, attachments = self._items.pop(0)
             try:
-                smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                pass  # the server has accepted the mail; a failed goodbye changes nothing
-        finally:
-            smtp.close()
-    except smtplib.SMTPAuthenticationError as e:
-        source = f"password_file {settings.password_file}" if settings.password_file else settings.password_env
-        logger.error(
-            "mail to %s not sent: login as %r refused (%s %s); check the password in %s",
-            where,
-            settings.user,
-            e.smtp_code,
-            _decode(e.smtp_error),
-            source,
+                send_mail(self.settings, subject, body, attachments)
+            except BaseException as e:  # noqa: BLE001  (send_mail does not raise; the worker must outlive a bug)
+                logger.error("mail to %s not sent: unexpected %s: %s", self.where, type(e).__name__, e)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+
+class _TrackedSMTP(smtplib.SMTP):
+    """``smtplib.SMTP`` that hands every socket it opens to the session of the calling thread, so that a deadline
+    can close it from outside (``smtplib`` only knows per-read timeouts)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock = super()._get_socket(host, port, timeout)
+        session = getattr(_current, "session", None)
+        if session is not None:
+            session.track(self, sock)
+        return sock
+
+
+class _TrackedSMTP_SSL(smtplib.SMTP_SSL, _TrackedSMTP):  # MRO: SMTP_SSL wraps the socket _TrackedSMTP tracked
+    """``smtplib.SMTP_SSL`` with the socket tracking of :class:`_TrackedSMTP`."""
+
+
+_current = threading.local()
+
+
+class _Session:
+    """One SMTP conversation (connect, TLS, login, send, quit) run on a daemon thread under a wall-clock deadline.
+
+    ``timeout_s`` bounds each socket read, so a server that sends a byte every few seconds would hold a plain
+    ``smtplib`` call for hours. :meth:`deliver` waits at most ``deadline_s``; past it, the session's sockets are
+    shut down (the blocked read then fails and the thread ends) and the thread is abandoned if it still does not
+    end (e.g. stuck in a TLS handshake on a detached socket; it is a daemon and dies with the process).
+    """
+
+    def __init__(self, settings: MailSettings, msg: EmailMessage, password: str, where: str) -> None:
+        self.settings, self.msg, self.password, self.where = settings, msg, password, where
+        self.ok = False
+        self._lock = threading.Lock()
+        self._finished = False
+        self._abandoned = False
+        self._sockets: list[socket.socket] = []
+        self._smtp: smtplib.SMTP | None = None
+
+    def deliver(self) -> bool:
+        """Run the conversation; True when the server accepted the mail within the deadline."""
+        thread = threading.Thread(target=self._run, name=f"vltune-smtp {self.where}", daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(self.settings.deadline_s)
+        with self._lock:
+            if self._finished:
+                return self.ok
+            self._abandoned = True
+            sockets = [*self._sockets, *([self._smtp.sock] if self._smtp and self._smtp.sock else [])]
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed, or detached by a TLS wrap
+        logger.warning(
+            "mail to %s not sent: no complete answer within deadline_s = %g s (gave up after %.1f s)",
+            self.where,
+            self.settings.deadline_s,
+            time.monotonic() - started,
         )
         return False
-    except smtplib.SMTPRecipientsRefused as e:
-        logger.error("mail to %s not sent: every recipient was refused: %s", where, _refusals(e.recipients))
-        return False
-    except (OSError, smtplib.SMTPException) as e:  # refused, timeout, TLS (ssl.SSLError is an OSError), protocol
-        logger.warning("mail to %s not sent: %s: %s", where, type(e).__name__, e or "no reason given")
-        return False
-    except Exception as e:  # a notification must never raise
-        logger.error("mail to %s not sent: unexpected %s: %s", where, type(e).__name__, e)
-        return False
-    if refused:
-        logger.warning("mail to %s: some recipients were refused: %s", where, _refusals(refused))
-    logger.info("mail %r sent to %s via %s", msg["Subject"], ", ".join(settings.to), where)
-    return True
+
+    def track(self, smtp: smtplib.SMTP, sock: socket.socket) -> None:
+        with self._lock:
+            self._smtp = smtp
+            self._sockets.append(sock)
+
+    def _run(self) -> None:
+        _current.session = self
+        try:
+            ok = self._converse()
+        except BaseException as e:  # noqa: BLE001  (a notification must never raise, not even on its own thread)
+            ok = False
+            self._log(logging.ERROR, "mail to %s not sent: unexpected %s: %s", self.where, type(e).__name__, e)
+        with self._lock:
+            self.ok, self._finished = ok, True
+
+    def _log(self, level: int, fmt: str, *args: object) -> None:
+        """Log, unless :meth:`deliver` has given up on this session (it has logged why; the rest is noise)."""
+        with self._lock:
+            if self._abandoned:
+                return
+        logger.log(level, fmt, *args)
+
+    def _converse(self) -> bool:
+        settings, msg, where = self.settings, self.msg, self.where
+        try:
+            context = None
+            if settings.security in ("ssl", "starttls"):
+                context = ssl.create_default_context(cafile=settings.ca_file or None)
+            # The constructors connect. The host must be given to them (not to a later connect()): it is the name the
+            # certificate is checked against, for SMTP_SSL and for starttls().
+            if settings.security == "ssl":
+                smtp = _TrackedSMTP_SSL(settings.host, settings.port, timeout=settings.timeout_s, context=context)
+            else:
+                smtp = _TrackedSMTP(settings.host, settings.port, timeout=settings.timeout_s)
+            # try/finally rather than `with smtp`: its __exit__ sends QUIT even after a timeout, which would wait a
+            # second timeout_s on a hung server.
+            try:
+                if settings.security == "starttls":
+                    smtp.starttls(context=context)
+                if settings.user:
+                    smtp.login(settings.user, self.password)
+                refused = smtp.send_message(msg, from_addr=settings.from_addr, to_addrs=settings.to)
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    pass  # the server has accepted the mail; a failed goodbye changes nothing
+            finally:
+                smtp.close()
+        except smtplib.SMTPAuthenticationError as e:
+            source = f"password_file {settings.password_file}" if settings.password_file else settings.password_env
+            self._log(
+                logging.ERROR,
+                "mail to %s not sent: login as %r refused (%s %s); check the password in %s",
+                where,
+                settings.user,
+                e.smtp_code,
+                _decode(e.smtp_error),
+                source,
+            )
+            return False
+        except smtplib.SMTPRecipientsRefused as e:
+            self._log(
+                logging.ERROR, "mail to %s not sent: every recipient was refused: %s", where, _refusals(e.recipients)
+            )
+            return False
+        except (OSError, smtplib.SMTPException) as e:  # refused, timeout, TLS (ssl.SSLError is an OSError), protocol
+            self._log(
+                logging.WARNING, "mail to %s not sent: %s: %s", where, type(e).__name__, e or "no reason given"
+            )
+            return False
+        except Exception as e:  # a notification must never raise
+            self._log(logging.ERROR, "mail to %s not sent: unexpected %s: %s", where, type(e).__name__, e)
+            return False
+        if refused:
+            self._log(logging.WARNING, "mail to %s: some recipients were refused: %s", where, _refusals(refused))
+        self._log(logging.INFO, "mail %r sent to %s via %s", msg["Subject"], ", ".join(settings.to), where)
+        return True
 
 
 def _decode(value: bytes | str) -> str:
