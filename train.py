@@ -30,6 +30,7 @@ import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
 from vltune.cli import build_parser
 from vltune.config import ConfigError, get_cfg
 from vltune.config.identity import format_diff, identity, identity_diff, identity_hash
+from vltune.config.validate import trainer_trains, validate_cfg
 from vltune.engine import build_trainer, set_random_seed
 from vltune.logs import setup_logging
 from vltune.registry import RegistryError
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None, console: bool = True) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = get_cfg(args)
+        validate_cfg(cfg, trainer_trains(cfg.TRAINER.NAME, eval_only=args.eval_only or args.no_train))
         _check_job_meta(args.job_meta)
     except (ConfigError, RegistryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

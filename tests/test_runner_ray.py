@@ -184,20 +184,22 @@ def test_a_tiny_minibench_task_gives_the_same_tables_as_local(cluster, digits_ro
     assert tables["ray"] == tables["local"] and "Digits" in tables["local"]
 
 
-def _zero_shot_suite(path, executor: str) -> str:
-    path.write_text("base = dict(data=dict(root='data'), model=dict(backbone='vltune-tiny'), output=dict(root='o'),"
-                    f" executor={executor})\nzs = dict(trainer='ZeroshotCLIP', config='tiny', protocol='b2n',"
+def _zero_shot_suite(path, executor: str, root: str = "data", weights: str = "") -> str:
+    path.write_text(f"base = dict(data=dict(root={root!r}), model=dict(backbone='vltune-tiny', weights={weights!r}),"
+                    f" output=dict(root='o'), executor={executor})\n"
+                    "zs = dict(trainer='ZeroshotCLIP', config='tiny', protocol='b2n',"
                     " datasets=['digits'], eval_only=True)\npipeline = [dict(gpu_ids=[], tasks=['zs'])]\n")
     return str(path)
 
 
-def test_without_ray_the_runner_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+def test_without_ray_the_runner_says_how_to_install_it(monkeypatch, tmp_path, capsys, digits_root,
+                                                       tiny_clip_weights):
     import parallel_runner
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(ImportError, match="pip install -r requirements-ray.txt"):
         import_ray()
-    configs = _zero_shot_suite(tmp_path / "configs.py", "dict(kind='ray')")
+    configs = _zero_shot_suite(tmp_path / "configs.py", "dict(kind='ray')", digits_root, tiny_clip_weights)
     assert parallel_runner.main(["--config", configs, "--plain", "--no-mail"]) == 2
     assert "executor 'ray' was chosen but Ray is not installed" in capsys.readouterr().err
 

@@ -122,13 +122,14 @@ def test_a_bad_config_key_in_opts_or_grid_fails_before_anything_runs(tmp_path):
         expand(exp, str(REPO))
 
 
-def test_dry_run_lists_the_jobs_and_errors_exit_2(tmp_path, capsys):
-    body = ('coop = dict(trainer="CoOp", config="tiny_ep10", protocol="b2n", datasets=["digits", "dtd"], '
+def test_dry_run_lists_the_jobs_and_errors_exit_2(tmp_path, capsys, digits_root, tiny_clip_weights):
+    body = ('coop = dict(trainer="CoOp", config="tiny_ep10", protocol="b2n", datasets=["digits"], '
             'seeds=[1, 2, 3])\npipeline = [dict(gpu_ids=[], tasks=["coop"])]\n')
-    path = _file(tmp_path, body)
+    header = HEADER.replace('"data"', repr(digits_root)).replace('"w.pt"', repr(tiny_clip_weights))
+    path = _file(tmp_path, body, header)
     assert parallel_runner.main(["--config", path, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "12 jobs: 12 to run, 0 done" in out and "after #0" in out
+    assert "6 jobs: 6 to run, 0 done" in out and "after #0" in out
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
     assert parallel_runner.main(["--config", path, "--dry-run", "--gpus", "7"]) == 2
     assert "GPU id 7 does not exist" in capsys.readouterr().err

@@ -90,13 +90,28 @@ def merge_file(cfg: CN, path: str) -> dict[str, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid yaml{_yaml_position(e)}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     data.pop("_BASE_", None)
     per_dataset = _per_dataset_block(data.pop("PER_DATASET", None) or {}, path)
     _merge_mapping(cfg, data, path)
     return per_dataset
+
+
+def _yaml_position(error: yaml.YAMLError) -> str:
+    """`` at line L, column C`` (1-based) of a yaml syntax error, or "" when PyYAML gives no position."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's one-line description of the problem (its ``str`` repeats the position over several lines)."""
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(error).splitlines()[0]
 
 
 def _merge_mapping(cfg: CN, data: dict, source: str) -> None:

@@ -136,11 +136,14 @@ def expand_task(task: Task, base: Base, repo: str) -> list[Job]:
     return jobs
 
 
-def expand(experiments: Experiments, repo: str, only: list[str] | None = None, hashes: bool = True) -> list[Job]:
-    """All jobs of the pipeline (or only the named tasks), with their config hashes.
+def expand(experiments: Experiments, repo: str, only: list[str] | None = None, hashes: bool = True,
+           check_files: bool = True) -> list[Job]:
+    """All jobs of the pipeline (or only the named tasks), with their config hashes, checked before anything runs.
 
-    Building each job's config here validates every trainer config, dataset yaml, ``opts`` and grid key before
-    anything runs; a mistake names the task and the job.
+    Building each job's config here validates every trainer config, dataset yaml, ``opts``, grid key and value
+    (``vltune.config.validate``); with ``check_files`` every job's weights file and dataset folder must exist too
+    (skipped for ``prepare="minibench"``, which makes both after expansion). Every problem of every job is collected
+    into one ``SuiteError`` naming the task, the job and the key or file (see ``preflight``).
     """
     for name in only or []:
         if name not in experiments.tasks:
@@ -158,23 +161,105 @@ def expand(experiments: Experiments, repo: str, only: list[str] | None = None, h
         j.argv[2:2] = ["--job-meta", json.dumps(meta, default=str)]
     if only:
         jobs = [j for j in jobs if j.task in only]
+    configs = preflight(jobs, check_files=check_files and experiments.base.prepare != "minibench")
     if hashes:
-        fill_identities(jobs)
+        fill_identities(jobs, configs)
     return jobs
 
 
-def fill_identities(jobs: list[Job]) -> None:
-    """Set every job's identity from the config ``train.py`` will build (fails on any bad key). The weights digest
-    is computed once per weights file and cached for the jobs. A weights file that does not exist yet (MiniBench
-    makes its mini CLIP before the first job) gives ``missing:<path>``: ``refresh_identities`` fills it in later."""
+def preflight(jobs: list[Job], check_files: bool = True) -> list[Any]:
+    """Build and validate every job's config; with ``check_files`` also check that its weights file and dataset
+    folder exist. Returns the configs (in job order) when nothing is wrong.
+
+    A mistake found only when a job starts fails every job of a suite one by one (a missing weights file, an
+    unknown optimizer); here all of them are listed at once, before anything runs, also under ``--dry-run``. A
+    problem shared by several jobs of a task is listed once, with the count of the other jobs it affects.
+
+    Raises:
+        SuiteError: listing every problem, each naming the task, the (first) job and the key or file.
+    """
+    from vltune.cli import job_config
+    from vltune.config import ConfigError
+    from vltune.config.validate import trainer_trains, validate_cfg
+    from vltune.registry import RegistryError
+
+    problems: dict[tuple[str, str], list[str]] = {}
+    configs: list[Any] = []
+    checked: dict[tuple[str, ...], str] = {}  # a file check's result, shared by the jobs that need the same file
+    for j in jobs:
+        found: list[str] = []
+        try:
+            cfg = job_config(j.argv[2:])
+            validate_cfg(cfg, trainer_trains(cfg.TRAINER.NAME, eval_only="--eval-only" in j.argv))
+        except (ConfigError, RegistryError, FileNotFoundError) as e:
+            cfg = None
+            found.append(str(e))
+        configs.append(cfg)
+        if cfg is not None and check_files:
+            for key in (("weights", cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS),
+                        ("dataset", cfg.DATASET.NAME, cfg.DATASET.ROOT)):
+                if key not in checked:
+                    checked[key] = _missing_weights(*key[1:]) if key[0] == "weights" else _missing_dataset(*key[1:])
+                if checked[key]:
+                    found.append(checked[key])
+        for text in found:
+            problems.setdefault((j.task, text), []).append(j.label)
+    if problems:
+        lines = []
+        for (task, text), labels in problems.items():
+            more = f" (and {len(labels) - 1} more job(s) of this task)" if len(labels) > 1 else ""
+            lines.append(f"  - task {task!r}, job {labels[0]}{more}: " + text.replace("\n", "\n      "))
+        raise SuiteError(f"pre-flight found {len(problems)} problem(s); nothing was run:\n" + "\n".join(lines))
+    return configs
+
+
+def _missing_weights(backbone: str, weights: str) -> str:
+    """"" when ``MODEL.BACKBONE.WEIGHTS`` (or the default search path of ``backbone``) holds a file, else why not."""
+    from vltune.clip.loading import find_weights
+
+    try:
+        find_weights(backbone, weights)
+    except (FileNotFoundError, ValueError) as e:
+        return f"MODEL.BACKBONE.WEIGHTS {weights!r}: {e}"
+    return ""
+
+
+def _missing_dataset(name: str, root: str) -> str:
+    """"" when the dataset ``name`` looks usable under ``root`` by its own layout (its folder, image folder and split
+    file, or a way to rebuild the split), else what is missing. Nothing is read or decoded: a fast check;
+    ``python -m vltune.data check`` does the thorough one."""
+    import datasets  # noqa: F401  (registers the datasets)
+    from vltune.data.base import CoOpDataset
+    from vltune.registry import DATASETS
+
+    cls = DATASETS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, CoOpDataset)):
+        return ""
+    ds = cls.at(root)
+    where = f"DATASET.ROOT {root!r}, dataset {name}"
+    for path in (ds.dataset_path, ds.image_path):
+        if not os.path.isdir(path):
+            return (f"{where}: folder {path} not found; expected under the root: {ds.expected_layout()} "
+                    "(python -m vltune.data check --root ROOT checks a data root)")
+    rebuildable = type(ds).build_split is not CoOpDataset.build_split
+    if ds.split_file and not ds.split_source() and not rebuildable:
+        return f"{where}: split file {ds.split_path} not found; expected under the root: {ds.expected_layout()}"
+    return ""
+
+
+def fill_identities(jobs: list[Job], configs: list[Any] | None = None) -> None:
+    """Set every job's identity from the config ``train.py`` will build (fails on any bad key), or from ``configs``
+    (one per job, already built by ``preflight``). The weights digest is computed once per weights file and cached
+    for the jobs. A weights file that does not exist yet (MiniBench makes its mini CLIP before the first job) gives
+    ``missing:<path>``: ``refresh_identities`` fills it in later."""
     from vltune.cli import job_config
     from vltune.config import ConfigError
     from vltune.config.identity import identity, identity_hash
     from vltune.registry import RegistryError
 
-    for j in jobs:
+    for i, j in enumerate(jobs):
         try:
-            j.identity = identity(job_config(j.argv[2:]))
+            j.identity = identity(configs[i] if configs else job_config(j.argv[2:]))
         except (ConfigError, RegistryError, FileNotFoundError) as e:
             raise SuiteError(f"task {j.task!r}, job {j.label}: {e}") from None
         j.identity_hash = identity_hash(j.identity)

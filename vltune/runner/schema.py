@@ -39,6 +39,67 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+#: what a configs.py value may be, by the name the errors use
+_EXPECTED = {
+    "str": "a string",
+    "bool": "a bool (True or False)",
+    "int": "an integer",
+    "ints": "an integer or a list of integers, e.g. [1, 2, 3]",
+    "strs": "a string or a list of strings",
+    "dict": "a dict",
+    "opts": "a list of KEY VALUE items, e.g. ['OPTIM.MAX_EPOCH', '5'] (keys strings, values strings or numbers)",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fits(value: Any, kind: str) -> bool:
+    """Whether ``value`` has the type ``kind`` (a key of ``_EXPECTED``) asks for; a bool is not an integer."""
+    seq = (list, tuple)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return _is_int(value)
+    if kind == "ints":
+        return _is_int(value) or (isinstance(value, seq) and all(_is_int(x) for x in value))
+    if kind == "strs":
+        return isinstance(value, str) or (isinstance(value, seq) and all(isinstance(x, str) for x in value))
+    if kind == "dict":
+        return isinstance(value, dict)
+    return (isinstance(value, seq) and all(isinstance(x, str) for x in value[0::2])
+            and all(isinstance(x, (str, int, float, bool)) for x in value[1::2]))
+
+
+def _fix_for(value: Any, kind: str) -> str:
+    """A did-you-mean for a value of the wrong type that reads as the right one (``"False"``, ``"1,2"``, ``3.0``)."""
+    text = str(value).strip()
+    if kind == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return f" (did you mean {text.lower() in ('true', '1', 'yes')}?)"
+    if kind in ("int", "ints") and isinstance(value, str):
+        parts = [p.strip() for p in text.strip("[]()").split(",") if p.strip()]
+        if parts and all(p.lstrip("-").isdigit() for p in parts):
+            numbers = [int(p) for p in parts]
+            return f" (did you mean {numbers[0] if len(numbers) == 1 else numbers}?)"
+    if kind in ("int", "ints") and isinstance(value, float) and value.is_integer():
+        return f" (did you mean {int(value)}?)"
+    return ""
+
+
+def _check_types(where: str, d: dict[str, Any], kinds: dict[str, str]) -> None:
+    """Raise a ``SuiteError`` for the first value of ``d`` whose type is not ``kinds[key]``, naming the key, the value
+    given, its type and the type expected (with a did-you-mean when the value reads as a valid one). Without it,
+    ``eval_only="False"`` is truthy and silently skips training, and ``seeds="1,2"`` ends in a traceback."""
+    for key, kind in kinds.items():
+        if key in d and not _fits(d[key], kind):
+            value = d[key]
+            raise SuiteError(f"{where}: {key!r} = {value!r} ({type(value).__name__}){_fix_for(value, kind)}; "
+                             f"expected {_EXPECTED[kind]}")
+
+
 @dataclass
 class Grid:
     """A grid search over config keys.
@@ -53,6 +114,7 @@ class Grid:
     mode: str = field(default="product", metadata={"help": "product | zip"})
 
     def __post_init__(self) -> None:
+        _check_types("grid", {"params": self.params, "mode": self.mode}, {"params": "dict", "mode": "str"})
         if self.mode not in GRID_MODES:
             raise SuiteError(f"grid mode {self.mode!r}; choose one of {', '.join(GRID_MODES)}")
         if not self.params:
@@ -105,14 +167,21 @@ class Task:
     grid: Grid | None = None
     config_file: str = field(default="", repr=False)  # resolved yaml path
 
+    TYPES = {"trainer": "str", "config": "str", "protocol": "str", "datasets": "strs", "seeds": "ints",
+             "shots": "ints", "eval_only": "bool", "source": "str", "variants": "strs", "opts": "opts"}
+
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any], repo: str) -> Task:
         valid = [f.name for f in fields(cls) if f.name not in ("name", "config_file")]
         _check_keys(f"task {name!r}", d, valid)
+        _check_types(f"task {name!r}", d, cls.TYPES)
         for key in ("trainer", "config", "protocol", "datasets"):
             if key not in d:
                 raise SuiteError(f"task {name!r}: missing key {key!r}")
         grid = d.get("grid")
+        if grid is not None and not isinstance(grid, (dict, Grid)):
+            raise SuiteError(f"task {name!r}: 'grid' = {grid!r} ({type(grid).__name__}); expected a dict(params="
+                             "{KEY: [values]}, mode='product' | 'zip')")
         if isinstance(grid, dict):
             _check_keys(f"task {name!r} grid", grid, [f.name for f in fields(Grid)])
             try:
@@ -231,6 +300,7 @@ class Base:
         from vltune.notify import MailSettings
 
         _check_keys("base", d, cls.KEYS)
+        _check_types("base", d, {"prepare": "str", "slots_per_gpu": "int"})
         for key in ("data", "model", "output"):
             if not isinstance(d.get(key), dict):
                 raise SuiteError(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
@@ -238,6 +308,9 @@ class Base:
         _check_keys("base['data']", d["data"], ("root",))
         _check_keys("base['model']", d["model"], ("backbone", "weights"))
         _check_keys("base['output']", d["output"], ("root",))
+        _check_types("base['data']", d["data"], {"root": "str"})
+        _check_types("base['model']", d["model"], {"backbone": "str", "weights": "str"})
+        _check_types("base['output']", d["output"], {"root": "str"})
         if d.get("prepare", "") not in PREPARE:
             raise SuiteError(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
 
@@ -280,6 +353,7 @@ class ExecutorSettings:
         if not isinstance(d, dict):
             raise SuiteError(f"base['executor'] must be a dict(kind='local' | 'ray', ...), got {d!r}")
         _check_keys("base['executor']", d, [f.name for f in fields(cls)])
+        _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int"})
         settings = cls(**d)
         if settings.kind not in cls.KINDS:
             raise SuiteError(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
@@ -354,10 +428,8 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
         where = f"{path}: pipeline[{i}]"
         if not isinstance(raw, dict):
             raise SuiteError(f"{where} must be a dict(gpu_ids=[...], tasks=[...])")
-        try:
-            _check_keys(where, raw, [f.name for f in fields(Stage)])
-        except SuiteError as e:
-            raise SuiteError(str(e)) from None
+        _check_keys(where, raw, [f.name for f in fields(Stage)])
+        _check_types(where, raw, {"gpu_ids": "ints", "tasks": "strs", "slots_per_gpu": "int"})
         stage = Stage(gpu_ids=[int(g) for g in _as_list(raw.get("gpu_ids", []))],
                       tasks=[str(t) for t in _as_list(raw.get("tasks", []))],
                       slots_per_gpu=int(slots_per_gpu or raw.get("slots_per_gpu", 0) or base.slots_per_gpu))
