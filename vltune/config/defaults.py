@@ -56,6 +56,9 @@ def get_cfg_default() -> CN:
     _C.DATASET.CIFAR_C_LEVEL = 1  # Dassl leftover, accepted and ignored
     _C.DATASET.ALL_AS_UNLABELED = False  # Dassl leftover, accepted and ignored
     _C.DATASET.SUBSAMPLE_CLASSES = "all"  # all | base (first ceil(C/2) labels) | new (the rest); relabelled from 0
+    # [vltune] True accepts a class with no train image as Dassl does (it silently drops the class and shifts the
+    # base/new cut); False (default) stops before training, naming the class and the split file
+    _C.DATASET.ALLOW_MISSING_CLASSES = False
 
     _C.DATALOADER = CN()
     _C.DATALOADER.NUM_WORKERS = 4  # loader worker processes (0 loads in the main process)

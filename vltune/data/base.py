@@ -22,6 +22,10 @@ from vltune.registry import DATASETS
 logger = logging.getLogger(__name__)
 
 
+class MissingClassError(ValueError):
+    """A class has no image in the train split of a training run (see ``CoOpDataset.check_train_classes``)."""
+
+
 class DatasetBase:
     """Train/val/test lists of ``Datum`` and the label maps.
 
@@ -112,6 +116,7 @@ class CoOpDataset(DatasetBase):
             super().__init__(train_x=test, test=test)
             return
         if load_train:
+            self.check_train_classes(train, val, test, allow_missing=bool(cfg.DATASET.get("ALLOW_MISSING_CLASSES")))
             if cfg.DATASET.NUM_SHOTS >= 1:
                 train, val = self.fewshot(train, val, test, cfg.DATASET.NUM_SHOTS)
             train, val, test = splits.subsample_classes(train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
@@ -188,6 +193,32 @@ class CoOpDataset(DatasetBase):
         path = os.path.join(cache.writable_dir(self.dataset_path, "", "splits"), self.split_file)
         self._split_sha256 = hashlib.sha256(splits.save_split(train, val, test, path, self.image_path)).hexdigest()
         return train, val, test
+
+    def check_train_classes(
+        self, train: list[Datum], val: list[Datum], test: list[Datum], *, allow_missing: bool = False
+    ) -> None:
+        """Raise ``MissingClassError`` when a class has no train image (``allow_missing``: only log a warning).
+
+        Dassl derives the classes from train alone, so such a class silently vanishes: the class count drops and
+        the base/new cut moves by one class, and nothing fails. Checked on the full train split, before the
+        few-shot draw (which never drops a class), so a training run stops before it starts.
+        """
+        missing = splits.classes_missing_from(train, val, test)
+        if not missing:
+            return
+        source = self.split_source() or f"the split built from the raw files under {self.dataset_path}"
+        shown = ", ".join(f"label {c} {n!r}" if n else f"label {c} (in no split)" for c, n in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        text = f"{type(self).__name__}: {len(missing)} class(es) have no train image in {source}: {shown}{more}"
+        if allow_missing:
+            logger.warning(f"{text}; DATASET.ALLOW_MISSING_CLASSES is True, so they are dropped as Dassl does")
+            return
+        raise MissingClassError(
+            f"{text}. Dassl would silently drop them (fewer classes, a shifted base/new cut). Replace the split file "
+            f"with CoOp's original (CoOp's DATASETS.md), or set DATASET.ALLOW_MISSING_CLASSES True to train without "
+            f"them as Dassl does; check the whole root with: python -m vltune.data check --root {self.root} "
+            f"--dataset {type(self).__name__}"
+        )
 
     def fewshot(
         self, train: list[Datum], val: list[Datum], test: list[Datum], num_shots: int

@@ -103,6 +103,9 @@ def check_dataset(root: str, name: str, images: str = "all") -> Report:
     except FileNotFoundError as err:
         report.problem(str(err).replace("\n", " "))
         return report
+    except splits.SplitFileError as err:  # names the file and what to do
+        report.problem(str(err))
+        return report
     except Exception as err:  # a malformed split or annotation file
         report.problem(f"cannot read the split of {ds.dataset_path}: {type(err).__name__}: {err}")
         return report
@@ -131,6 +134,13 @@ def check_dataset(root: str, name: str, images: str = "all") -> Report:
                           f"label {c}" for c in empty[:5]) or "any class"
         report.problem(f"no images for {which} ({len(empty) or 'all'} class(es)): restore those class folders under "
                        f"{ds.image_path}")
+    # an empty train was not read (the checker skips ImageNet's large train listing); it is no missing class
+    no_train = [(c, n) for c, n in splits.classes_missing_from(train, val, test) if n] if train else []
+    if no_train:
+        shown = ", ".join(f"label {c} {n!r}" for c, n in no_train[:5])
+        report.problem(f"{len(no_train)} class(es) have images in val/test but none in train ({shown}) in "
+                       f"{source or ds.split_path}: training stops on them; replace the split file with CoOp's "
+                       "original (DATASETS.md), or set DATASET.ALLOW_MISSING_CLASSES True to drop them as Dassl does")
     items = test if cls.test_only else train + val + test
     missing = [p for p in dict.fromkeys(d.impath for d in items) if not os.path.isfile(p)]
     if missing:

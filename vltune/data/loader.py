@@ -27,21 +27,58 @@ logger = logging.getLogger(__name__)
 SAMPLERS = ("RandomSampler", "SequentialSampler")
 
 
+class ImageReadError(OSError):
+    """An image of a split cannot be opened or decoded; the message names the file and the checker command.
+
+    One positional message argument only: a DataLoader worker re-raises the error in the main process as
+    ``type(err)(message)``.
+    """
+
+
+def check_command(cfg: CfgNode | None = None) -> str:
+    """The dataset checker command line for ``cfg``'s root and dataset (a placeholder root without ``cfg``)."""
+    if cfg is None or not cfg.DATASET.ROOT:
+        return "python -m vltune.data check --root DATA"
+    name = f" --dataset {cfg.DATASET.NAME}" if cfg.DATASET.NAME else ""
+    return f"python -m vltune.data check --root {cfg.DATASET.ROOT}{name}"
+
+
+def open_image(path: str, checker: str = "python -m vltune.data check --root DATA") -> Image.Image:
+    """``path`` decoded as RGB; any failure becomes an ``ImageReadError`` naming the file and ``checker``.
+
+    PIL's own errors ("image file is truncated") do not name the file, and on a real dataset the first bad image
+    may come hours into a run; the checker lists every unreadable image of the dataset in one pass.
+    """
+    try:
+        with Image.open(path) as f:
+            return f.convert("RGB")
+    except Exception as err:  # whatever PIL raises (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ImageReadError(
+            f"cannot read image {path}: {type(err).__name__}: {err}. Replace it from the original archive; to find "
+            f"every unreadable image of the dataset at once, run: {checker}"
+        ) from err
+
+
 class DatasetWrapper(Dataset):
-    """Opens images with PIL (RGB) and applies the transform ``k_transforms`` times."""
+    """Opens images with PIL (RGB, ``open_image``) and applies the transform ``k_transforms`` times."""
 
     def __init__(
-        self, data: Sequence[Datum], transform: Callable, k_transforms: int = 1, img0_transform: Callable | None = None
+        self,
+        data: Sequence[Datum],
+        transform: Callable,
+        k_transforms: int = 1,
+        img0_transform: Callable | None = None,
+        checker: str = "python -m vltune.data check --root DATA",
     ) -> None:
         self.data, self.transform, self.k, self.img0_transform = list(data), transform, k_transforms, img0_transform
+        self.checker = checker
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
         item = self.data[index]
-        with Image.open(item.impath) as f:
-            img = f.convert("RGB")
+        img = open_image(item.impath, self.checker)
         out = {"label": item.label, "domain": item.domain, "impath": item.impath, "index": index}
         out["img"] = [self.transform(img) for _ in range(self.k)] if self.k > 1 else self.transform(img)
         if self.img0_transform is not None:
@@ -76,7 +113,7 @@ def build_data_loader(
     workers = cfg.DATALOADER.NUM_WORKERS
     seeded = cfg.SEED >= 0
     loader = DataLoader(
-        DatasetWrapper(data, transform, k_transforms, img0_transform),
+        DatasetWrapper(data, transform, k_transforms, img0_transform, check_command(cfg)),
         batch_size=batch_size,
         shuffle=sampler == "RandomSampler",
         num_workers=workers,

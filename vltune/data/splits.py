@@ -73,14 +73,84 @@ def save_split(train: Sequence[Datum], val: Sequence[Datum], test: Sequence[Datu
     return data
 
 
+class SplitFileError(ValueError):
+    """A split JSON that cannot be used: cut, not JSON, wrong shape, or a label/class-name clash; names the file."""
+
+
+#: what to do about an unusable split file (CoOp's splits are published; the builders make different ones)
+SPLIT_FILE_ADVICE = (
+    "replace it with CoOp's original split file (download: CoOp's DATASETS.md), or delete it so that a dataset "
+    "with raw annotation files rebuilds it (a rebuilt split is not CoOp's: results are not comparable)"
+)
+
+
 def read_split(path: str, prefix: str) -> Split:
-    """Read a ``split_zhou_*.json``; paths are joined to ``prefix`` and labels cast to int."""
+    """Read a ``split_zhou_*.json``; paths are joined to ``prefix`` and labels cast to int.
+
+    Raises ``SplitFileError`` naming ``path`` when the file is cut or malformed, or when one label carries two class
+    names or one class name two labels (``check_label_names``): either would silently train on wrong labels.
+    """
     logger.info(f"Reading split from {path}")
-    with open(path) as f:
-        obj = json.load(f)
-    return tuple(
-        [Datum(os.path.join(prefix, p), int(y), classname=c) for p, y, c in obj[k]] for k in ("train", "val", "test")
-    )  # type: ignore[return-value]
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        size = os.path.getsize(path)
+        raise SplitFileError(
+            f"split file {path} ({size:,} bytes) is not valid JSON ({err}); it is probably cut short by an "
+            f"interrupted download or copy: {SPLIT_FILE_ADVICE}"
+        ) from err
+    try:
+        out = tuple(
+            [Datum(os.path.join(prefix, p), int(y), classname=c) for p, y, c in obj[k]]
+            for k in ("train", "val", "test")
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise SplitFileError(
+            f'split file {path} is not a CoOp split (expected {{"train"|"val"|"test": [[path, label, '
+            f"classname], ...]}}; {type(err).__name__}: {err}): {SPLIT_FILE_ADVICE}"
+        ) from err
+    check_label_names(out, path)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+def check_label_names(split: Split, source: str) -> None:
+    """Raise ``SplitFileError`` when a label has two class names or a class name two labels in ``split``.
+
+    ``source`` (the split file) is named in the message with both names or labels and the first entry of each, so
+    the wrong line can be found.
+    """
+    names: dict[int, tuple[str, str]] = {}  # label -> (class name, "<part> entry <path>" where it first appears)
+    labels: dict[str, tuple[int, str]] = {}
+    for part, items in zip(("train", "val", "test"), split):
+        for d in items:
+            where = f"{part} entry {d.impath}"
+            name, name_at = names.setdefault(d.label, (d.classname, where))
+            if name != d.classname:
+                raise SplitFileError(
+                    f"split file {source}: label {d.label} has two class names, {name!r} ({name_at}) and "
+                    f"{d.classname!r} ({where}): {SPLIT_FILE_ADVICE}"
+                )
+            label, label_at = labels.setdefault(d.classname, (d.label, where))
+            if label != d.label:
+                raise SplitFileError(
+                    f"split file {source}: class name {d.classname!r} has two labels, {label} ({label_at}) and "
+                    f"{d.label} ({where}): {SPLIT_FILE_ADVICE}"
+                )
+
+
+def classes_missing_from(items: Sequence[Datum], *others: Sequence[Datum]) -> list[tuple[int, str]]:
+    """``(label, classname)`` of every class with no item in ``items``, sorted by label.
+
+    The classes are the labels of ``items`` and ``others`` and every label below their maximum (a gap is a class
+    too: Dassl counts ``max(label) + 1`` classes); a class seen in no list gets the name "".
+    """
+    known: dict[int, str] = {}
+    for d in (d for group in (items, *others) for d in group):
+        known.setdefault(d.label, d.classname)
+    present = {d.label for d in items}
+    top = max(known, default=-1)
+    return [(c, known.get(c, "")) for c in range(top + 1) if c not in present]
 
 
 def _group(items: Iterable[Datum]) -> dict[int, list[Datum]]:
