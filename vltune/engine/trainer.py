@@ -338,13 +338,16 @@ class TrainerX(TrainerBase):
             self._drop_stale_resume_checkpoints(keep_epoch=self.epoch + 1)
 
     def _drop_stale_resume_checkpoints(self, keep_epoch: int) -> None:
-        """Keep only the newest resume checkpoint besides the ones Dassl's rules keep (last, every FREQ)."""
+        """Keep only the two newest resume checkpoints besides the ones Dassl's rules keep (last, every FREQ).
+
+        The one before the newest is what resume falls back to when the newest turns out corrupt.
+        """
         freq = self.cfg.TRAIN.CHECKPOINT_FREQ
         for name in self._models:
             folder = os.path.join(self.output_dir, name)
             for e in saved_epochs(folder):
                 kept_by_rule = e == self.max_epoch or (freq > 0 and e % freq == 0)
-                if e != keep_epoch and not kept_by_rule:
+                if e not in (keep_epoch, keep_epoch - 1) and not kept_by_rule:
                     os.remove(os.path.join(folder, f"model.pth.tar-{e}"))
 
     def after_train(self) -> None:
