@@ -90,8 +90,8 @@ def rebuild_files(root: str, plots: bool = True) -> tuple[str, list[str]]:
     for path, reason in skipped:
         logger.warning(f"skipped {path}: {reason}")
     if not records:
-        raise ValueError(f"no usable result.json under {root}; is it a folder of runs?"
-                         + "".join(f"\n  skipped {p}: {r}" for p, r in skipped))
+        raise ValueError(f"no result.json under {root}{' that could be read' if skipped else ''}; is it a folder "
+                         "of runs?" + "".join(f"\n  skipped {p}: {r}" for p, r in skipped))
     written = write_tables(records, root)
     plot_paths: list[str] = []
     if plots:
