@@ -121,12 +121,17 @@ def coop_run(tmp_path_factory, digits_root, tiny_clip_weights):
     return digits_root, tiny_clip_weights, out
 
 
-def test_kgcoop_evaluating_a_coop_run_fails_naming_both_trainers_and_the_file(coop_run, tmp_path):
+def _evaluate_with(trainer: str, coop_run: tuple[str, str, str], out: str) -> str:
+    """Run ``trainer`` --eval-only on the CoOp run's epoch-4 checkpoint; it must fail: returns the recorded error."""
     root, weights, coop = coop_run
-    out = str(tmp_path / "kg")
-    argv = _argv("KgCoOp", root, out, weights, "--eval-only", "--model-dir", coop, "--load-epoch", "4", epochs=4)
+    argv = _argv(trainer, root, out, weights, "--eval-only", "--model-dir", coop, "--load-epoch", "4", epochs=4)
     assert train.main(argv) == 1
-    error = _record(out)["error"]
+    return _record(out)["error"]
+
+
+def test_kgcoop_evaluating_a_coop_run_fails_naming_both_trainers_and_the_file(coop_run, tmp_path):
+    coop = coop_run[2]
+    error = _evaluate_with("KgCoOp", coop_run, str(tmp_path / "kg"))
     assert "CoOp" in error and "KgCoOp" in error
     assert os.path.join(coop, "prompt_learner", "model.pth.tar-4") in error
 
@@ -152,11 +157,7 @@ def test_a_coop_run_from_before_the_trainer_field_is_refused_by_its_folder_and_l
 
 
 def test_clip_adapter_on_a_coop_run_names_the_folders_it_holds_and_their_trainer(coop_run, tmp_path):
-    root, weights, coop = coop_run
-    out = str(tmp_path / "adapter")
-    argv = _argv("CLIPAdapter", root, out, weights, "--eval-only", "--model-dir", coop, "--load-epoch", "4", epochs=4)
-    assert train.main(argv) == 1
-    error = _record(out)["error"]
+    error = _evaluate_with("CLIPAdapter", coop_run, str(tmp_path / "adapter"))
     assert "clip_adapter" in error and "prompt_learner" in error and "CoOp" in error
 
 
