@@ -39,10 +39,10 @@ def _number(key: str, value: Any, *, minimum: float, strict: bool = False, integ
 
 def trainer_trains(trainer: str, eval_only: bool = False) -> bool:
     """Whether a run of ``trainer`` trains anything: not for ``--eval-only`` nor a zero-shot trainer (registry
-    ``family="zero-shot"``: ZeroshotCLIP, ZeroshotCLIP2), which may therefore have ``OPTIM.MAX_EPOCH 0``."""
+    ``family="zero-shot"``: ZeroshotCLIP, ZeroshotCLIP2), which may therefore have ``OPTIM.MAX_EPOCH 0``.
+    The registry is filled by ``get_cfg``, which every caller has run to build the config it validates."""
     if eval_only:
         return False
-    import trainers  # noqa: F401  (fills the registry)
     from vltune.registry import TRAINERS
 
     return TRAINERS.meta(trainer).get("family") != ZERO_SHOT_FAMILY if trainer else True
