@@ -14,9 +14,10 @@ initialised from ``CTX_INIT``) plus ``text_prompts`` ((depth_t − 1) × M_t × 
     image block i<d_v: last M_v tokens ← visual_prompts[i]
     L = CE(s, y) + 25 · L1(t̃, w̄) + 10 · L1(f̃, f⁰) + KL(softmax z ‖ softmax s)
 
-``w̄_c`` is the renormalised mean of the frozen text features over the 80 ImageNet templates (raw features averaged,
-as upstream), ``f⁰`` the frozen image feature, ``z = τ f⁰ w̄ᵀ``; "frozen CLIP" is the same backbone without the hooks
-(no second CLIP). After every epoch e (1-based) the prompts are added to a running Gaussian-weighted aggregate with
+``w̄_c`` is the renormalised mean of the frozen text features over upstream's 60 ImageNet templates
+(``PROMPTSRC_TEMPLATES``, from its ``trainers/imagenet_templates.py``, not CLIP's 80; raw features averaged), ``f⁰``
+the frozen image feature, ``z = τ f⁰ w̄ᵀ``; "frozen CLIP" is the same backbone without the hooks (no second CLIP).
+After every epoch e (1-based) the prompts are added to a running Gaussian-weighted aggregate with
 ``g_e ∝ N(e; GPA_MEAN, GPA_STD)`` normalised over ``e = 1..MAX_EPOCH``; after the last epoch the prompts are replaced
 by it before the final test and before the last checkpoint is written, so eval jobs load the GPA prompts.
 
@@ -40,7 +41,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from trainers.coop import CoOp, PromptLearner, SimParts
-from vltune.clip import IMAGENET_TEMPLATES, BlockHooks
+from vltune.clip import PROMPTSRC_TEMPLATES, BlockHooks
 from vltune.registry import TRAINERS
 
 KL_TEMPERATURE = 1.0  # upstream divides both logits by 1 and scales the KL by 1 · 1 (T²)
@@ -165,7 +166,7 @@ class PromptSRCModel(nn.Module):
 
 
 @torch.no_grad()
-def ensemble_text_features(clip: nn.Module, classnames: list[str], templates: list[str] = IMAGENET_TEMPLATES,
+def ensemble_text_features(clip: nn.Module, classnames: list[str], templates: tuple[str, ...] = PROMPTSRC_TEMPLATES,
                            batch_size: int = 1000) -> torch.Tensor:
     """w̄: the mean of the RAW frozen text features over ``templates``, then normalised (upstream's
     ``fixed_embeddings``, normalised at use). Output: (C, E) float32."""
@@ -215,7 +216,7 @@ class PromptSRC(CoOp):
                                  f"{self.cfg.MODEL.BACKBONE.NAME} (ViT towers only for vision prompts)")
         learner = SRCPromptLearner(clip, self.classnames, c.N_CTX_TEXT, c.CTX_INIT, c.PROMPT_DEPTH_TEXT,
                                    c.N_CTX_VISION, c.PROMPT_DEPTH_VISION)
-        # w̄ is needed for training only: an eval job on 1000 classes would encode 80,000 prompts for nothing
+        # w̄ is needed for training only: an eval job on 1000 classes would encode 60,000 prompts for nothing
         teacher = None if self.eval_only else ensemble_text_features(clip, self.classnames)
         self.model = PromptSRCModel(clip, learner, teacher)
         self.register_model("prompt_learner", learner)

@@ -11,11 +11,12 @@ import torch
 
 from vltune.clip.backbone import BlockHooks, CLIPBackbone
 from vltune.clip.loading import create_clip, list_backbones, load_clip, resolve_arch
-from vltune.clip.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
+from vltune.clip.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT, PROMPTSRC_TEMPLATES
 
 __all__ = [
     "IMAGENET_TEMPLATES",
     "IMAGENET_TEMPLATES_SELECT",
+    "PROMPTSRC_TEMPLATES",
     "BlockHooks",
     "CLIPBackbone",
     "build_backbone",

@@ -1,8 +1,9 @@
 """Hand-written prompt templates for zero-shot CLIP and the methods that use it as a teacher or initialisation.
 
 ``IMAGENET_TEMPLATES``: the 80 ImageNet prompts of the CLIP paper (Radford et al. 2021, "Prompt Engineering for
-ImageNet"); PromptSRC's teacher averages over all of them. ``IMAGENET_TEMPLATES_SELECT``: the 7 of them used by
-CoOp's ``ZeroshotCLIP2`` ensemble.
+ImageNet"). ``PROMPTSRC_TEMPLATES``: the 60 of them that PromptSRC's teacher averages (its
+``trainers/imagenet_templates.py`` lists the first 60, "a photo of a {}." moved to the front; the order matters only
+for fp32 summation, and is kept). ``IMAGENET_TEMPLATES_SELECT``: the 7 used by CoOp's ``ZeroshotCLIP2`` ensemble.
 
 Each dataset's own hand-written template (CoOp's ``CUSTOM_TEMPLATES``) is the ``template`` attribute of its class in
 ``datasets/``, so a new dataset brings its template along. Everything here is immutable (tuples): upstream
@@ -94,6 +95,8 @@ IMAGENET_TEMPLATES: tuple[str, ...] = (
     "a photo of a small {}.",
     "a tattoo of the {}.",
 )
+
+PROMPTSRC_TEMPLATES: tuple[str, ...] = (IMAGENET_TEMPLATES[39], *IMAGENET_TEMPLATES[:39], *IMAGENET_TEMPLATES[40:60])
 
 IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
     "itap of a {}.",
