@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, tiny_opts
 
+import trainers  # noqa: F401  (fills the registry: every DePT variant, MaPLe's included)
 import trainers.dept as dept
 from trainers.coop import CoOp, SimParts
 from trainers.dept import DePTHead, DePTMixin, register_dept, resolve_settings, with_dept
@@ -24,13 +25,16 @@ from vltune.engine import build_trainer
 from vltune.registry import TRAINERS, Registry
 
 COOP = "ExtrasLinearProbeCoOp"
-VARIANTS = ["ExtrasLinearProbeCoOp", "ExtrasLinearProbeCoCoOp", "ExtrasLinearProbeKgCoOp"]
+#: every registered DePT variant (ExtrasLinearProbe<Base>), from the registry
+VARIANTS = [n for n in TRAINERS.registered_names() if issubclass(TRAINERS.get(n), DePTMixin)]
 
 
 def _cfg(root: str, weights: str, out: str, **extra):
+    name = extra.get("TRAINER.NAME", COOP)
     opts = {"TRAINER.NAME": COOP, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
             "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "OPTIM.LR_SCHEDULER": "cosine", "TRAINER.COOP.N_CTX": 4, "SEED": 1}
+            "OPTIM.LR_SCHEDULER": "cosine", "TRAINER.COOP.N_CTX": 4, "SEED": 1,
+            **(TRAINERS.meta(name).get("test_overrides") or {}).get("opts", {})}  # MaPLe: a depth the tiny CLIP has
     opts.update(extra)
     return get_cfg(opts=tiny_opts(root, weights, **opts))
 
@@ -49,19 +53,19 @@ def _train(trainer, steps: int = 3):
 
 @torch.no_grad()
 def _eval(trainer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(DePT logits, z_sim, normalised image features) of ``images`` in one evaluation."""
+    """(DePT logits, z_sim, raw image features) of ``images`` in one evaluation."""
     trainer.set_model_mode("eval")
     trainer.before_evaluate()
     try:
         logits = trainer.model_inference(images)
         parts = trainer.forward_parts(images)
-        return logits, parts.logits, parts.image
+        return logits, parts.logits, parts.raw_image
     finally:
         trainer.after_evaluate()
 
 
 def _head(trainer, image: torch.Tensor) -> torch.Tensor:
-    """head(FiLM_img(f)) written out: (B, E) → (B, C_train)."""
+    """head(FiLM_img(f)) written out, f the raw image features: (B, E) → (B, C_train)."""
     d = trainer.dept
     return (image * d.film_img.scale + d.film_img.bias) @ d.head.weight.t() + d.head.bias
 
@@ -124,9 +128,16 @@ def test_loss_is_the_weighted_sum_plus_the_base_extra_loss(name, digits_root, ra
     with torch.no_grad():
         loss, _ = trainer.loss(batch)
         parts = trainer.forward_parts(batch["img"])
-        t_y = parts.text[y] if parts.text.dim() == 2 else parts.text[torch.arange(len(y)), y]  # CoCoOp: per image
+        plain = TRAINERS.get(name).__mro__[2].forward_parts(trainer, batch["img"])  # the base, without raw features
+        assert plain.raw_image is None and plain.raw_text is None
+        torch.testing.assert_close(parts.logits, plain.logits, rtol=0, atol=0)  # asking for raw changes nothing
+        torch.testing.assert_close(parts.image, F.normalize(parts.raw_image, dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(parts.text, F.normalize(parts.raw_text, dim=-1), rtol=0, atol=0)
+        raw = parts.raw_text  # FiLM and the head read the raw features; z_sim and extra_loss the normalised ones
+        t_y = raw[y] if raw.dim() == 2 else raw[torch.arange(len(y)), y]  # CoCoOp: per image
         d = trainer.dept
-        feats = torch.cat([t_y * d.film_txt.scale + d.film_txt.bias, parts.image * d.film_img.scale + d.film_img.bias])
+        feats = torch.cat([t_y * d.film_txt.scale + d.film_txt.bias,
+                           parts.raw_image * d.film_img.scale + d.film_img.bias])
         extra = trainer.extra_loss(batch, parts)
         expected = (0.4 * F.cross_entropy(parts.logits, y) + 0.5 * F.cross_entropy(d.head(feats), torch.cat([y, y]))
                     + extra)
@@ -141,17 +152,26 @@ def test_loss_is_the_weighted_sum_plus_the_base_extra_loss(name, digits_root, ra
 def test_per_image_text_features_use_each_images_own_true_class(digits_root, random_clip_weights, tmp_path):
     trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
     g = torch.Generator().manual_seed(0)
-    image = F.normalize(torch.randn(4, 64, generator=g), dim=-1)
-    text = F.normalize(torch.randn(4, 10, 64, generator=g), dim=-1)  # (B, C, E), as CoCoOp's
+    raw_image = 3 * torch.randn(4, 64, generator=g)
+    raw_text = 3 * torch.randn(4, 10, 64, generator=g)  # (B, C, E), as CoCoOp's
+    image, text = F.normalize(raw_image, dim=-1), F.normalize(raw_text, dim=-1)
     logits = torch.randn(4, 10, generator=g)
-    trainer.forward_parts = lambda images, text_=None: SimParts(image, text, logits)
+    trainer.forward_parts = lambda images, text_=None, raw=True: SimParts(image, text, logits, raw_image, raw_text)
     trainer.extra_loss = lambda batch, parts: logits.new_zeros(())
     y = torch.tensor([3, 0, 7, 3])
     with torch.no_grad():
         loss, _ = trainer.loss({"img": None, "label": y})
-        head = trainer.dept.head(torch.cat([text[torch.arange(4), y], image]))  # FiLM is the identity at init
+        head = trainer.dept.head(torch.cat([raw_text[torch.arange(4), y], raw_image]))  # FiLM: identity at init
         expected = 0.3 * F.cross_entropy(logits, y) + 0.7 * F.cross_entropy(head, torch.cat([y, y]))
     torch.testing.assert_close(loss, expected)
+
+
+def test_a_base_without_raw_features_fails_naming_the_contract(digits_root, random_clip_weights, tmp_path):
+    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    parts = SimParts(torch.zeros(2, 64), torch.zeros(10, 64), torch.zeros(2, 10))  # normalised features only
+    trainer.forward_parts = lambda images, text_=None, raw=True: parts
+    with pytest.raises(RuntimeError, match="raw_text"):
+        trainer.loss({"img": None, "label": torch.tensor([0, 1])})
 
 
 def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(digits_root, random_clip_weights,
@@ -168,6 +188,27 @@ def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(digits_
 
 
 # ---- test-time fusion ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fused_logits_apply_film_and_head_to_the_raw_image_features(name, digits_root, random_clip_weights,
+                                                                    tmp_path):
+    """Upstream (Koorye/DePT ``elp_*.py``, every base) feeds the encoder outputs before normalisation to FiLM and the
+    head; only z_sim normalises. Written out from the base model's own raw image features, for each variant."""
+    trainer = _train(build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.NAME": name})),
+                     2)  # FiLM and the head away from their init
+    images = _images(trainer)
+    trainer.set_model_mode("eval")
+    with torch.no_grad():
+        raw = trainer.model.image_features(images, normalize=False)  # the base's image encoder output
+    norms = raw.norm(dim=-1)
+    assert not torch.allclose(norms, torch.ones_like(norms), atol=0.05), "raw features too close to unit norm"
+    logits, z_sim, _ = _eval(trainer, images)
+    w = trainer.dept_settings
+    torch.testing.assert_close(logits, w.sim_weight * z_sim + w.cls_weight * _head(trainer, raw), rtol=1e-5,
+                               atol=1e-5)
+    on_normalised = w.sim_weight * z_sim + w.cls_weight * _head(trainer, F.normalize(raw, dim=-1))
+    assert not torch.allclose(logits, on_normalised, atol=1e-3)
+
+
 def test_training_classes_fuse_by_the_formula(runs):
     trainer, _ = runs("all")
     logits, z_sim, image = _eval(trainer, _images(trainer))
@@ -201,11 +242,13 @@ def test_rows_follow_the_evaluated_names_and_order():
 
 
 @pytest.mark.parametrize("key", ["TRAINER.DEPT.TEST_TIME_FUSION", "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION"])
-def test_fusion_off_gives_z_sim(key, runs, digits_root, random_clip_weights, tmp_path):
+def test_fusion_off_gives_the_heads_logits_on_its_classes_as_upstream(key, runs, digits_root, random_clip_weights,
+                                                                       tmp_path):
     _, source = runs("all")
     off = _eval_only(digits_root, random_clip_weights, str(tmp_path), source, **{key: False})
-    logits, z_sim, _ = _eval(off, _images(off))
-    assert torch.equal(logits, z_sim)
+    logits, z_sim, raw = _eval(off, _images(off))
+    torch.testing.assert_close(logits, _head(off, raw), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, z_sim, atol=1e-3)
 
 
 # ---- checkpoints across class sets ---------------------------------------------------------------------------------
@@ -304,7 +347,9 @@ def test_shipped_yaml_files_merge(path):
 
 # ---- registration --------------------------------------------------------------------------------------------------
 def test_variants_are_the_mixin_over_each_registered_base():
-    for name, base in zip(VARIANTS, ["CoOp", "CoCoOp", "KgCoOp"]):
+    assert VARIANTS == ["ExtrasLinearProbeCoOp", "ExtrasLinearProbeCoCoOp", "ExtrasLinearProbeKgCoOp",
+                        "ExtrasLinearProbeMaPLe"]
+    for name, base in zip(VARIANTS, ["CoOp", "CoCoOp", "KgCoOp", "MaPLe"]):
         cls = TRAINERS.get(name)
         assert cls.__name__ == name and cls.__mro__[1:3] == (DePTMixin, TRAINERS.get(base))
         assert not [k for k, v in vars(cls).items() if callable(v)], "no per-base code"

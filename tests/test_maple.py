@@ -176,6 +176,44 @@ def test_vision_prompts_are_the_projected_text_prompts_of_the_same_depth():
         assert not torch.allclose(learner.vision_prompts()[0], before[0])
 
 
+# ---------------------------------------------------------------- init
+@pytest.mark.parametrize("ctx_init", ["a photo of a", ""])
+def test_deeper_projections_start_as_clones_of_one_linear_drawn_after_the_deep_prompts(ctx_init):
+    """Upstream ``MultiModalPromptLearner``: ``proj`` (F_0) is its own Linear; F_1..F_{J−1} are copies of one further
+    ``single_layer`` Linear made after the deep text prompts. Same seed, same draws in upstream's order."""
+    clip = _shared_clip(4)
+    depth, d_t, d_v = 4, clip.width_text, clip.width_image
+    torch.manual_seed(3)
+    learner = MaPLePromptLearner(clip, NAMES, M, ctx_init, depth)
+    after = torch.rand(1)
+    deep = list(learner.compound_prompt_projections)
+    assert len(deep) == depth - 1
+    for f in deep[1:]:
+        assert f is not deep[0] and f.weight is not deep[0].weight  # separate tensors that train apart
+        assert torch.equal(f.weight, deep[0].weight) and torch.equal(f.bias, deep[0].bias)
+    same_as_f0 = torch.allclose(deep[0].weight, learner.proj.weight) or torch.allclose(deep[0].bias, learner.proj.bias)
+    assert not same_as_f0, "F_1..F_{J-1} start as copies of F_0; upstream clones a Linear of their own"
+    torch.manual_seed(3)  # upstream's order of draws: [random P_0], F_0, P_1..P_{J−1}, single_layer
+    ctx = None if ctx_init else torch.empty(M, d_t).normal_(std=0.02)
+    f0 = torch.nn.Linear(d_t, d_v)
+    prompts = [torch.empty(M, d_t).normal_(std=0.02) for _ in range(depth - 1)]
+    single = torch.nn.Linear(d_t, d_v)
+    if ctx is not None:
+        torch.testing.assert_close(learner.ctx.data, ctx, rtol=0, atol=0)
+    torch.testing.assert_close(learner.proj.weight.data, f0.weight.data, rtol=0, atol=0)
+    for p, q in zip(learner.compound_prompts_text, prompts):
+        torch.testing.assert_close(p.data, q, rtol=0, atol=0)
+    torch.testing.assert_close(deep[0].weight.data, single.weight.data, rtol=0, atol=0)
+    torch.testing.assert_close(deep[-1].bias.data, single.bias.data, rtol=0, atol=0)
+    assert torch.equal(after, torch.rand(1))  # nothing else drawn: what follows (DePT's head) sees upstream's stream
+    torch.manual_seed(3)  # depth 1 still draws single_layer (cloned zero times), as upstream
+    MaPLePromptLearner(clip, NAMES, M, "a photo of a", 1)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    torch.nn.Linear(d_t, d_v), torch.nn.Linear(d_t, d_v)
+    assert torch.equal(after, torch.rand(1))
+
+
 def test_trainable_count_on_vit_b16_widths():
     """methods.md §6: M = 2, J = 9, D_t 512 → D_v 768 gives 3,555,072 parameters."""
     tiny = _shared_clip(2)

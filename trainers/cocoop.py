@@ -92,13 +92,14 @@ class CoCoOpModel(nn.Module):
         self.clip, self.prompt_learner = clip, prompt_learner
         self.text_batch_size = text_batch_size
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised image features (B, E)."""
+    def image_features(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features (B, E), normalised unless ``normalize`` is False (the encoder output)."""
         with torch.no_grad():  # nothing on the image path is trainable (the Meta-Net reads f, it does not train E_v)
-            return self.clip.encode_image(images, normalize=True)
+            return self.clip.encode_image(images, normalize=normalize)
 
-    def text_features(self, image: torch.Tensor) -> torch.Tensor:
-        """Normalised text features of every (image, class) prompt. Input: (B, E). Output: (B, C, E).
+    def text_features(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text features of every (image, class) prompt, normalised unless ``normalize`` is False (the encoder
+        output). Input: (B, E) normalised image features (the Meta-Net's input). Output: (B, C, E).
 
         The B × C prompts are flattened and encoded together (chunks of ``text_batch_size``; one call when it is 0
         or at least B × C), never one image at a time. Each chunk's prompts are built just before it is encoded, so
@@ -113,7 +114,8 @@ class CoCoOpModel(nn.Module):
         for rows in pairs.split(chunk):
             prompts, eot = learner.pair_prompts(ctx, rows // n_cls, rows % n_cls)
             features.append(self.clip.encode_text_from_embeddings(prompts, eot))
-        return F.normalize(torch.cat(features), dim=-1).view(n_img, n_cls, -1)
+        features = torch.cat(features)
+        return (F.normalize(features, dim=-1) if normalize else features).view(n_img, n_cls, -1)
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``τ · f_i · t_{i,c}``. Input: (B, E), (B, C, E). Output: (B, C)."""
@@ -147,10 +149,17 @@ class CoCoOp(PromptTrainer):
         self.model = CoCoOpModel(clip, prompt_learner, c.TEXT_BATCH_SIZE)
         self.register_model("prompt_learner", prompt_learner)
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Image features (B, E), per-image class text features (B, C, E) (``text`` if given) and logits (B, C)."""
-        image = self.model.image_features(images)
-        text = self.model.text_features(image) if text is None else text
-        return SimParts(image, text, self.model.logits(image, text))
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None, raw: bool = False) -> SimParts:
+        """Image features (B, E), per-image class text features (B, C, E) (``text`` if given) and logits (B, C);
+        with ``raw``, also the encoder outputs before normalisation (B, E) and (B, C, E) (``SimParts``)."""
+        if not raw:
+            image = self.model.image_features(images)
+            text = self.model.text_features(image) if text is None else text
+            return SimParts(image, text, self.model.logits(image, text))
+        raw_image = self.model.image_features(images, normalize=False)
+        image = F.normalize(raw_image, dim=-1)
+        raw_text = self.model.text_features(image, normalize=False) if text is None else None
+        text = F.normalize(raw_text, dim=-1) if text is None else text
+        return SimParts(image, text, self.model.logits(image, text), raw_image, raw_text)
     # eval_text_features stays None: the text features depend on each image, so there is no class-level cache to
     # build once per evaluation, and every test batch is encoded afresh.

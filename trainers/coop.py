@@ -106,14 +106,16 @@ class CoOpModel(nn.Module):
         super().__init__()
         self.clip, self.prompt_learner = clip, prompt_learner
 
-    def text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalised class text features (C, E) from the current context (of ``classes`` only, if given)."""
+    def text_features(self, classes: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
+        """Class text features (C, E) from the current context (of ``classes`` only, if given); normalised unless
+        ``normalize`` is False (the encoder output)."""
         prompts, eot = self.prompt_learner(classes)
-        return F.normalize(self.clip.encode_text_from_embeddings(prompts, eot), dim=-1)
+        return self.clip.encode_text_from_embeddings(prompts, eot, normalize=normalize)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features (B, E); normalised unless ``normalize`` is False (the encoder output)."""
         with torch.no_grad():  # nothing on the image path is trainable
-            return self.clip.encode_image(images, normalize=True)
+            return self.clip.encode_image(images, normalize=normalize)
 
     def forward(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         image = self.image_features(images)
@@ -127,11 +129,16 @@ class SimParts:
 
     ``image``: normalised image features (B, E); ``text``: normalised class text features, (C, E) or per image
     (B, C, E); ``logits``: the similarity logits τ · f · Tᵀ (B, C).
+    ``raw_image``, ``raw_text``: the encoder outputs that ``image`` and ``text`` normalise, filled only when
+    ``forward_parts(..., raw=True)`` asks for them (DePT's FiLM and head read them); ``raw_text`` stays None when
+    ``text`` was passed in (the evaluation's cached class features).
     """
 
     image: torch.Tensor
     text: torch.Tensor
     logits: torch.Tensor
+    raw_image: torch.Tensor | None = None
+    raw_text: torch.Tensor | None = None
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -141,8 +148,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 class PromptTrainer(SkipPluginMixin, TrainerX):
     """The prompt learners' contract: ``forward_parts`` gives features and logits, ``extra_loss`` a method's
-    regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods. Class text features
-    from ``eval_text_features`` are computed once per evaluation and passed to every test batch.
+    regulariser, and the loss is their sum with CE. Plugins (DePT) build on these two methods; DePT asks
+    ``forward_parts(..., raw=True)`` for the unnormalised encoder outputs too (``raw_image_features``,
+    ``raw_class_text_features``, which CoOp's model provides). Class text features from ``eval_text_features`` are
+    computed once per evaluation and passed to every test batch.
 
     **The Skip plugin** (``TRAINER.SKIP_PLUGIN``; methods.md §13, vltune's own: the reference code has none). A
     class whose ``forward_parts`` is ``image_features`` + ``class_text_features`` + τ·cos, and whose ``extra_loss``
@@ -162,10 +171,30 @@ class PromptTrainer(SkipPluginMixin, TrainerX):
     _text: torch.Tensor | None = None  # the evaluation's cached class text features
 
     # ---- the contract ----------------------------------------------------------------------------------------
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Image features, class text features (``text`` if given: cached at evaluation) and their logits."""
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None, raw: bool = False) -> SimParts:
+        """Image features, class text features (``text`` if given: cached at evaluation) and their logits.
+
+        ``raw``: also keep the encoder outputs before normalisation (``SimParts.raw_image``/``raw_text``), from
+        ``raw_image_features`` and ``raw_class_text_features``; the normalised features and logits are the same.
+        """
+        if raw:
+            raw_image = self.raw_image_features(images)
+            raw_text = self.raw_class_text_features() if text is None else None
+            image = F.normalize(raw_image, dim=-1)
+            text = F.normalize(raw_text, dim=-1) if text is None else text
+            return self.make_parts(image, text, raw_image, raw_text)
         image = self.image_features(images)
         return self.make_parts(image, self.class_text_features() if text is None else text)
+
+    def raw_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image encoder's output (B, E) before normalisation: ``image_features`` is its normalisation.
+        Trainers whose normalised features are something else (an adapter mixed in) have none."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its raw (unnormalised) image features")
+
+    def raw_class_text_features(self) -> torch.Tensor:
+        """The text encoder's output (C, E) for all classes before normalisation: ``class_text_features()`` is its
+        normalisation."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its raw (unnormalised) text features")
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised image features (B, E)."""
@@ -188,8 +217,9 @@ class PromptTrainer(SkipPluginMixin, TrainerX):
         they train; computing only the given classes is what makes CSkip cheap."""
         raise NotImplementedError
 
-    def make_parts(self, image: torch.Tensor, text: torch.Tensor) -> SimParts:
-        return SimParts(image, text, self.similarity(image, text))
+    def make_parts(self, image: torch.Tensor, text: torch.Tensor, raw_image: torch.Tensor | None = None,
+                   raw_text: torch.Tensor | None = None) -> SimParts:
+        return SimParts(image, text, self.similarity(image, text), raw_image, raw_text)
 
     def similarity(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """τ · f · Tᵀ: (B, E), (K, E) → (B, K)."""
@@ -264,6 +294,14 @@ class CoOp(PromptTrainer):
 
     def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         return self.model.text_features() if classes is None else self.model.text_features(classes)
+
+    def raw_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.image_features(images, normalize=False)
+
+    def raw_class_text_features(self) -> torch.Tensor:
+        # A subclass whose model's text_features takes no ``normalize`` (TCP's) fails here, loudly: its raw
+        # features would need its own hooks.
+        return self.model.text_features(normalize=False)
 
     def eval_text_features(self) -> torch.Tensor:
         return self.model.text_features()

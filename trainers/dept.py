@@ -5,17 +5,20 @@ no code copied).
 Trainable: the base method's parameters, plus (registered as ``dept``) ``film_img`` and ``film_txt`` (per-channel
 scale, init 1, and bias, init 0, on the E-dim joint features) and ``head = Linear(E → C_train)`` with bias.
 
-One plugin over any trainer that follows CoOp's contract (``forward_parts(images, text) -> SimParts``,
-``extra_loss(batch, parts)``, an ``inference`` that goes through ``forward_parts``). ``with_dept(Base)`` combines
-``DePTMixin`` with ``Base``; ``register_dept("Base", *aliases, trainable_params=N)`` registers
-``ExtrasLinearProbe<Base>``. With λ = CLS_WEIGHT and 1 − λ = SIM_WEIGHT:
+One plugin over any trainer that follows CoOp's contract (``forward_parts(images, text, raw=True) -> SimParts`` with
+the raw features filled, ``extra_loss(batch, parts)``, an ``inference`` that goes through ``forward_parts``).
+``with_dept(Base)`` combines ``DePTMixin`` with ``Base``; ``register_dept("Base", *aliases, trainable_params=N)``
+registers ``ExtrasLinearProbe<Base>``. With λ = CLS_WEIGHT and 1 − λ = SIM_WEIGHT:
 
     training   L = (1 − λ)·CE(z_sim, y) + λ·CE(head(cat_batch[FiLM_txt(t_y), FiLM_img(f)]), [y; y]) + extra_loss
     inference  z = (1 − λ)·z_sim + λ·head(FiLM_img(f))[:, rows]   where the evaluated classes ⊆ the head's classes
-               z = z_sim                                         otherwise, or with TEST_TIME_FUSION False
+               z = head(FiLM_img(f))[:, rows]                     there, with TEST_TIME_FUSION False (as upstream)
+               z = z_sim                                         otherwise
 
-FiLM acts on the *normalised* features f and t (what ``SimParts`` carries, the same vectors z_sim is built from); the
-result is not renormalised. ``t_y`` is the text feature of the true class (per image for CoCoOp).
+FiLM and the head act on the *raw* encoder outputs f and t, before L2 normalisation (``SimParts.raw_image`` /
+``raw_text``), as upstream's ``_forward_logits_linear_probe`` receives them in all four ``elp_*.py``; z_sim and the
+base's ``extra_loss`` keep the normalised features. The FiLM output is not normalised. ``t_y`` is the raw text
+feature of the true class (per image for CoCoOp, whose Meta-Net still reads the normalised f).
 
 Departures from upstream: upstream builds the head only for ``SUBSAMPLE_CLASSES base`` (or ``all`` when "ImageNet"
 is in the dataset name) and fuses by dataset name; here the head is always trained on the training classes, stores
@@ -145,11 +148,12 @@ class DePTHead(nn.Module):
         self.register_buffer("classnames", _encode(classnames))
 
     def train_logits(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Head logits of the true-class text features and the image features. (B, E), (B, E) → (2B, C_train)."""
+        """Head logits of the true-class text features and the image features (both raw, unnormalised).
+        (B, E), (B, E) → (2B, C_train)."""
         return self.head(torch.cat([self.film_txt(text), self.film_img(image)]))
 
     def image_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, E) → (B, C_train)."""
+        """Head logits of raw image features. (B, E) → (B, C_train)."""
         return self.head(self.film_img(image))
 
     def trained_classnames(self) -> list[str]:
@@ -224,17 +228,26 @@ class DePTMixin:
             self.dept.adopt(state["head.weight"].shape[0], state["classnames"])
         super().load_trainable_state(name, state_dict, source)
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        parts = super().forward_parts(images, text)
-        if self._dept_images is not None:  # collecting the image features of the base's inference
-            self._dept_images.append(parts.image)
+    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None, raw: bool = True) -> SimParts:
+        """The base's parts, always with the raw features (FiLM and the head read them; ``raw`` is ignored)."""
+        parts = super().forward_parts(images, text, raw=True)
+        if parts.raw_image is None:
+            raise RuntimeError(f"{type(self).__name__}: forward_parts(raw=True) must fill SimParts.raw_image (the "
+                               "DePT plugin contract)")
+        if self._dept_images is not None:  # collecting the raw image features of the base's inference
+            self._dept_images.append(parts.raw_image)
         return parts
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         y = batch["label"]
         parts = self.forward_parts(batch["img"])
-        text = parts.text[y] if parts.text.dim() == 2 else parts.text[torch.arange(len(y), device=y.device), y]
-        head = self.dept.train_logits(text.to(parts.image.dtype), parts.image)
+        raw_text, raw_image = parts.raw_text, parts.raw_image
+        if raw_text is None or raw_image is None:
+            raise RuntimeError(f"{type(self).__name__}: forward_parts(raw=True) must fill SimParts.raw_image and "
+                               "raw_text in training (the DePT plugin contract)")
+        rows = torch.arange(len(y), device=y.device)
+        text = raw_text[y] if raw_text.dim() == 2 else raw_text[rows, y]  # (B, C, E): each image's own class
+        head = self.dept.train_logits(text.to(raw_image.dtype), raw_image)
         w = self.dept_settings
         loss = (w.sim_weight * F.cross_entropy(parts.logits, y) + w.cls_weight * F.cross_entropy(head, y.repeat(2))
                 + self.extra_loss(batch, parts))
@@ -242,22 +255,24 @@ class DePTMixin:
 
     def fusion_rows(self) -> torch.Tensor | None:
         """Head rows for the evaluated classes (``self.classnames``), or None where DePT gives z_sim only."""
-        if not self.dept_settings.fusion:
-            return None
         return self.dept.rows_for(self.classnames)
 
     def before_evaluate(self) -> None:
         super().before_evaluate()
         self._dept_rows = self.fusion_rows()
-        logger.info("DePT: " + ("z_sim fused with the head" if self._dept_rows is not None else "z_sim only, " + (
-            "some evaluated classes are not the head's" if self.dept_settings.fusion else "TEST_TIME_FUSION off")))
+        if self._dept_rows is None:
+            logger.info("DePT: z_sim only, some evaluated classes are not the head's")
+        else:
+            logger.info("DePT: " + ("z_sim fused with the head" if self.dept_settings.fusion else
+                                    "the head's logits only (TEST_TIME_FUSION off)"))
 
     def after_evaluate(self) -> None:
         super().after_evaluate()
         self._dept_rows = _UNSET
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
-        """z_sim from the base's own inference, fused with the head where it applies. (B, 3, H, W) → (B, C)."""
+        """z_sim from the base's own inference, fused with the head where it applies (the head alone there with
+        TEST_TIME_FUSION off, as upstream). (B, 3, H, W) → (B, C)."""
         rows = self.fusion_rows() if self._dept_rows is _UNSET else self._dept_rows
         if rows is None:
             return super().inference(images)
@@ -270,9 +285,9 @@ class DePTMixin:
         if not feats or sum(len(f) for f in feats) != len(images):
             raise RuntimeError(f"{type(self).__name__}: the base's inference() must compute its image features "
                                "through forward_parts() (the DePT plugin contract)")
-        head = self.dept.image_logits(torch.cat(feats))[:, rows]
+        head = self.dept.image_logits(torch.cat(feats))[:, rows].to(z_sim.dtype)
         w = self.dept_settings
-        return w.sim_weight * z_sim + w.cls_weight * head.to(z_sim.dtype)
+        return w.sim_weight * z_sim + w.cls_weight * head if w.fusion else head
 
 
 def with_dept(base: type) -> type:

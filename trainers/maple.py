@@ -5,6 +5,8 @@ its forked ``clip/model.py`` (methods.md §6).
 Trainable (registered as ``prompt_learner``, upstream's key names): ``ctx`` = P_0 (M × D_t), ``proj`` = F_0
 (Linear D_t → D_v), and for i = 1..J−1 ``compound_prompts_text.{i-1}`` = P_i (M × D_t, N(0, 0.02²)) and
 ``compound_prompt_projections.{i-1}`` = F_i (Linear D_t → D_v). ViT-B/16, M = 2, J = 9: 3,555,072 parameters.
+Init as upstream: F_0 is its own Linear; F_1..F_{J−1} are copies of one further Linear drawn after the P_i (equal
+to each other at init, not to F_0).
 
 ::
 
@@ -32,7 +34,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
@@ -88,12 +89,15 @@ class MaPLePromptLearner(nn.Module):
         self.register_buffer("eot", eot, persistent=False)
         if depth == 0:
             return
+        # Upstream's order of random draws: (random P_0 above), F_0, P_1..P_{J-1}, then ONE further Linear that
+        # every deeper layer clones (_get_clones): F_1..F_{J-1} start equal to each other, not to F_0, and train
+        # apart. The Linear is drawn even at J = 1 (no clones), as upstream, so later draws stay aligned.
         self.ctx = nn.Parameter(ctx)
         self.proj = nn.Linear(d_text, d_image)
         self.compound_prompts_text = nn.ParameterList(
             [nn.Parameter(torch.empty(n_ctx, d_text).normal_(std=0.02)) for _ in range(depth - 1)])
-        # Upstream clones one initialised Linear for every deeper layer (_get_clones): same init, separate weights.
-        self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(self.proj) for _ in range(depth - 1)])
+        single_layer = nn.Linear(d_text, d_image)
+        self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(single_layer) for _ in range(depth - 1)])
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.token_embeds, self.eot
@@ -152,14 +156,15 @@ class MaPLeModel(nn.Module):
     def image_hooks(self) -> DeepPrompts:
         return DeepPrompts(vision=self.prompt_learner.vision_prompts(), ln_pre=self.clip.model.visual.ln_pre)
 
-    def text_features(self) -> torch.Tensor:
-        """Normalised class text features (C, E) under the deep text prompts."""
+    def text_features(self, normalize: bool = True) -> torch.Tensor:
+        """Class text features (C, E) under the deep text prompts; normalised unless ``normalize`` is False."""
         prompts, eot = self.prompt_learner()
-        return F.normalize(self.clip.encode_text_from_embeddings(prompts, eot, hooks=self.text_hooks()), dim=-1)
+        return self.clip.encode_text_from_embeddings(prompts, eot, hooks=self.text_hooks(), normalize=normalize)
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised image features (B, E) under the coupled vision prompts (differentiable: F_i and P_i train)."""
-        return self.clip.encode_image(images, hooks=self.image_hooks(), normalize=True)
+    def image_features(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image features (B, E) under the coupled vision prompts (differentiable: F_i and P_i train); normalised
+        unless ``normalize`` is False."""
+        return self.clip.encode_image(images, hooks=self.image_hooks(), normalize=normalize)
 
     def forward(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         image = self.image_features(images)
