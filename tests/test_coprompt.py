@@ -1,6 +1,7 @@
 """CoPrompt specifics (the registry matrix in test_trainers.py covers the shared invariants): the disabled switch
-equals zero-shot CLIP, deep prompts reach exactly the first J blocks, the description teacher and its fallback, and
-scripts/build_descriptions.py."""
+equals zero-shot CLIP, deep prompts reach exactly the first J blocks (the block-0 vision prompt through ln_pre), the
+description teacher (one description drawn per step, reproducible from the seed and across a resume; or the mean) and
+its fallback, and scripts/build_descriptions.py."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import importlib.util
 import json
 import logging
 import os
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_fixtures import make_deep_backbone
 from conftest import REPO, tiny_opts
 
 import train
-from trainers.coprompt import read_descriptions
+from trainers.coprompt import MultiModalPrompts, read_descriptions
 from vltune.clip import BlockHooks
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
@@ -71,7 +74,7 @@ def test_depth_d_prompts_exactly_the_first_d_blocks(depth, digits_root, random_c
     trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.CoPrompt.PROMPT_DEPTH": depth})
     model, n = trainer.model, trainer.cfg.TRAINER.CoPrompt.N_CTX
     learner, clip = model.prompt_learner, model.clip
-    spy = Spy(learner.hooks())
+    spy = Spy(model.hooks())
     prompts, eot = learner()
     torch.testing.assert_close(prompts[:, 1:1 + n], learner.ctx.expand(len(trainer.classnames), -1, -1))
     clip.encode_text_from_embeddings(prompts, eot, hooks=spy)
@@ -87,30 +90,140 @@ def test_depth_d_prompts_exactly_the_first_d_blocks(depth, digits_root, random_c
         torch.testing.assert_close(spy.inputs[("image", i)][0, -n:], coupled)
     expected_len = n_patches + (n if depth else 0)
     assert all(spy.inputs[("image", i)].shape[1] == expected_len for i in range(2))
-    if depth:
-        torch.testing.assert_close(spy.inputs[("image", 0)][0, -n:], learner.proj(learner.ctx))
+    if depth:  # upstream appends F_0(P_0) before ln_pre: the block-0 vision prompt is layer-normalised
+        ln_pre = clip.model.visual.ln_pre
+        torch.testing.assert_close(spy.inputs[("image", 0)][0, -n:], ln_pre(learner.proj(learner.ctx)))
+        assert not torch.allclose(ln_pre(learner.proj(learner.ctx)), learner.proj(learner.ctx), atol=1e-3)
+
+
+def test_deeper_projections_start_as_copies_of_one_linear_of_their_own():
+    """Upstream (MaPLe's learner): F_1..F_{J−1} are clones of one Linear drawn apart from F_0 (equal to each other at
+    init, separate tensors, not equal to F_0)."""
+    learner = MultiModalPrompts(make_deep_backbone(3, 3), ["cat", "dog"], 2, "a photo of a", 3)
+    deep = list(learner.compound_prompt_projections)
+    assert len(deep) == 2 and deep[0].weight is not deep[1].weight
+    assert torch.equal(deep[0].weight, deep[1].weight) and torch.equal(deep[0].bias, deep[1].bias)
+    assert not torch.allclose(deep[0].weight, learner.proj.weight)
 
 
 def _digits_descriptions(classnames: list[str]) -> dict[str, list[str]]:
-    # a different number of sentences per class: the teacher is a mean, not a stacked tensor as upstream
+    # a different number of sentences per class (1, 2, 3, 1, ...): upstream stacks them and needs equal counts
     return {c: [f"a handwritten digit {c}.", f"the number {c} drawn in ink.", f"digit {c}"][:1 + i % 3]
             for i, c in enumerate(classnames)}
 
 
-@torch.no_grad()
-def test_description_file_mean_is_the_text_teacher(digits_root, random_clip_weights, tmp_path):
-    probe = _trainer(digits_root, random_clip_weights, str(tmp_path / "probe"))
+def _with_descriptions(digits_root, weights, tmp_path, **opts):
+    """(trainer on a descriptions file, its descriptions per class in class order)."""
+    probe = _trainer(digits_root, weights, str(tmp_path / "probe"))
     descriptions = _digits_descriptions(probe.classnames)
     path = tmp_path / "desc.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(descriptions))
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "run"),
-                       **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path)})
+    trainer = _trainer(digits_root, weights, str(tmp_path / "run"), **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path),
+                                                                         **opts})
+    return trainer, [descriptions[c] for c in trainer.classnames]
+
+
+@torch.no_grad()
+def test_the_teacher_is_one_drawn_description_per_class_and_step(digits_root, random_clip_weights, tmp_path):
+    trainer, descriptions = _with_descriptions(digits_root, random_clip_weights, tmp_path)
+    assert trainer.cfg.TRAINER.CoPrompt.TEACHER == "draw"  # upstream's teacher is the default
+    clip, counts = trainer.model.clip, [len(s) for s in descriptions]
+    # with the draw fixed, g_c is the frozen feature of class c's drawn sentence
+    fixed = torch.tensor([(3 * c + 1) % n for c, n in enumerate(counts)])
+    trainer.description_indices = lambda: fixed
+    want = torch.stack([clip.encode_text(clip.tokenize([s[k]]), normalize=True)[0]
+                        for s, k in zip(descriptions, fixed.tolist())])
+    torch.testing.assert_close(trainer.step_text_teacher(), want, atol=1e-5, rtol=1e-5)
+    del trainer.description_indices
+    # the draws: each index within its class's count, one shared index where counts are equal, and several steps
+    # draw several descriptions (every sentence of a 3-sentence class within 60 steps)
+    draws = torch.stack([trainer.description_indices() for _ in range(60)])
+    assert ((draws >= 0) & (draws < torch.tensor(counts))).all()
+    for n in set(counts):
+        same = [c for c, m in enumerate(counts) if m == n]
+        assert (draws[:, same] == draws[:, same[:1]]).all()
+    three = counts.index(3)
+    assert set(draws[:, three].tolist()) == {0, 1, 2}
+    # the training loss uses the drawn teacher: its text term changes with the draw
+    batch = next(iter(trainer.train_loader_x))
+    parts = trainer.forward_parts(trainer.views(batch)[0])
+    losses = set()
+    for k in range(3):
+        trainer.description_indices = lambda k=k: torch.tensor([min(k, n - 1) for n in counts])
+        losses.add(round(float(trainer.extra_loss(batch, parts)), 6))
+    assert len(losses) == 3
+
+
+def test_draws_depend_only_on_the_seed_and_epoch(digits_root, random_clip_weights, tmp_path):
+    a, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "a")
+    b, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "b")
+    c, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "c", SEED=2)
+
+    def epoch_draws(trainer, epoch: int) -> list[list[int]]:
+        trainer.epoch = epoch
+        trainer.before_epoch()
+        return [trainer.description_indices().tolist() for _ in range(8)]
+
+    first = epoch_draws(a, 1)
+    for epoch in (0, 2):  # other epochs in between, as an uninterrupted run
+        epoch_draws(b, epoch)
+    assert epoch_draws(b, 1) == first
+    assert epoch_draws(a, 2) != first  # another epoch, other draws
+    assert epoch_draws(c, 1) != first  # another seed, other draws
+    random.seed(0)  # the global RNG plays no part
+    assert epoch_draws(a, 1) == first
+
+
+RESUME = {"OPTIM.MAX_EPOCH": 3, "TEST.NO_TEST": True, "DATALOADER.TRAIN_X.BATCH_SIZE": 4}
+
+
+def _train_recording_draws(trainer, stop_after: int | None = None) -> dict[int, list[list[int]]]:
+    """Train; the description indices drawn in each epoch (by the training loss), and the run killed at the start of
+    epoch ``stop_after`` (0-based) if given."""
+    draws: dict[int, list[list[int]]] = {}
+    draw, run_epoch = trainer.description_indices, trainer.run_epoch
+
+    def recorded() -> torch.Tensor:
+        indices = draw()
+        draws.setdefault(trainer.epoch, []).append(indices.tolist())
+        return indices
+
+    def epoch() -> None:
+        if stop_after is not None and trainer.epoch == stop_after:
+            raise KeyboardInterrupt  # a killed run
+        run_epoch()
+
+    trainer.description_indices, trainer.run_epoch = recorded, epoch
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        pass
+    return draws
+
+
+def test_a_resumed_run_draws_what_an_uninterrupted_one_did(digits_root, random_clip_weights, tmp_path):
+    full, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "full", **RESUME)
+    want = _train_recording_draws(full)
+    assert sorted(want) == [0, 1, 2] and len({str(d) for d in want.values()}) == 3
+    killed, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "cut", **RESUME)
+    assert _train_recording_draws(killed, stop_after=2) == {e: want[e] for e in (0, 1)}
+    resumed, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "cut", **RESUME)
+    got = _train_recording_draws(resumed)
+    assert resumed.resumed_from == 2 and got == {2: want[2]}
+
+
+@torch.no_grad()
+def test_the_mean_option_averages_the_descriptions(digits_root, random_clip_weights, tmp_path):
+    trainer, descriptions = _with_descriptions(digits_root, random_clip_weights, tmp_path,
+                                               **{"TRAINER.CoPrompt.TEACHER": "mean"})
     clip = trainer.model.clip
-    rows = [F.normalize(clip.encode_text(clip.tokenize(descriptions[c]), normalize=True).mean(0), dim=-1)
-            for c in trainer.classnames]
-    torch.testing.assert_close(trainer.model.teacher_text, torch.stack(rows), atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(trainer.model.teacher_text, probe.model.teacher_text, atol=1e-3)
-    assert trainer.method_record() == {"descriptions": f"file: {path}"}
+    rows = [F.normalize(clip.encode_text(clip.tokenize(s), normalize=True).mean(0), dim=-1) for s in descriptions]
+    torch.testing.assert_close(trainer.step_text_teacher(), torch.stack(rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trainer.step_text_teacher(), torch.stack(rows), atol=1e-5, rtol=1e-5)  # fixed
+    probe = _trainer(digits_root, random_clip_weights, str(tmp_path / "templates"))
+    assert not torch.allclose(trainer.step_text_teacher(), probe.step_text_teacher(), atol=1e-3)
+    assert trainer.method_record() == {"descriptions": f"file: {tmp_path / 'desc.json'}"}
 
 
 def test_missing_class_fails_naming_file_and_class(digits_root, random_clip_weights, tmp_path):

@@ -11,17 +11,31 @@ with J = 9, M = 2; 12,672 on the tiny test CLIP with J = 2.
 
     text prompt c:  [SOS][P_0]["of a"][name_c][.][EOS]     (CTX_INIT "a photo of a": P_0 starts as "a photo")
     before text block i (1 ≤ i < J):   tokens 1..M ← P_i
-    before image block 0:              append F_0(P_0) (no positional embedding); blocks 1 ≤ i < J: last M ← F_i(P_i)
+    before image block 0:              append ln_pre(F_0(P_0)) after the CLS and patch tokens (no positional
+                                       embedding); blocks 1 ≤ i < J: last M ← F_i(P_i) (raw, as upstream)
     f' = norm(0.1·A_v(f) + 0.9·f),  t'_c = norm(0.2·A_t(t_c) + 0.8·t_c),  logits = τ f' T'ᵀ
     L = CE(logits(x¹), y) + W·[(1 − mean_c cos(t'_c, g_c)) + (1 − mean_i cos(f'(x¹_i), f⁰(x²_i)))]   (DISTILL cosine)
-    g_c = frozen CLIP text teacher of class c, f⁰ = frozen CLIP image feature of the second view x²
+    g_c = frozen CLIP text teacher of class c (this step's drawn description), f⁰ = frozen CLIP image feature of x²
+
+Upstream (``VisionTransformer_MaPLe.forward``) appends F_0(P_0) before ``ln_pre``, so the first-layer vision prompt is
+layer-normalised; vltune's ``embed_image`` ends with ``ln_pre``, so the hook appends ``ln_pre(F_0(P_0))`` (LayerNorm
+is per token: the same tokens). Deeper vision prompts replace the last M tokens unnormalised, as upstream.
 
 Descriptions (``TRAINER.CoPrompt.DESCRIPTIONS_FILE``): a JSON object ``{classname: [sentence, ...], ...}`` (the
 upstream ``gpt_file/<dataset>_prompt.json`` format); keys are the raw class name or the name with ``_`` as spaces.
-g_c is the renormalised mean of the normalised frozen features of class c's sentences (counts may differ per class).
+Every sentence is encoded once by frozen CLIP and normalised. ``TEACHER draw`` (default, upstream): each training step
+draws one description per class, g_c = the feature of class c's k_c-th sentence. Upstream draws one index
+k = random.randint(0, K − 1) per step, shared by all classes (its K sentences per class are stacked, so every class
+must have K); vltune draws one u ~ U[0, 1) per step from the trainer's own ``random.Random`` and class c takes
+k_c = ⌊u·n_c⌋ — with equal counts that is upstream's one shared, uniform index; with different counts each class's
+index stays uniform over its own n_c sentences. The generator is reseeded from (SEED, epoch) at every epoch, so a
+seeded run's draws depend only on (SEED, epoch, step) and a resumed run draws what an uninterrupted one did
+(SEED < 0: an unseeded generator). ``description_indices()`` is the seam that returns a step's indices. ``TEACHER
+mean``: g_c = the renormalised mean of class c's sentence features, fixed for the run (vltune's former teacher).
 ``scripts/build_descriptions.py`` writes such a file from lines ``classname: sentence``. Without a file, g_c is the
 80-template ``IMAGENET_TEMPLATES`` ensemble (``DESCRIPTIONS_FALLBACK imagenet``) or the dataset's own template
-(``dataset``); ``method_record()`` reports ``descriptions: "templates"`` or ``"file: <path>"``.
+(``dataset``), fixed under either TEACHER (the fallback is vltune's, upstream has none); ``method_record()`` reports
+``descriptions: "templates"`` or ``"file: <path>"``.
 
 Second view x²: the engine's loader applies the train transform K times when ``DATALOADER.K_TRANSFORMS`` ≥ 2
 (upstream uses K_TRANSFORMS 2); the second tensor is x². With one view the trainer makes x² itself with a tensor-level
@@ -33,16 +47,20 @@ init) and ``IMAGE_ADAPTER_RATIO``/``TEXT_ADAPTER_RATIO`` 0 make the adapters the
 are zero-shot CLIP's with the template ``"<CTX_INIT> {}."``.
 
 Departures from upstream (methods.md §10): teachers come from the shared backbone without hooks, not from a second
-CLIP; the text teacher is the mean over descriptions, upstream draws one description index per step; the adapter mix
-ratios are keys (upstream hard-codes 0.1 / 0.2); ``W`` and ``DISTILL`` live in the ``TRAINER.CoPrompt`` node (upstream:
-``TRAINER.W``, ``TRAINER.DISTILL``); no per-dataset overrides overwrite the command line; no ``cache/`` file; the
-checkpoint holds only the trainable tensors; a missing class in the description file is an error, not a KeyError.
+CLIP; the description draw uses the trainer's own generator (upstream: Python's global ``random``), and classes may
+have different description counts (upstream requires equal counts); ``TEACHER mean`` is a vltune option; the adapter
+mix ratios are keys (upstream hard-codes 0.1 / 0.2); ``W`` and ``DISTILL`` live in the ``TRAINER.CoPrompt`` node
+(upstream: ``TRAINER.W``, ``TRAINER.DISTILL``); no per-dataset overrides overwrite the command line; no ``cache/``
+file; the checkpoint holds only the trainable tensors; a missing class in the description file is an error, not a
+KeyError.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import random
 from typing import Any
 
 import torch
@@ -58,6 +76,7 @@ from vltune.registry import TRAINERS
 logger = logging.getLogger(__name__)
 DISTILLS = ("cosine", "mse")
 FALLBACKS = ("imagenet", "dataset")
+TEACHERS = ("draw", "mean")
 
 
 def add_config(cfg: CN) -> None:
@@ -72,6 +91,10 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.CoPrompt.IMAGE_ADAPTER_RATIO = 0.1  # f' = r·A_v(f) + (1 - r)·f; 0 = adapter off (upstream 0.1)
     cfg.TRAINER.CoPrompt.TEXT_ADAPTER_RATIO = 0.2  # t' = r·A_t(t) + (1 - r)·t; 0 = adapter off (upstream 0.2)
     cfg.TRAINER.CoPrompt.DESCRIPTIONS_FILE = ""  # JSON {classname: [sentence, ...]}; "" = template fallback
+    # Text teacher from the descriptions file: draw (upstream) = one description per class per training step, drawn
+    # from the trainer's generator reseeded from (SEED, epoch); mean = the renormalised mean of each class's
+    # descriptions, fixed (not upstream). The template fallback is a fixed ensemble under either.
+    cfg.TRAINER.CoPrompt.TEACHER = "draw"
     cfg.TRAINER.CoPrompt.DESCRIPTIONS_FALLBACK = "imagenet"  # no file: imagenet (80 templates) | dataset
 
 
@@ -104,7 +127,9 @@ class MultiModalPrompts(nn.Module):
         deep = max(depth - 1, 0)
         self.compound_prompts_text = nn.ParameterList(
             [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, dim_t), std=0.02)) for _ in range(deep)])
-        self.compound_prompt_projections = nn.ModuleList([nn.Linear(dim_t, dim_v) for _ in range(deep)])
+        # upstream (MaPLe's learner): F_1..F_{J-1} start as copies of one Linear drawn after the P_i, apart from F_0
+        single = nn.Linear(dim_t, dim_v) if depth > 0 else None
+        self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(single) for _ in range(deep)])
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)  # "of a", name, ".", EOS
         self.register_buffer("eot", eot, persistent=False)
@@ -113,27 +138,28 @@ class MultiModalPrompts(nn.Module):
         ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0).expand(self.token_prefix.shape[0], -1, -1)
         return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1), self.eot
 
-    def hooks(self) -> DeepPromptHooks | None:
-        """The block hooks carrying this step's deep prompts (None at depth 0)."""
+    def hooks(self, ln_pre: nn.Module) -> DeepPromptHooks | None:
+        """The block hooks carrying this step's deep prompts (None at depth 0); ``ln_pre``: the image tower's."""
         if self.depth == 0:
             return None
         vision = [self.proj(self.ctx)] + [f(p) for f, p in zip(self.compound_prompt_projections,
                                                                   self.compound_prompts_text)]
-        return DeepPromptHooks(list(self.compound_prompts_text), vision, self.n_ctx)
+        return DeepPromptHooks(list(self.compound_prompts_text), vision, self.n_ctx, ln_pre)
 
 
 class DeepPromptHooks(BlockHooks):
-    """Text: before block i ≥ 1 (i < J) tokens 1..M ← P_i. Image: before block 0 append F_0(P_0); before block
-    i ≥ 1 (i < J) the last M tokens ← F_i(P_i). Blocks ≥ J propagate whatever arrives (MaPLe).
+    """Text: before block i ≥ 1 (i < J) tokens 1..M ← P_i. Image: before block 0 append ln_pre(F_0(P_0)); before
+    block i ≥ 1 (i < J) the last M tokens ← F_i(P_i). Blocks ≥ J propagate whatever arrives (MaPLe).
 
     Args:
         text: [P_1, ..., P_{J-1}], each (M, D_t).
         vision: [F_0(P_0), ..., F_{J-1}(P_{J-1})], each (M, D_v).
         n_ctx: M.
+        ln_pre: the image tower's ``ln_pre``: upstream appends F_0(P_0) before it, vltune's block-0 input is after it.
     """
 
-    def __init__(self, text: list[torch.Tensor], vision: list[torch.Tensor], n_ctx: int) -> None:
-        self.text, self.vision, self.n = text, vision, n_ctx
+    def __init__(self, text: list[torch.Tensor], vision: list[torch.Tensor], n_ctx: int, ln_pre: nn.Module) -> None:
+        self.text, self.vision, self.n, self.ln_pre = text, vision, n_ctx, ln_pre
 
     def before_block(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
         if tower == "text":
@@ -143,8 +169,10 @@ class DeepPromptHooks(BlockHooks):
             return torch.cat([x[:, :1], p, x[:, 1 + self.n:]], dim=1)
         if i >= len(self.vision):
             return x
-        p = self.vision[i].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        return torch.cat([x if i == 0 else x[:, :-self.n], p], dim=1)
+        p = self.vision[i].to(x.dtype)
+        if i == 0:
+            return torch.cat([x, self.ln_pre(p).to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        return torch.cat([x[:, :-self.n], p.expand(x.shape[0], -1, -1)], dim=1)
 
 
 class Adapter(nn.Module):
@@ -168,6 +196,10 @@ class CoPromptModel(nn.Module):
         self.clip, self.prompt_learner, self.adapter = clip, prompt_learner, adapter
         self.image_ratio, self.text_ratio = image_ratio, text_ratio
 
+    def hooks(self) -> DeepPromptHooks | None:
+        """This step's deep-prompt hooks for both towers (None at depth 0)."""
+        return self.prompt_learner.hooks(self.clip.model.visual.ln_pre)
+
     def text_features(self, hooks: DeepPromptHooks | None = None) -> torch.Tensor:
         """Prompted, adapted, normalised class text features (C, E)."""
         prompts, eot = self.prompt_learner()
@@ -180,7 +212,7 @@ class CoPromptModel(nn.Module):
         return F.normalize(self.image_ratio * self.adapter["image"](f) + (1 - self.image_ratio) * f, dim=-1)
 
     def forward(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        hooks = self.prompt_learner.hooks()
+        hooks = self.hooks()
         text = self.text_features(hooks) if text_features is None else text_features
         image = self.image_features(images, hooks)
         return self.clip.logit_scale * image @ text.t().to(image.dtype)
@@ -210,11 +242,17 @@ def read_descriptions(path: str, classnames: list[str]) -> list[list[str]]:
 
 @torch.no_grad()
 def description_features(clip: nn.Module, descriptions: list[list[str]]) -> torch.Tensor:
-    """g_c: the renormalised mean of the normalised frozen features of class c's sentences. Output: (C, E) float."""
+    """The normalised frozen feature of every sentence, class by class (class c's n_c rows follow class c−1's).
+
+    Output: (Σ_c n_c, E) float.
+    """
     flat = [s for sentences in descriptions for s in sentences]
-    feats = clip.encode_text(clip.tokenize(flat), normalize=True, batch_size=256).float()
-    rows = torch.split(feats, [len(s) for s in descriptions])
-    return F.normalize(torch.stack([r.mean(dim=0) for r in rows]), dim=-1)
+    return clip.encode_text(clip.tokenize(flat), normalize=True, batch_size=256).float()
+
+
+def mean_per_class(features: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The renormalised mean of each class's rows of ``description_features``. Output: (C, E)."""
+    return F.normalize(torch.stack([r.mean(dim=0) for r in torch.split(features, counts)]), dim=-1)
 
 
 def consistency(student: torch.Tensor, teacher: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -238,6 +276,8 @@ class CoPrompt(CoOp):
         c = cfg.TRAINER.CoPrompt
         if c.DISTILL not in DISTILLS:
             raise ValueError(f"TRAINER.CoPrompt.DISTILL {c.DISTILL!r}: choose from {DISTILLS}")
+        if c.TEACHER not in TEACHERS:
+            raise ValueError(f"TRAINER.CoPrompt.TEACHER {c.TEACHER!r}: choose from {TEACHERS}")
         if c.DESCRIPTIONS_FALLBACK not in FALLBACKS:
             raise ValueError(f"TRAINER.CoPrompt.DESCRIPTIONS_FALLBACK {c.DESCRIPTIONS_FALLBACK!r}: choose from "
                              f"{FALLBACKS}")
@@ -266,19 +306,62 @@ class CoPrompt(CoOp):
         self.descriptions = f"file: {c.DESCRIPTIONS_FILE}" if c.DESCRIPTIONS_FILE else "templates"
         self._warned_one_view = False
         self._text: torch.Tensor | None = None
+        # The description draw has its own generator (never the global RNG), reseeded from (SEED, epoch) in
+        # before_epoch; seeded for epoch 0 here so that steps outside the loop are reproducible too.
+        self._draws = random.Random()
+        self._seed_draws(0)
         # The teacher is needed only for training: eval-only runs on new classes need no descriptions for them.
-        teacher = None if self.eval_only else self.text_teacher(clip, c.DESCRIPTIONS_FILE, c.DESCRIPTIONS_FALLBACK)
-        self.model.register_buffer("teacher_text", teacher, persistent=False)
+        bank, counts = (None, None) if self.eval_only else self.text_teacher(
+            clip, c.DESCRIPTIONS_FILE, c.DESCRIPTIONS_FALLBACK, c.TEACHER)
+        # teacher_bank: the sentence features, class by class; class c's rows start at teacher_offsets[c]
+        self.teacher_counts = counts
+        offsets = None if counts is None else torch.tensor([0] + counts[:-1], device=bank.device).cumsum(0)
+        self.model.register_buffer("teacher_bank", bank, persistent=False)
+        self.model.register_buffer("teacher_offsets", offsets, persistent=False)
 
-    def text_teacher(self, clip: nn.Module, path: str, fallback: str) -> torch.Tensor:
-        """g: (C, E) frozen CLIP text teacher from the description file, or the template fallback."""
+    def text_teacher(self, clip: nn.Module, path: str, fallback: str, mode: str) -> tuple[torch.Tensor, list[int]]:
+        """The frozen CLIP text teacher: features (N, E) and the number of rows per class (C,), from the
+        description file (TEACHER draw: every sentence; mean: one mean row per class), or the template fallback
+        (one ensemble row per class)."""
         if path:
-            logger.info(f"CoPrompt descriptions: {path}")
-            return description_features(clip, read_descriptions(path, self.classnames))
+            logger.info(f"CoPrompt descriptions: {path} (teacher: {mode})")
+            descriptions = read_descriptions(path, self.classnames)
+            counts = [len(s) for s in descriptions]
+            feats = description_features(clip, descriptions)
+            if mode == "mean":
+                return mean_per_class(feats, counts), [1] * len(counts)
+            return feats, counts
         templates = list(IMAGENET_TEMPLATES) if fallback == "imagenet" else [self.template]
         logger.info(f"CoPrompt descriptions: none given (TRAINER.CoPrompt.DESCRIPTIONS_FILE); the text teacher is "
                     f"the {fallback} template ensemble ({len(templates)} templates)")
-        return clip.zero_shot_classifier(self.classnames, templates).float()
+        return clip.zero_shot_classifier(self.classnames, templates).float(), [1] * len(self.classnames)
+
+    def _seed_draws(self, epoch: int) -> None:
+        seed = int(self.cfg.SEED)
+        if seed >= 0:
+            self._draws.seed(seed * 1_000_003 + epoch)
+
+    def before_epoch(self) -> None:
+        super().before_epoch()
+        self._seed_draws(self.epoch)
+
+    def description_indices(self) -> torch.Tensor:
+        """This step's description index per class (C,) long: one u ~ U[0, 1) from the trainer's generator, class c
+        takes ⌊u·n_c⌋ (equal counts: one uniform index shared by all classes, as upstream's per-step
+        ``random.randint(0, K − 1)``). A test may replace it on the instance to force a draw."""
+        u = self._draws.random()
+        return torch.tensor([min(int(u * n), n - 1) for n in self.teacher_counts], dtype=torch.long)
+
+    def step_text_teacher(self) -> torch.Tensor:
+        """g for this training step: (C, E), one row per class (drawn when a class has several)."""
+        bank = self.model.teacher_bank
+        if max(self.teacher_counts) == 1:
+            return bank
+        indices = self.description_indices()
+        if not ((indices >= 0) & (indices < torch.tensor(self.teacher_counts))).all():
+            raise ValueError(f"CoPrompt description indices {indices.tolist()} outside the per-class counts "
+                             f"{self.teacher_counts}")
+        return bank[self.model.teacher_offsets + indices.to(bank.device)]
 
     def method_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"descriptions": self.descriptions}
@@ -301,7 +384,7 @@ class CoPrompt(CoOp):
 
     def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
         """Prompted+adapted image features (B, E), class text features (C, E; ``text`` if cached) and logits."""
-        hooks = self.model.prompt_learner.hooks()
+        hooks = self.model.hooks()
         text = self.model.text_features(hooks) if text is None else text
         image = self.model.image_features(images, hooks)
         return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
@@ -312,7 +395,7 @@ class CoPrompt(CoOp):
             return parts.logits.new_zeros(())
         with torch.no_grad():
             frozen = self.model.clip.encode_image(self.views(batch)[1], normalize=True)
-        text = consistency(parts.text, self.model.teacher_text, self.distill)
+        text = consistency(parts.text, self.step_text_teacher(), self.distill)
         return self.weight * (text + consistency(parts.image, frozen, self.distill))
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -321,5 +404,4 @@ class CoPrompt(CoOp):
         return loss, {"acc": accuracy(parts.logits, batch["label"])}
 
     def eval_text_features(self) -> torch.Tensor:
-        hooks = self.model.prompt_learner.hooks()
-        return self.model.text_features(hooks)
+        return self.model.text_features(self.model.hooks())
