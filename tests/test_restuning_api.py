@@ -1,5 +1,6 @@
 """The generic Res-Tuning API (``vltune.tuners.restuning``): swift's snippet on timm's ViT-B/16, identity at init,
-the gradient cut, config errors, tuner_cfg forms and recurrences, strict save/load, an open_clip image tower, removal.
+the gradient cut, config errors, tuner_cfg forms and recurrences, swift's res_adapter forms (adapter_weight,
+adapter_length) against swift's formulas, swift's 4-D-only fields, strict save/load, an open_clip image tower, removal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import vltune  # noqa: F401  (compat shim: must precede timm/open_clip/torchvisi
 import timm
 from timm.models.vision_transformer import VisionTransformer
 
-from vltune.tuners.res_tuners import ResAdapter, ResPrefix, ResPrompt, Zero
+from vltune.tuners.res_tuners import BypassChain, ResAdapter, ResPrefix, ResPrompt, Zero, build_tuner
 from vltune.tuners.restuning import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -304,8 +305,8 @@ def test_config_json_round_trip():
     block = {"lateral_cfg": {"res_adapter": {"adapter_length": 4}}, "vertical_cfg": "zero"}
     config = vit_config(["res_adapter", block], dims=[64, 64], lam="learnable", recurrence="paper")
     assert ResTuningConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    with pytest.raises(ValueError, match=r"unknown ResTuningConfig fields \['use_bypass'\]"):
-        ResTuningConfig.from_dict({**config.to_dict(), "use_bypass": True})
+    with pytest.raises(ValueError, match=r"unknown ResTuningConfig fields \['use_dora'\]"):
+        ResTuningConfig.from_dict({**config.to_dict(), "use_dora": True})
 
 
 def test_save_and_load_are_strict_and_bit_exact(tmp_path):
@@ -385,3 +386,171 @@ def test_remove_restores_the_plain_model():
     assert set(model.state_dict()) == set(reference.state_dict())
     assert all(p.requires_grad for p in model.parameters())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ---- swift's res_adapter forms (methods.md §14.2, restuning_components.py) -------------------------------------
+def swift_adapter(adapter: ResAdapter, z: torch.Tensor, weight: str | None) -> torch.Tensor:
+    """swift's ResAdapter on batch-first tokens, written out from its formulas with ``adapter``'s parameters:
+    ``z + s ⊙ (W₂ GELU(W₁ z + b₁) + b₂)``; the gate is the mean over dim 1 of sigmoid(gate(a)), viewed (B, 1, 1)."""
+    a = F.linear(F.gelu(F.linear(z, adapter.down.weight, adapter.down.bias)), adapter.up.weight, adapter.up.bias)
+    if weight == "gate":
+        a = a * torch.sigmoid(F.linear(a, adapter.gate.weight, adapter.gate.bias)).mean(dim=1).view(-1, 1, 1)
+    elif weight in ("scale", "scale_channel"):
+        a = a * adapter.scale
+    elif weight is not None:
+        a = a * float(weight.split("_")[-1])
+    return z + a
+
+
+WEIGHT_PARAMS = {None: 0, "scale": 1, "scale_channel": 64, "gate": 64 + 1, "scalar_0.25": 0}
+
+
+@pytest.mark.parametrize("weight", list(WEIGHT_PARAMS))
+def test_adapter_weight_forms_compute_swifts_formulas(weight):
+    model = tiny_vit()
+    tuned = prepare_model(model, vit_config({"res_adapter": {"adapter_weight": weight, "adapter_length": 8}},
+                                            recurrence="swift"))
+    chain = model.restuning
+    per_adapter = 2 * 64 * 8 + 8 + 64 + WEIGHT_PARAMS[weight]
+    assert sum(p.numel() for p in chain.parameters()) == 2 * 2 * per_adapter
+    randomise_chain(model)  # non-trivial scales and gate
+    generator = torch.Generator().manual_seed(5)
+    root, stems = (torch.randn(3, 17, 64, generator=generator) for _ in range(2))
+    stems = [stems, torch.randn(3, 17, 64, generator=generator)]
+    expected = root
+    for lat, vert, s in zip(chain.lateral, chain.vertical, stems):  # swift: b_{i+1} = T_lat(s_i) + T_vert(b_i)
+        expected = swift_adapter(lat, s, weight) + swift_adapter(vert, expected, weight)
+    torch.testing.assert_close(chain(root, stems), expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(tuned(images())).all()
+
+
+def test_gate_averages_over_the_token_axis():
+    torch.manual_seed(0)
+    adapter = ResAdapter(64, 8, residual=False, zero_init=False, weight="gate")
+    tokens = torch.randn(2, 5, 64)  # (N, L, D)
+    with torch.no_grad():
+        a = adapter.up(F.gelu(adapter.down(tokens)))
+        gate = torch.sigmoid(adapter.gate(a))  # (N, L, 1)
+        expected = a * gate.mean(dim=1, keepdim=True)  # one gate per sample, averaged over its tokens
+        assert not torch.allclose(expected, a * gate.mean(dim=0, keepdim=True))  # (averaging over the batch)
+        torch.testing.assert_close(adapter(tokens), expected)
+        torch.testing.assert_close(adapter(tokens), swift_adapter(adapter, tokens, "gate") - tokens)  # swift's dim=1
+        adapter.token_dim = 0  # sequence-first (L, N, D) tokens: still averaged over the tokens, not the batch
+        lnd = tokens.transpose(0, 1)
+        torch.testing.assert_close(adapter(lnd).transpose(0, 1), expected)
+        assert not torch.allclose(adapter(lnd), swift_adapter(adapter, lnd, "gate") - lnd)  # swift's dim=1 = batch
+        torch.testing.assert_close(adapter(tokens[:, 0]), a[:, 0] * gate[:, 0])  # (N, D): one token per row
+
+
+def test_token_dim_reaches_the_gate_and_is_validated():
+    model = tiny_vit()
+    prepare_model(model, vit_config({"res_adapter": {"adapter_weight": "gate"}}, token_dim=0))
+    assert all(t.token_dim == 0 for t in model.restuning.lateral)
+    with pytest.raises(ValueError, match="token_dim must be the token axis"):
+        vit_config(token_dim=-1)
+    adapter = ResAdapter(64, 4, zero_init=False, weight="gate", token_dim=2)
+    with pytest.raises(ValueError, match="token_dim=2 is not a token axis"):
+        adapter(torch.randn(2, 5, 64))
+
+
+def test_adapter_parameters_are_drawn_in_swifts_order():
+    torch.manual_seed(7)
+    adapter = ResAdapter(64, 8, residual=True, zero_init=False, weight="gate")
+    torch.manual_seed(7)  # swift: ln1, ln2 built, then xavier/normal(1e-6) on each, then the gate Linear(D, 1)
+    ln1, ln2 = nn.Linear(64, 8), nn.Linear(8, 64)
+    for layer in (ln1, ln2):
+        nn.init.xavier_uniform_(layer.weight)
+        nn.init.normal_(layer.bias, std=1e-6)
+    gate = nn.Linear(64, 1)
+    mine = [adapter.down.weight, adapter.down.bias, adapter.up.weight, adapter.up.bias, adapter.gate.weight,
+            adapter.gate.bias]
+    for a, b in zip(mine, [ln1.weight, ln1.bias, ln2.weight, ln2.bias, gate.weight, gate.bias]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("weight", "message"), [
+    ("scale_kv", r"adapter_weight='scale_kv' is refused: in ms-swift .*never .*applied.*adapter_weight=None"),
+    ("scale_kv_channel", r"adapter_weight='scale_kv_channel' is refused"),
+    ("scalar_x", r"adapter_weight='scalar_x' is not one of None, 'scale', 'scale_channel', 'gate', 'scalar_<float>'"),
+    ("channel", r"adapter_weight='channel' is not one of"),
+])
+def test_unsupported_adapter_weights_are_refused_by_name(weight, message):
+    with pytest.raises(ValueError, match=rf"tuner_cfg lateral_cfg: {message}"):
+        vit_config({"res_adapter": {"adapter_weight": weight}})
+
+
+def test_adapter_length_forms():
+    def ranks(model):
+        return [t.down.out_features for t in model.restuning.lateral], [t.down.out_features
+                                                                         for t in model.restuning.vertical]
+
+    model = tiny_vit()
+    prepare_model(model, vit_config({"res_adapter": {"adapter_length": 4}}))
+    assert ranks(model) == ([4, 4], [4, 4])
+    model = tiny_vit()
+    prepare_model(model, vit_config({"res_adapter": {"adapter_length": [4, 8]}}))  # indexed by block, as swift
+    assert ranks(model) == ([4, 8], [4, 8])
+    assert sum(p.numel() for p in model.restuning.parameters()) == 2 * sum(2 * 64 * r + r + 64 for r in (4, 8))
+
+    config = vit_config({"lateral_cfg": {"res_adapter": {"adapter_length": (64, 4, 64)}},
+                         "vertical_cfg": {"res_adapter": {"adapter_length": [(64, 2, 64), 6]}}})
+    assert config.tuner_cfg["lateral_cfg"]["res_adapter"]["adapter_length"] == 4  # stored as its hidden width
+    assert config.tuner_cfg["vertical_cfg"]["res_adapter"]["adapter_length"] == [2, 6]
+    assert ResTuningConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    model = tiny_vit()
+    prepare_model(model, config)
+    assert ranks(model) == ([4, 4], [2, 6])
+
+    with pytest.raises(ValueError, match=r"adapter_length lists 3 widths but the bypass has 2 blocks"):
+        prepare_model(tiny_vit(), vit_config({"res_adapter": {"adapter_length": [4, 8, 16]}}))
+    with pytest.raises(ValueError, match=r"adapter_length=\(32, 4, 64\) needs in = out = 64 .*added to its input"):
+        vit_config({"res_adapter": {"adapter_length": (32, 4, 64)}})
+    with pytest.raises(ValueError, match=r"an adapter_length tuple is \(in, hidden, out\) with three ints"):
+        vit_config({"res_adapter": {"adapter_length": (64, 4)}})
+    with pytest.raises(ValueError, match=r"adapter_length must be an int >= 1.*got 0"):
+        vit_config({"res_adapter": {"adapter_length": 0}})
+    with pytest.raises(ValueError, match=r"adapter_length=\(32, 4, 32\) needs in = out = 64"):
+        vit_config(["res_adapter", {"res_adapter": {"adapter_length": (32, 4, 32)}}], dims=[32, 64])
+
+
+def test_adapter_type_is_accepted_without_effect():
+    torch.manual_seed(0)
+    plain = build_tuner("res_adapter", 64, residual=True, zero_init=False)
+    torch.manual_seed(0)
+    typed = build_tuner({"res_adapter": {"adapter_type": "parallel"}}, 64, residual=True, zero_init=False)
+    z = torch.randn(2, 5, 64)
+    assert torch.equal(plain(z), typed(z))
+
+
+def test_swift_feature_map_fields_fail_with_a_clear_error():
+    config = vit_config(use_bypass=True, use_upsample=False, upsample_out_channels=None)  # swift's defaults
+    assert config.to_dict()["use_bypass"] is True
+    with pytest.raises(ValueError, match=r"use_upsample=True: .*4-D \(B, C, H, W\) feature maps.*leave use_upsample"):
+        vit_config(use_upsample=True)
+    with pytest.raises(ValueError, match=r"upsample_out_channels=\[64, 64\]: .*4-D \(B, C, H, W\) feature maps only"):
+        vit_config(upsample_out_channels=[64, 64])
+    with pytest.raises(ValueError, match=r"use_bypass=False: swift never reads this field"):
+        vit_config(use_bypass=False)
+
+
+def test_ungated_res_prompt_needs_a_replacing_recurrence():
+    with pytest.raises(ValueError, match=r"tuner_cfg vertical_cfg=.*'gate': False.* refused with "
+                                         r"recurrence='identity': the ungated res_prompt"):
+        vit_config({"lateral_cfg": "res_adapter", "vertical_cfg": {"res_prompt": {"gate": False}}})
+    with pytest.raises(ValueError, match=r"res_prompt gate must be True .*or False .*got 'no'"):
+        vit_config({"res_prompt": {"gate": "no"}}, recurrence="paper")
+    model = tiny_vit()
+    prepare_model(model, vit_config({"res_prompt": {"gate": False, "n_tokens": 3}}, recurrence="paper"))
+    assert all(t.gate is None for t in model.restuning.lateral)
+    assert sum(p.numel() for p in model.restuning.parameters()) == 2 * 2 * 3 * 64  # nD per tuner, no gate
+
+
+def test_identity_chain_guards_direct_construction():
+    with pytest.raises(ValueError, match=r"bypass block 0: the identity recurrence needs tuners that are 0 at init"):
+        BypassChain([nn.Identity()], [Zero()])
+    chain = BypassChain([Zero()], [nn.Identity()])  # an identity vertical tuner never passes the root on
+    root = torch.randn(2, 3, 8)
+    assert torch.equal(chain(root, [torch.randn(2, 3, 8)]), torch.zeros_like(root))
+    swift = BypassChain([Zero()], [nn.Identity()], recurrence="swift")  # swift's b_0 = root, passed on unchanged
+    assert torch.equal(swift(root, [torch.randn(2, 3, 8)]), root)

@@ -1,5 +1,6 @@
 """The Res-Tuning CLIP trainers: exactly frozen CLIP at step 0, the bypass keeps the backbone out of autograd, the
-CLS/EOT-only bypass equals the all-token one, and the in-block branches are parallel to the frozen operations."""
+CLS/EOT-only bypass equals the all-token one, the in-block branches are parallel to the frozen operations, and
+``PROMPT_GATE`` False is the paper's ungated Res-Prompt branch."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import eval_logits, tiny_opts
 
+import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
+
+# isort: split
+from open_clip.model import CLIP
+
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
+from vltune.tuners.res_tuners import FrozenAttention, build_tuner
 
 NAMES = ["ResAdapter", "ResPrefix", "ResPrompt", "ResTuningBypass"]
 
@@ -132,4 +139,69 @@ def test_prefix_and_prompt_tuners_also_serve_in_the_bypass(lateral, vertical, di
     torch.testing.assert_close(eval_logits(trainer, images), frozen, rtol=1e-5, atol=1e-5)
     _steps(trainer, 3)
     assert not torch.allclose(eval_logits(trainer, images), frozen, atol=1e-4)
+    assert all(p.grad is None for p in trainer.backbone.parameters())
+
+
+# ---- Res-Prompt's gate (vltune's addition) and the paper's ungated form -------------------------------------------
+def _paper_prompt_branch(block, prompts, h):
+    """The paper's Res-Prompt branch, written out: per head softmax(Q K_pᵀ/√d_h) V_p, heads concatenated, times W_oᵀ,
+    with Q = h W_qᵀ + b_q and K_p, V_p = ln_1(P) W_kᵀ + b_k, ln_1(P) W_vᵀ + b_v from the block's frozen weights."""
+    attn = block.attn
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    p = block.ln_1(prompts)
+    q, k, v = h @ w_q.T + b_q, p @ w_k.T + b_k, p @ w_v.T + b_v
+    heads, d_h = attn.num_heads, h.shape[-1] // attn.num_heads
+    out = []
+    for i in range(heads):
+        cols = slice(i * d_h, (i + 1) * d_h)
+        weights = torch.softmax(q[..., cols] @ k[:, cols].T / d_h ** 0.5, dim=-1)
+        out.append(weights @ v[:, cols])
+    return torch.cat(out, dim=-1) @ attn.out_proj.weight.T
+
+
+def test_ungated_res_prompt_is_the_papers_branch(digits_root, random_clip_weights, tmp_path):
+    gated = _trainer("ResPrompt", digits_root, random_clip_weights, str(tmp_path / "g"))
+    paper = _trainer("ResPrompt", digits_root, random_clip_weights, str(tmp_path / "p"),
+                     **{"TRAINER.RESTUNING.PROMPT_GATE": False})
+    assert gated.n_trainable == 2 * (10 * 64 + 64) and paper.n_trainable == 2 * 10 * 64  # nD + D vs nD per block
+    block = paper.backbone.model.visual.transformer.resblocks[1]
+    tuner = paper.model["tuners"]["image"]["attn"][1]
+    assert tuner.gate is None and gated.model["tuners"]["image"]["attn"][1].gate.count_nonzero() == 0
+    h = torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = _paper_prompt_branch(block, tuner.prompts, h)
+        assert expected.abs().max() > 1e-3
+        torch.testing.assert_close(tuner(h), expected, rtol=1e-5, atol=1e-6)
+        gated_tuner = gated.model["tuners"]["image"]["attn"][1]
+        gated_tuner.prompts.copy_(tuner.prompts)
+        gated_tuner.gate.fill_(1.0)  # the gate is the only difference
+        torch.testing.assert_close(gated_tuner(h), tuner(h), rtol=0, atol=0)
+    images = next(iter(paper.test_loader))["img"][:6]  # documented: the paper's form is not frozen CLIP at step 0
+    assert not torch.allclose(eval_logits(paper, images), _frozen_logits(paper, images), atol=1e-4)
+
+
+def test_ungated_res_prompt_splits_heads_like_the_paper():
+    torch.manual_seed(0)  # the tiny CLIP has one head; this block has 4 (d_h = 16)
+    clip = CLIP(64, dict(image_size=32, layers=1, width=64, patch_size=8, head_width=16),
+                dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=1))
+    block = clip.visual.transformer.resblocks[0]
+    assert block.attn.num_heads == 4
+    tuner = build_tuner({"res_prompt": {"gate": False, "n_tokens": 5}}, 64, residual=False, zero_init=True,
+                        attn=FrozenAttention(block.attn), norm=block.ln_1)
+    h = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(tuner(h), _paper_prompt_branch(block, tuner.prompts, h), rtol=1e-5, atol=1e-6)
+
+
+def test_ungated_res_prompt_in_the_bypass_needs_a_replacing_recurrence(digits_root, random_clip_weights, tmp_path):
+    with pytest.raises(ValueError, match=r"TRAINER\.RESTUNING\.VERTICAL 'res_prompt' \(PROMPT_GATE False\) is refused "
+                                         r"with RECURRENCE identity: .*set TRAINER\.RESTUNING\.PROMPT_GATE True"):
+        _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path / "a"),
+                 **{"TRAINER.RESTUNING.VERTICAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False})
+    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path / "b"),
+                       **{"TRAINER.RESTUNING.LATERAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False,
+                          "TRAINER.RESTUNING.RECURRENCE": "paper"})
+    assert all(t.gate is None for t in trainer.model["tuners"]["image"].lateral)
+    _steps(trainer)
     assert all(p.grad is None for p in trainer.backbone.parameters())

@@ -9,9 +9,11 @@ class set) unless the text tower is tuned too. L = CE(τ · f · Tᵀ, y).
 
 * ``ResAdapter``: ``x + attn(h) [+ A(h)]`` and ``x + mlp(h) + A(h)`` inside every block (``ADAPTER_AT``: parallel to
   the MLP and/or the attention), A a rank-``RANK`` bottleneck whose last layer starts at 0.
-* ``ResPrefix`` / ``ResPrompt``: a parallel attention branch in every block over ``N_TOKENS`` trainable keys/values
-  (prefix; the values start at 0) or prompt tokens projected by the block's frozen ``ln_1``, ``W_k``, ``W_v`` (prompt;
-  times a per-channel gate that starts at 0), through the frozen ``W_q`` and output weight.
+* ``ResPrefix`` / ``ResPrompt``: a parallel attention branch ``softmax(Q Kᵀ/√d_h) V`` in every block, with the
+  frozen ``W_q`` and output weight, over ``N_TOKENS`` trainable keys/values (prefix; no gate: the values start at 0)
+  or prompt tokens P with ``K, V = ln_1(P) W_k, W_v`` from the block's frozen weights (prompt). Res-Prompt's branch is
+  multiplied by a per-channel gate that starts at 0 (vltune's addition, so that it starts at 0); ``PROMPT_GATE``
+  False is the paper's ungated branch, which changes the features from step 0.
 * ``ResTuningBypass``: the frozen tower runs under ``no_grad``; a side chain of ``LATERAL``/``VERTICAL`` tuners over
   its block outputs (``RECURRENCE`` identity: ``d_{i+1} = λ·H_i(s_i) + (1 − λ)·V_i(d_i)``, added to the last block's
   output; ``paper``/``swift`` replace it) feeds the frozen head. All tuners act per token and the head reads one
@@ -19,7 +21,10 @@ class set) unless the text tower is tuned too. L = CE(τ · f · Tᵀ, y).
   cost. A tuned text tower with fixed prompts caches its block outputs once per class set.
 
 Every variant starts as exactly the frozen CLIP (zero-initialised last layers and gates), except the ``paper`` and
-``swift`` bypass recurrences, which replace the features (as swift does). Checkpoints hold the tuners only.
+``swift`` bypass recurrences, which replace the features (as swift does), and the ungated Res-Prompt
+(``PROMPT_GATE`` False). With ``RECURRENCE`` identity the bypass equals frozen CLIP at step 0 for every accepted
+``LATERAL``/``VERTICAL`` pair; the two settings that cannot (``LATERAL`` identity, and ``res_prompt`` with
+``PROMPT_GATE`` False) are refused by ``check_cfg``. Checkpoints hold the tuners only.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from yacs.config import CfgNode as CN
 from trainers.coop import PromptTrainer
 from vltune.clip.backbone import BlockHooks
 from vltune.registry import TRAINERS
-from vltune.tuners.res_tuners import RECURRENCES, TUNERS, BypassChain, FrozenAttention, build_tuner
+from vltune.tuners.res_tuners import RECURRENCES, TUNERS, BypassChain, FrozenAttention, build_tuner, identity_problem
 
 TOWERS = ("image", "text")
 
@@ -44,18 +49,29 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.RESTUNING.RANK = 8  # bottleneck width r of res_adapter tuners
     cfg.TRAINER.RESTUNING.N_TOKENS = 10  # prefix / prompt length
     cfg.TRAINER.RESTUNING.ADAPTER_AT = ("mlp",)  # ResAdapter: parallel to mlp and/or attn
-    cfg.TRAINER.RESTUNING.LATERAL = "res_adapter"  # bypass: res_adapter | res_prefix | res_prompt | zero | identity
+    # bypass lateral tuner (on block i's output): res_adapter | res_prefix | res_prompt | zero; identity only with
+    # RECURRENCE paper/swift (with identity it would add the block's own output to the features)
+    cfg.TRAINER.RESTUNING.LATERAL = "res_adapter"
+    # bypass vertical tuner (on the chain state): res_adapter | res_prefix | res_prompt | zero | identity
     cfg.TRAINER.RESTUNING.VERTICAL = "res_adapter"
     cfg.TRAINER.RESTUNING.RECURRENCE = "identity"  # identity (exact frozen CLIP at init) | paper | swift
+    # Res-Prompt branch times a per-channel gate that starts at 0 (vltune's addition: exactly frozen CLIP at init);
+    # False: the paper's ungated branch (not frozen CLIP at init; refused in a bypass with RECURRENCE identity)
+    cfg.TRAINER.RESTUNING.PROMPT_GATE = True
     cfg.TRAINER.RESTUNING.LAMBDA = 0.5  # λ of the bypass recurrence (identity, paper)
     cfg.TRAINER.RESTUNING.LEARN_LAMBDA = False  # λ = sigmoid(learnable scalar), 0.5 at init
     cfg.TRAINER.RESTUNING.PREC = ""  # fp16 | amp | fp32; empty: TRAINER.PREC
 
 
 def _spec(name: str, c: CN) -> dict | str:
-    options = {"res_adapter": {"adapter_length": int(c.RANK)}, "res_prefix": {"n_tokens": int(c.N_TOKENS)},
-               "res_prompt": {"n_tokens": int(c.N_TOKENS)}}
-    return {name: options[name]} if name in options else name
+    """The ``build_tuner`` spec of tuner ``name`` under ``TRAINER.RESTUNING``."""
+    if name == "res_adapter":
+        return {name: {"adapter_length": int(c.RANK)}}
+    if name == "res_prefix":
+        return {name: {"n_tokens": int(c.N_TOKENS)}}
+    if name == "res_prompt":
+        return {name: {"n_tokens": int(c.N_TOKENS), "gate": bool(c.PROMPT_GATE)}}
+    return name
 
 
 class ResHooks(BlockHooks):
@@ -99,6 +115,17 @@ class ResTuningTrainer(PromptTrainer):
             raise ValueError(f"TRAINER.RESTUNING.RANK and N_TOKENS must be >= 1, got {c.RANK} and {c.N_TOKENS}")
         if not 0.0 <= c.LAMBDA <= 1.0:
             raise ValueError(f"TRAINER.RESTUNING.LAMBDA must be in [0, 1], got {c.LAMBDA}")
+        if not isinstance(c.PROMPT_GATE, bool):
+            raise ValueError(f"TRAINER.RESTUNING.PROMPT_GATE must be True or False, got {c.PROMPT_GATE!r}")
+        if self.variant == "bypass" and c.RECURRENCE == "identity":
+            for key in ("LATERAL", "VERTICAL"):
+                problem = identity_problem(_spec(c[key], c), key.lower())
+                if problem:
+                    fix = ("set TRAINER.RESTUNING.PROMPT_GATE True" if c[key] == "res_prompt" else
+                           f"choose {key} from {', '.join(n for n in TUNERS if not identity_problem(n, key.lower()))}")
+                    raise ValueError(f"TRAINER.RESTUNING.{key} {c[key]!r} (PROMPT_GATE {c.PROMPT_GATE}) is refused "
+                                     f"with RECURRENCE identity: {problem}. To keep the identity recurrence, {fix}; "
+                                     "or set RECURRENCE paper/swift (not frozen CLIP at init)")
 
     def build_model(self) -> None:
         c = self.cfg.TRAINER.RESTUNING
@@ -208,7 +235,8 @@ class ResAdapter(ResTuningTrainer):
 @TRAINERS.register("ResPrefix", add_config=add_config, family="restuning",
                    test_overrides=dict(trainable_params=2 * 2 * 10 * 64))
 class ResPrefix(ResTuningTrainer):
-    """Res-Prefix: a gated parallel attention over trainable keys and values in every block."""
+    """Res-Prefix: a parallel attention over trainable keys and values in every block, ungated (the values start at
+    0, so the branch starts at 0)."""
 
     variant = "prefix"
 
@@ -216,7 +244,9 @@ class ResPrefix(ResTuningTrainer):
 @TRAINERS.register("ResPrompt", add_config=add_config, family="restuning",
                    test_overrides=dict(trainable_params=2 * (10 * 64 + 64)))
 class ResPrompt(ResTuningTrainer):
-    """Res-Prompt: a gated parallel attention over trainable prompt tokens projected by the frozen K/V weights."""
+    """Res-Prompt: a parallel attention over trainable prompt tokens projected by the frozen K/V weights, times a
+    per-channel gate that starts at 0 (vltune's addition); ``PROMPT_GATE`` False drops the gate (the paper's form,
+    not frozen CLIP at init)."""
 
     variant = "prompt"
 

@@ -3,8 +3,11 @@
 A side network (``BypassChain`` of ``vltune.tuners.res_tuners``) runs on detached probes of a frozen model: the
 *root* probe ``r`` (a module's first positional input or its output) and one *stem* probe ``s_i`` per selected module.
 Its output is fed to every *target* module: with the default ``identity`` recurrence it is ADDED to the target's
-input or output (zero-initialised tuners, so the prepared model equals the frozen one at step 0); with ``paper`` or
-``swift`` it REPLACES that value, as ms-swift does (methods.md §14.3). Typical use::
+input or output, and the prepared model equals the frozen one exactly at step 0 for every configuration the
+recurrence accepts (tuners that are 0 at init; an identity or missing vertical tuner passes the correction on, and in
+block 0 starts it at 0 instead of leaking the root); ``ResTuningConfig`` refuses, naming the key, the two that cannot
+start there: an identity or missing lateral tuner and the ungated ``res_prompt``. With ``paper`` or ``swift`` the
+output REPLACES that value, as ms-swift does (methods.md §14.3). Typical use::
 
     config = ResTuningConfig(dims=768, root_modules=r"blocks\\.0", stem_modules=r"blocks\\.\\d+",
                              target_modules=r"norm", tuner_cfg="res_adapter")
@@ -26,6 +29,11 @@ Differences from swift's ``ResTuningConfig`` (methods.md §14.2, §14.6), and wh
 * Res-Prefix and Res-Prompt tuners use block i's frozen attention (the stem's ``attn`` submodule; Res-Prompt also the
   stem's ``norm1``/``ln_1``), which swift never implemented.
 * Saving writes only the tuner weights (safetensors) and the config; loading is strict about keys, shapes and config.
+* swift's ``res_adapter`` forms are accepted: ``adapter_weight`` None, ``scale``, ``scale_channel``, ``gate``,
+  ``scalar_<float>`` (the gate averages over the token axis ``token_dim``, not swift's fixed ``dim=1``, which is the
+  batch axis of sequence-first tokens), ``adapter_length`` as an int, a per-block list or an ``(in, hidden, out)``
+  tuple (stored as its hidden width). ``scale_kv``/``scale_kv_channel`` (no-ops in swift), ``use_upsample``,
+  ``upsample_out_channels`` (4-D feature maps only) and ``use_bypass=False`` (never read by swift) are refused by name.
 """
 
 from __future__ import annotations
@@ -48,7 +56,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from vltune.tuners.res_tuners import RECURRENCES, TUNERS, BypassChain, FrozenAttention, build_tuner, count_line
+from vltune.tuners.res_tuners import (
+    RECURRENCES,
+    TUNER_OPTIONS,
+    TUNERS,
+    BypassChain,
+    FrozenAttention,
+    adapter_rank,
+    adapter_weight_kind,
+    build_tuner,
+    count_line,
+    identity_problem,
+)
 
 SUBMODULE_NAME = "restuning"
 WEIGHTS_FILE = "restuning.safetensors"
@@ -81,8 +100,21 @@ class ResTuningConfig:
             key inside a tuple/list/dict output (a plain tensor output is patched whole).
         zero_init_last: ``paper``/``swift`` only: zero-initialise the last block's tuners (swift's semantics); the
             ``identity`` recurrence always zero-initialises every tuner.
-        recurrence: ``identity`` (output added, identity at init) | ``paper`` | ``swift`` (output replaces).
+        recurrence: ``identity`` (output added, exactly the frozen model at init) | ``paper`` | ``swift`` (output
+            replaces). ``identity`` refuses an identity or missing ``lateral_cfg`` and ``res_prompt`` with
+            ``gate: False``: neither is 0 at init.
         lam: λ of the ``identity``/``paper`` recurrences, a float in [0, 1] or ``"learnable"``.
+        token_dim: the token axis of the probed tensors: 1 for batch-first (N, L, D) tokens (timm, open_clip 3.x:
+            swift's ``dim=1``), 0 for sequence-first (L, N, D) ones. Only the ``res_adapter`` gate reads it (it
+            averages over the tokens); every other tuner acts on each token alone.
+        use_upsample: swift's upsample aux tuner for 4-D (B, C, H, W) feature maps; only False is accepted.
+        upsample_out_channels: swift's channel count for that upsample tuner; only None is accepted.
+        use_bypass: never read by swift (its bypass always runs); only True is accepted.
+
+    ``res_adapter`` options follow swift: ``adapter_length`` (int, per-block list, or an ``(in, hidden, out)`` tuple
+    with in = out = dims, stored as its hidden width so that the JSON form is unambiguous), ``adapter_weight`` (None,
+    ``scale``, ``scale_channel``, ``gate``, ``scalar_<float>``; ``scale_kv*`` are no-ops in swift and refused) and
+    ``adapter_type`` (no effect, as in swift). ``res_prefix``: ``n_tokens``; ``res_prompt``: ``n_tokens``, ``gate``.
     """
 
     dims: int | list[int]
@@ -97,9 +129,14 @@ class ResTuningConfig:
     zero_init_last: bool = False
     recurrence: str = "identity"
     lam: float | str = 0.5
+    token_dim: int = 1
+    use_upsample: bool = False
+    upsample_out_channels: int | list[int] | None = None
+    use_bypass: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
+        self.tuner_cfg = _normalised(self.tuner_cfg)
 
     def validate(self) -> None:
         """Check every field that can be checked without the model; raises ValueError/TypeError naming the field."""
@@ -132,11 +169,48 @@ class ResTuningConfig:
         if self.lam != "learnable":
             if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or not 0.0 <= self.lam <= 1.0:
                 raise ValueError(f"lam must be a float in [0, 1] or 'learnable', got {self.lam!r}")
-        _block_specs(self.tuner_cfg, None)
+        if isinstance(self.token_dim, bool) or not isinstance(self.token_dim, int) or self.token_dim < 0:
+            raise ValueError(f"token_dim must be the token axis of the probes, an int >= 0 (1 for (N, L, D), 0 for "
+                             f"(L, N, D) tokens), got {self.token_dim!r}")
+        self._validate_swift_fields()
+        blocks = _block_specs(self.tuner_cfg, None)
+        dims = list(self.dims) if isinstance(self.dims, (list, tuple)) else [self.dims]
+        listed = isinstance(self.tuner_cfg, (list, tuple))
+        for i, block in enumerate(blocks):
+            # a block's options must fit its own width; a shared entry must fit every width in dims
+            widths = [dims[i]] if listed and len(dims) > 1 and i < len(dims) else sorted(set(dims))
+            for key, spec in block.items():
+                where = f"tuner_cfg[{i}] {key}" if listed else f"tuner_cfg {key}"
+                for width in widths:
+                    _check_options(spec, width, where)
+                problem = identity_problem(spec, key.removesuffix("_cfg"))
+                if self.recurrence == "identity" and problem:
+                    value = " (missing: the identity)" if spec is None else f"={spec!r}"
+                    raise ValueError(f"{where}{value} is refused with recurrence='identity': {problem}. Choose "
+                                     f"a tuner that starts at 0 ({', '.join(_zero_at_init(key))}), or recurrence "
+                                     "'paper'/'swift' (which replace the target's value and are not identity at "
+                                     "init)")
+
+    def _validate_swift_fields(self) -> None:
+        """swift's fields for 4-D feature maps and its unread ``use_bypass``: accepted at their defaults only."""
+        if not isinstance(self.use_upsample, bool) or self.use_upsample:
+            raise ValueError(f"use_upsample={self.use_upsample!r}: swift's upsample aux tuner interpolates 4-D "
+                             "(B, C, H, W) feature maps (e.g. Stable Diffusion's UNet); vltune's bypass works on "
+                             "token tensors (..., L, D) only, so leave use_upsample False")
+        if self.upsample_out_channels is not None:
+            raise ValueError(f"upsample_out_channels={self.upsample_out_channels!r}: it sets the channels of swift's "
+                             "upsample aux tuner, which applies to 4-D (B, C, H, W) feature maps only; vltune's "
+                             "bypass works on token tensors (..., L, D), so leave it None")
+        if not isinstance(self.use_bypass, bool) or not self.use_bypass:
+            raise ValueError(f"use_bypass={self.use_bypass!r}: swift never reads this field (its bypass always runs), "
+                             "and vltune refuses to ignore it silently; leave it True, and call "
+                             "ResTunedModel.remove() to run the model without the bypass")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-compatible values (tuples become lists), e.g. for ``restuning_config.json``."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data = dataclasses.asdict(self)
+        data["tuner_cfg"] = _normalised(data["tuner_cfg"])
+        return json.loads(json.dumps(data))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ResTuningConfig:
@@ -159,6 +233,55 @@ def _compile(pattern: Any, field: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as err:
         raise ValueError(f"{field}={pattern!r} is not a valid regex: {err}") from None
+
+
+def _zero_at_init(key: str) -> list[str]:
+    """The tuner names the identity recurrence accepts for ``key`` (``lateral_cfg``/``vertical_cfg``)."""
+    return [n for n in TUNERS if identity_problem(n, key.removesuffix("_cfg")) is None]
+
+
+def _adapter_options(options: Any) -> Any:
+    """``res_adapter`` options with each ``(in, hidden, out)`` adapter_length replaced by its hidden width."""
+    if not isinstance(options, Mapping) or "adapter_length" not in options:
+        return options
+
+    def hidden(value: Any) -> Any:
+        return value[1] if isinstance(value, tuple) and len(value) == 3 else value
+
+    length = options["adapter_length"]
+    return {**options, "adapter_length": [hidden(v) for v in length] if isinstance(length, list) else hidden(length)}
+
+
+def _normalised(tuner_cfg: Any) -> Any:
+    """``tuner_cfg`` with every res_adapter ``(in, hidden, out)`` tuple as its hidden width (validated: in = out =
+    dims, so it is the same adapter); JSON has no tuples, and a 3-list would read as a per-block list."""
+    if isinstance(tuner_cfg, (list, tuple)):
+        return [_normalised(entry) for entry in tuner_cfg]
+    if isinstance(tuner_cfg, Mapping):
+        return {k: _adapter_options(v) if k == "res_adapter" else _normalised(v) for k, v in tuner_cfg.items()}
+    return tuner_cfg
+
+
+def _check_options(spec: Any, width: int, where: str) -> None:
+    """Validate a spec's options before the model is seen (names, swift's res_adapter forms, prompt gate)."""
+    if not isinstance(spec, Mapping):
+        return
+    name, options = next(iter(spec.items()))
+    options = options or {}
+    allowed = TUNER_OPTIONS.get(name, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: {name} does not take {unknown}; it takes {sorted(allowed) or 'no options'}")
+    if name == "res_adapter":
+        adapter_rank(options.get("adapter_length", 32), width, where=where)
+        adapter_weight_kind(options.get("adapter_weight"), where)
+    if "n_tokens" in options:
+        n = options["n_tokens"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{where}: {name} n_tokens must be an int >= 1, got {n!r}")
+    if not isinstance(options.get("gate", True), bool):
+        raise ValueError(f"{where}: res_prompt gate must be True (gated, vltune's default) or False (the paper's "
+                         f"ungated form), got {options['gate']!r}")
 
 
 def _spec_name(spec: Any) -> str | None:
@@ -301,7 +424,7 @@ def _build_chain(config: ResTuningConfig, stems: list[tuple[str, nn.Module]]) ->
             if _spec_name(block[key]) in _ATTENTION_TUNERS:
                 attn, norm = _stem_attention(stem, stem_name, dims[i], where)
             built.append(build_tuner(block[key], dims[i], residual=not identity, zero_init=zero_init, attn=attn,
-                                     norm=norm, where=where))
+                                     norm=norm, where=where, index=i, depth=n, token_dim=config.token_dim))
         lateral.append(built[0])
         vertical.append(built[1])
     return BypassChain(lateral, vertical, recurrence=config.recurrence, lam=config.lam)
