@@ -6,10 +6,14 @@
     python parallel_runner.py --gpus 0 1 --slots-per-gpu 2
     python parallel_runner.py --rerun-failed      # retry the jobs that failed in an earlier run
     python parallel_runner.py --tables-only       # rebuild tables, plots and report.md from the output folder
+    python parallel_runner.py --cold              # a fresh interpreter per job (no warm worker)
 
 Each job is ``train.py`` in its own process group with ``CUDA_VISIBLE_DEVICES`` set to its GPU, in its own folder
-(``stdout.log``, ``stderr.log``, ``log.txt``, ``config.yaml``, ``result.json``). Evaluations start as soon as their
-own train job has succeeded. A finished job is not run again, so an interrupted suite continues where it stopped.
+(``stdout.log``, ``stderr.log``, ``log.txt``, ``config.yaml``, ``result.json``). By default a job is a child forked
+from a warm worker that has imported torch, open_clip and vltune once, which saves each job seconds of start-up;
+``--cold`` (or ``base['executor']['warm'] = False``) starts a fresh ``python train.py`` per job instead.
+Evaluations start as soon as their own train job has succeeded. A finished job is not run again, so an interrupted
+suite continues where it stopped.
 Ctrl-C ends the jobs this runner started and records them as cancelled. Mail goes out on a worker thread and never
 holds up a job or changes the exit code; at the end the runner waits at most ``mail.final_wait_s`` for it (a
 Ctrl-C ends that wait at once). Exit code: 0 when every job succeeded, 1 when any failed, was cancelled or skipped,
@@ -36,6 +40,7 @@ from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
+from vltune.runner.warm import WarmExecutor  # noqa: E402
 
 logger = logging.getLogger("parallel_runner")
 
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots-per-gpu", type=int, default=0, metavar="N", help="jobs per GPU at once")
     p.add_argument("--tables-only", action="store_true", help="rebuild tables/plots/report from the output folder")
     p.add_argument("--debug", action="store_true", help="run jobs one by one in this process (no subprocesses)")
+    p.add_argument("--cold", action="store_true",
+                   help="start a fresh interpreter per job instead of forking it from the warm worker")
     p.add_argument("--no-mail", action="store_true", help="send no mail even if configs.py enables it")
     p.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
     return p
@@ -80,13 +87,17 @@ def lanes_of(experiments: Experiments) -> list[Lane]:
 
 
 def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[Executor, list[Lane]]:
-    """The executor and its lanes: local (the pipeline's stages on their devices) or Ray (one lane in pipeline
-    order; Ray places the jobs, as many at once as the cluster holds)."""
+    """The executor and its lanes: local (the pipeline's stages on their devices; warm unless ``--cold`` or
+    ``base['executor']['warm']`` is False) or Ray (one lane in pipeline order; Ray places the jobs, as many at once
+    as the cluster holds)."""
     settings = experiments.base.executor
     if args.debug:
         return InlineExecutor(), lanes_of(experiments)
     if (args.executor or settings.kind) != "ray":
-        return LocalExecutor(), lanes_of(experiments)
+        if args.cold or not settings.warm:
+            return LocalExecutor(), lanes_of(experiments)
+        log = os.path.join(experiments.base.output_root, "warm_worker.log")
+        return WarmExecutor(log=log), lanes_of(experiments)
     from vltune.runner.ray_executor import RAY_DEVICE, RayExecutor
 
     executor = RayExecutor(args.ray_address or settings.address, settings.max_retries,
@@ -298,6 +309,8 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         result = scheduler.run(tick=progress.tick)
     finally:
         progress.close()
+        if isinstance(executor, WarmExecutor):
+            executor.close()  # stop the warm worker and reap it (also on Ctrl-C and SIGTERM)
     report = write_outputs(root)
     notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
     c = result.counts

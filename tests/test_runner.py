@@ -1,8 +1,13 @@
 """The runner's scheduler on fake jobs (processes that sleep, print and fail): slots, devices, dependencies without a
-barrier, failure isolation, resume after a killed runner, Ctrl-C, and the output-folder lock."""
+barrier, failure isolation, resume after a killed runner, Ctrl-C, and the output-folder lock.
+
+Where the behaviour must not depend on how a job is started, a test runs with both local executors (the ``executor``
+fixture): ``LocalExecutor`` (a fresh interpreter per job) and ``WarmExecutor`` (a child forked from the warm worker;
+``WarmScripts`` runs each fake ``python -c CODE`` job as ``python job.py`` and fails a job that did not go warm)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +23,39 @@ from vltune.results.record import read_record
 from vltune.runner.executor import LocalExecutor
 from vltune.runner.lock import LockedError, RunnerLock
 from vltune.runner.scheduler import Lane, Scheduler
+from vltune.runner.warm import WarmExecutor, WarmHandle
+
+
+class WarmScripts(WarmExecutor):
+    """``WarmExecutor`` on the fake jobs: a ``python -c CODE`` job runs as ``python <scripts>/<job>.py`` (the same
+    code), forked by the warm worker, which here imports nothing beyond vltune; such a job that would start cold
+    fails to start instead (so a silent fallback cannot pass a test meant for warm jobs)."""
+
+    def __init__(self, scripts: str, **kw) -> None:
+        super().__init__(preload=kw.pop("preload", ()), **kw)
+        self.scripts = scripts
+
+    def start(self, job, device, env):
+        if job.argv[1:2] != ["-c"] or not os.path.isfile(job.argv[0]):
+            return super().start(job, device, env)
+        os.makedirs(self.scripts, exist_ok=True)
+        path = os.path.join(self.scripts, f"{job.task}-{os.path.basename(job.out)}.py")
+        with open(path, "w") as f:
+            f.write(job.argv[2])
+        handle = super().start(dataclasses.replace(job, argv=[job.argv[0], path, *job.argv[3:]]), device, env)
+        assert isinstance(handle, WarmHandle), f"{job.out} started cold: {self.off or 'see the log'}"
+        return handle
+
+
+@pytest.fixture(params=["local", "warm"])
+def executor(request, tmp_path):
+    """Each local executor in turn (the warm one is closed, its worker reaped, at the end of the test)."""
+    if request.param == "local":
+        yield LocalExecutor()
+        return
+    with WarmScripts(str(tmp_path / "scripts")) as warm:
+        yield warm
+    assert warm.worker is None
 
 
 def _intervals(events: list[dict]) -> dict[str, tuple[float, float, dict]]:
@@ -47,11 +85,11 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tmp_path):
+def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0, 1], slots=2, tasks=["t"])],
                 jobs=[dict(name=f"j{i}", sleep=0.4) for i in range(10)])
-    result = run_spec(spec)
+    result = run_spec(spec, executor=executor)
     assert result.counts["success"] == 10
     spans = _intervals(read_events(events))
     assert len(spans) == 10
@@ -65,14 +103,14 @@ def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tm
         assert record["runner"]["device"] == spans[f"j{j}"][2]["cuda"]
 
 
-def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path):
+def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path), events=events,
                 lanes=[dict(devices=[3], slots=1, tasks=["a"]), dict(devices=[5, 6], slots=1, tasks=["b"]),
                        dict(devices=["cpu"], slots=1, tasks=["c"])],
                 # 1 s per job: lanes must overlap even when process start-up is slowed by a loaded machine
                 jobs=[dict(name=f"{t}{i}", task=t, sleep=1.0) for t in "abc" for i in range(3)])
-    assert run_spec(spec).counts["success"] == 9
+    assert run_spec(spec, executor=executor).counts["success"] == 9
     seen = {ev["name"]: ev["cuda"] for ev in read_events(events) if ev["event"] == "start"}
     assert {seen[f"a{i}"] for i in range(3)} == {"3"}
     assert {seen[f"b{i}"] for i in range(3)} <= {"5", "6"}
@@ -83,13 +121,13 @@ def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path):
     assert _max_overlap([(s, e) for s, e, _ in spans.values()]) >= 3
 
 
-def test_evaluation_starts_when_its_own_train_job_ends_while_other_trains_run(tmp_path):
+def test_evaluation_starts_when_its_own_train_job_ends_while_other_trains_run(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     jobs = [dict(name="train_fast", sleep=0.2), dict(name="train_slow", sleep=2.5),
             dict(name="eval_fast", depends_on="train_fast", sleep=0.1),
             dict(name="eval_slow", depends_on="train_slow", sleep=0.1)]
     spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=3, tasks=["t"])], jobs=jobs)
-    assert run_spec(spec).counts["success"] == 4
+    assert run_spec(spec, executor=executor).counts["success"] == 4
     spans = _intervals(read_events(events))
     assert spans["eval_fast"][0] >= spans["train_fast"][1]  # after its own train job
     assert spans["eval_fast"][0] < spans["train_slow"][1]  # not after the slow one: no barrier
@@ -97,13 +135,13 @@ def test_evaluation_starts_when_its_own_train_job_ends_while_other_trains_run(tm
     assert spans["eval_slow"][0] >= spans["train_slow"][1]
 
 
-def test_a_failing_job_skips_its_dependents_and_the_others_go_on(tmp_path):
+def test_a_failing_job_skips_its_dependents_and_the_others_go_on(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     jobs = [dict(name="bad", fail=3), dict(name="bad_eval", depends_on="bad"),
             dict(name="bad_eval2", depends_on="bad_eval"), dict(name="good", sleep=0.2),
             dict(name="good_eval", depends_on="good")]
     spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=2, tasks=["t"])], jobs=jobs)
-    result = run_spec(spec)
+    result = run_spec(spec, executor=executor)
     assert dict(result.counts) == {"failed": 1, "skipped": 2, "success": 2}
     bad = read_record(str(tmp_path / "bad" / "result.json"))
     assert bad["status"] == "failed" and bad["runner"]["exit_code"] == 3
@@ -118,19 +156,19 @@ def test_a_failing_job_skips_its_dependents_and_the_others_go_on(tmp_path):
     assert "working on bad" in (tmp_path / "bad" / "stdout.log").read_text()
 
 
-def test_resume_skips_finished_jobs_and_reruns_failed_ones_only_when_asked(tmp_path):
+def test_resume_skips_finished_jobs_and_reruns_failed_ones_only_when_asked(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0], slots=2, tasks=["t"])],
                 jobs=[dict(name="a"), dict(name="b", fail=2), dict(name="c", depends_on="a")])
-    assert dict(run_spec(spec).counts) == {"success": 2, "failed": 1}
+    assert dict(run_spec(spec, executor=executor).counts) == {"success": 2, "failed": 1}
     assert len(read_events(events)) == 2 * 2 + 1  # a, c: start+end; b: start
-    again = run_spec(spec)
+    again = run_spec(spec, executor=executor)
     assert dict(again.counts) == {"success": 2, "failed": 1} and all(s.previous for s in again.states)
     assert len(read_events(events)) == 5  # nothing ran
     spec["jobs"][1]["fail"] = 0
-    assert dict(run_spec(spec, rerun_failed=True).counts) == {"success": 3}
+    assert dict(run_spec(spec, executor=executor, rerun_failed=True).counts) == {"success": 3}
     assert [e["name"] for e in read_events(events)[5:]] == ["b", "b"]  # only the failed job ran again
-    run_spec(spec, force=True)
+    run_spec(spec, executor=executor, force=True)
     assert sorted(e["name"] for e in read_events(events)[7:] if e["event"] == "start") == ["a", "b", "c"]
 
 
@@ -166,12 +204,37 @@ def test_a_finished_folder_of_another_config_is_stale_kept_and_named_and_the_res
     assert [e["name"] for e in read_events(events) if e["event"] == "start"] == ["c", "a", "b"]  # c stays done
 
 
-def _driver(tmp_path, jobs: list[dict], slots: int = 1) -> tuple[subprocess.Popen, str]:
+# tests/fakejobs.py's runner with the warm executor instead of the local one
+WARM_DRIVER = """
+import json, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from fakejobs import run_spec
+from test_runner import WarmScripts
+with open(sys.argv[1]) as f:
+    spec = json.load(f)
+with WarmScripts({scripts!r}) as executor:
+    result = run_spec(spec, executor=executor, grace_s=5.0)
+print(json.dumps(dict(result.counts), sort_keys=True), flush=True)
+sys.exit(130 if result.interrupted else 0)
+"""
+
+
+def _kind(executor) -> str:
+    return "warm" if isinstance(executor, WarmExecutor) else "local"
+
+
+def _driver(tmp_path, jobs: list[dict], slots: int = 1, kind: str = "local") -> tuple[subprocess.Popen, str]:
+    """A runner in its own process on ``jobs`` with the ``kind`` executor; (process, events file)."""
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path / "jobs"), events=events, lanes=[dict(devices=[0], slots=slots, tasks=["t"])],
                 jobs=jobs)
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fakejobs.py"), str(tmp_path / "spec.json")],
+    script = REPO / "tests" / "fakejobs.py"
+    if kind == "warm":
+        script = tmp_path / "warm_driver.py"
+        script.write_text(WARM_DRIVER.format(repo=str(REPO), tests=str(REPO / "tests"),
+                                             scripts=str(tmp_path / "scripts")))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "spec.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return proc, events
 
@@ -188,15 +251,20 @@ def _successes(root) -> list[str]:
         "status") == "success")
 
 
-def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_path):
+def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_path, executor):
+    kind = _kind(executor)
     jobs = [dict(name=f"j{i}", sleep=1.0) for i in range(6)]
-    proc, events = _driver(tmp_path, jobs)
+    proc, events = _driver(tmp_path, jobs, kind=kind)
     root = tmp_path / "jobs"
     _wait_for(lambda: len([e for e in read_events(events) if e["event"] == "start"]) == 3)
     proc.kill()
     proc.wait()
-    # its running job dies with it (parent-death signal): no orphan keeps writing results
-    started = [e["pid"] for e in read_events(events) if e["event"] == "start"]
+    # its running job dies with it (parent-death signal): no orphan keeps writing results; nor does the job's
+    # parent stay (the warm worker; for a local job, the runner itself)
+    starts = [e for e in read_events(events) if e["event"] == "start"]
+    started = [e["pid"] for e in starts] + [e["ppid"] for e in starts]
+    if kind == "warm":
+        assert len({e["ppid"] for e in starts}) == 1 and starts[0]["ppid"] != proc.pid  # one worker forked all
     _wait_for(lambda: not any(_alive(p) for p in started), timeout=10)
     time.sleep(1.2)
     ended = {e["name"] for e in read_events(events) if e["event"] == "end"}
@@ -207,16 +275,16 @@ def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_pat
     before = len(read_events(events))
     from fakejobs import run_spec as rerun
 
-    result = rerun(json.loads((tmp_path / "spec.json").read_text()))
+    result = rerun(json.loads((tmp_path / "spec.json").read_text()), executor=executor)
     assert result.counts["success"] == 6
     reran = [e["name"] for e in read_events(events)[before:] if e["event"] == "start"]
     assert sorted(reran) == sorted(set(f"j{i}" for i in range(6)) - set(done))  # exactly the missing ones
     assert sum(s.previous for s in result.states) == len(done)
 
 
-def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(tmp_path):
+def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(tmp_path, executor):
     jobs = [dict(name=f"j{i}", sleep=60, grandchild=True) for i in range(3)] + [dict(name="later", sleep=0)]
-    proc, events = _driver(tmp_path, jobs, slots=3)
+    proc, events = _driver(tmp_path, jobs, slots=3, kind=_kind(executor))
     _wait_for(lambda: len([e for e in read_events(events) if e["event"] == "start"]) == 3)
     starts = [e for e in read_events(events) if e["event"] == "start"]
     pids = [e["pid"] for e in starts] + [e["grandchild"] for e in starts]
@@ -226,20 +294,21 @@ def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(t
     assert proc.returncode == 130, err
     assert json.loads(out.strip().splitlines()[-1]) == {"cancelled": 3, "pending": 1}
     _wait_for(lambda: not any(_alive(p) for p in pids), timeout=5)  # jobs and their grandchildren
+    assert not _alive(starts[0]["ppid"])  # the warm worker was stopped too
     for i in range(3):
         record = read_record(str(tmp_path / "jobs" / f"j{i}" / "result.json"))
         assert record["status"] == "cancelled" and record["runner"]["exit_code"] == -signal.SIGTERM
     assert not os.path.exists(tmp_path / "jobs" / "later" / "result.json")
 
 
-def test_sigterm_to_the_runner_cancels_like_ctrl_c(tmp_path):
-    proc, events = _driver(tmp_path, [dict(name="long", sleep=60)])
+def test_sigterm_to_the_runner_cancels_like_ctrl_c(tmp_path, executor):
+    proc, events = _driver(tmp_path, [dict(name="long", sleep=60)], kind=_kind(executor))
     _wait_for(lambda: any(e["event"] == "start" for e in read_events(events)))
-    pid = read_events(events)[0]["pid"]
+    pid, parent = read_events(events)[0]["pid"], read_events(events)[0]["ppid"]
     proc.terminate()
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    _wait_for(lambda: not _alive(pid), timeout=5)
+    _wait_for(lambda: not _alive(pid) and not _alive(parent), timeout=5)  # the job, and the warm worker
     assert read_record(str(tmp_path / "jobs" / "long" / "result.json"))["status"] == "cancelled"
 
 
@@ -267,21 +336,21 @@ def test_fake_jobs_write_what_train_py_writes(tmp_path):
     assert json.loads((tmp_path / "a" / "job.json").read_text())["identity"] == IDENTITY
 
 
-def test_a_job_that_cannot_start_is_recorded_failed_and_the_rest_run(tmp_path):
+def test_a_job_that_cannot_start_is_recorded_failed_and_the_rest_run(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     broken = fake_job(str(tmp_path), "broken", events)
     broken.argv = [str(tmp_path / "no-such-interpreter"), "-c", "pass"]
     jobs = [broken, fake_job(str(tmp_path), "fine", events)]
-    result = Scheduler(jobs, [Lane([0], 1, ["t"])], LocalExecutor(), poll_s=0.02).run()
+    result = Scheduler(jobs, [Lane([0], 1, ["t"])], executor, poll_s=0.02).run()
     assert dict(result.counts) == {"failed": 1, "success": 1}
     record = read_record(str(tmp_path / "broken" / "result.json"))
     assert record["status"] == "failed" and "no-such-interpreter" in record["runner"]["log_tail"]
 
 
-def test_gpu_ids_index_the_runners_own_visible_devices(tmp_path):
+def test_gpu_ids_index_the_runners_own_visible_devices(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     jobs = [fake_job(str(tmp_path), "a", events)]
-    Scheduler(jobs, [Lane([1], 1, ["t"])], LocalExecutor(), cuda_visible=["4", "7"], poll_s=0.02).run()
+    Scheduler(jobs, [Lane([1], 1, ["t"])], executor, cuda_visible=["4", "7"], poll_s=0.02).run()
     assert [e["cuda"] for e in read_events(events) if e["event"] == "start"] == ["7"]
 
 

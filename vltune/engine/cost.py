@@ -16,6 +16,10 @@ evaluation-only run the evaluation peak only. Each comes from the device's one m
   ``eval_meter``), so profiling inflates neither the training nor the evaluation time or throughput, except an
   only step, whose time is the phase's only time.
 
+Start-up (``startup_s``): seconds from the moment the runner launched the job (``VLTUNE_JOB_LAUNCHED_AT``, set by
+``vltune.runner.executor``) to its first batch, training or (evaluation-only jobs) evaluation: interpreter start,
+imports, data and model setup. None when no runner launched the process (a hand-run ``train.py``, ``--debug``).
+
 Where a meter cannot run (no training step in an evaluation-only run, no test evaluation, an empty test loader) the
 peak is None and the reason is kept in ``notes`` (``meter_notes`` in the record). Separately, on both devices, the
 process peak resident set size (``peak_rss_mb``: interpreter and libraries included, an upper bound of what the run
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import sys
 import time
@@ -90,6 +95,17 @@ def live_tensor_bytes() -> int:
     return total
 
 
+LAUNCHED_AT = "VLTUNE_JOB_LAUNCHED_AT"  # the runner's launch time of this job (vltune.runner.executor)
+
+
+def launch_time() -> float | None:
+    """When the runner launched this process's job (``time.time()``), or None when no runner did."""
+    try:
+        return float(os.environ[LAUNCHED_AT])
+    except (KeyError, ValueError):
+        return None
+
+
 def peak_rss_mb() -> float:
     """The process peak resident set size in MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -109,6 +125,8 @@ class CostMeter:
         self._cuda_peak: dict[str, int] = {}  # per kind: the largest peak before the last reset (CUDA)
         self._owner: list[str | None] = ["train"]  # whose peak the CUDA allocator is measuring now (innermost last)
         self._unmetered: dict[str, str] = {}
+        self.launched_at = launch_time()
+        self.first_batch_at: float | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -165,6 +183,17 @@ class CostMeter:
         if text not in self.notes:
             self.notes.append(text)
             logger.info(f"Cost meter: {text}")
+
+    def first_batch(self) -> None:
+        """Mark that the run's first batch (training or evaluation) is in hand; later calls change nothing."""
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
+
+    def startup_s(self) -> float | None:
+        """Seconds from the runner's launch of the job to its first batch, or None (no runner, no batch yet)."""
+        if self.launched_at is None or self.first_batch_at is None:
+            return None
+        return round(max(self.first_batch_at - self.launched_at, 0.0), 3)
 
     def count(self, name: str, n: int) -> None:
         self.images[name] = self.images.get(name, 0) + int(n)

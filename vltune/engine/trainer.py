@@ -287,6 +287,7 @@ class TrainerX(TrainerBase):
         with self.cost.phase("train"):
             end = time.time()
             for self.batch_idx, batch in enumerate(self.train_loader_x):
+                self.cost.first_batch()
                 data_time.update(time.time() - end)
                 batch = self.to_device(batch)
                 n = len(batch["label"])
@@ -393,6 +394,7 @@ class TrainerX(TrainerBase):
                 self.before_evaluate()
             try:
                 for i, batch in enumerate(loader):
+                    self.cost.first_batch()  # an evaluation-only job's start-up ends here
                     if i == sample:
                         n = self.cost.metered_step(lambda: self._evaluate_batch(batch), "eval", apart=n_batches > 1)
                     else:
@@ -426,7 +428,8 @@ class TrainerX(TrainerBase):
 
         The sampled steps run inside the train and eval phases but are profiled: their time counts as metering
         (``meter_time_s``, ``eval_meter_time_s``), not as training or evaluation. A peak that could not be metered
-        is None, with the reason in ``meter_notes``."""
+        is None, with the reason in ``meter_notes``. ``startup_s``: from the runner's launch of the job to its first
+        batch (None outside a runner)."""
         train_peak, train_method = self.cost.peak_mb("train")
         eval_peak, eval_method = self.cost.peak_mb("eval")
         ckpt_bytes = sum(t.numel() * t.element_size() for n in self._models for t in self.trainable_state(n).values())
@@ -436,5 +439,5 @@ class TrainerX(TrainerBase):
                 "eval_meter_time_s": seconds.get("eval_meter", 0.0), "images_per_s": self.cost.throughput("train"),
                 "eval_images_per_s": self.cost.throughput("eval"), "train_peak_mb": train_peak,
                 "train_peak_method": train_method, "eval_peak_mb": eval_peak, "eval_peak_method": eval_method,
-                "peak_rss_mb": peak_rss_mb(), "meter_notes": list(self.cost.notes),
+                "peak_rss_mb": peak_rss_mb(), "startup_s": self.cost.startup_s(), "meter_notes": list(self.cost.notes),
                 "trainable_params": self.n_trainable, "total_params": self.n_total, "ckpt_bytes": ckpt_bytes}

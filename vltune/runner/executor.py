@@ -1,10 +1,15 @@
-"""How a job runs: ``LocalExecutor`` (a child process per job, in its own process group, on its device) and
-``InlineExecutor`` (in this process, one at a time: tests and ``--debug``).
+"""How a job runs: ``WarmExecutor`` (the runner's default: a child forked from a warm worker per job),
+``LocalExecutor`` (a fresh interpreter per job) and ``InlineExecutor`` (in this process, one at a time: tests and
+``--debug``).
 
 Every job is an argv list, never a shell string. A local job gets ``CUDA_VISIBLE_DEVICES`` set to its GPU (empty on
-the CPU) and ``OMP_NUM_THREADS`` set to its share of the cores unless the user set it. Its stdout and stderr go to
-``stdout.log`` and ``stderr.log`` in its folder. On Linux a job also dies with the runner (parent-death signal), so a
-killed runner leaves no orphan that keeps writing into the output folder.
+the CPU) and ``OMP_NUM_THREADS`` set to its share of the cores unless the user set it, plus ``VLTUNE_JOB_LAUNCHED_AT``
+(the time it was started, for the record's ``cost.startup_s``). Its stdout and stderr go to ``stdout.log`` and
+``stderr.log`` in its folder. It runs in its own session (process group), which is what the runner signals to cancel
+it. On Linux a job also dies with the runner (parent-death signal), so a killed runner leaves no orphan that keeps
+writing into the output folder.
+
+The warm worker is ``vltune.runner.warm``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import logging
 import os
 import signal
 import subprocess
@@ -20,10 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vltune.engine.cost import LAUNCHED_AT
 from vltune.logs import setup_logging
 from vltune.runner.jobs import Job
 
 CPU = "cpu"  # the device key of jobs that run without a GPU
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,12 +74,15 @@ class Executor(Protocol):
     def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle: ...
 
 
+def _prctl() -> Any:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+
+
 def _parent_death_signal() -> Any:
     """A pre-exec function that makes the child get SIGTERM when the runner dies (Linux), else None."""
     if not sys.platform.startswith("linux"):
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl, parent = libc.prctl, os.getpid()
+    prctl, parent = _prctl(), os.getpid()
 
     def preexec() -> None:
         prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -78,6 +90,12 @@ def _parent_death_signal() -> Any:
             os._exit(143)
 
     return preexec
+
+
+def _launched(env: dict[str, str]) -> tuple[float, dict[str, str]]:
+    """(now, ``env`` with the launch time the job's record measures its start-up from)."""
+    now = time.time()
+    return now, {**env, LAUNCHED_AT: f"{now:.6f}"}
 
 
 def spawn(argv: list[str], out: str, env: dict[str, str], preexec: Any = None) -> subprocess.Popen:
@@ -96,7 +114,8 @@ class LocalExecutor:
         self._preexec = _parent_death_signal()
 
     def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle:
-        return Handle(job=job, device=device, process=spawn(job.argv, job.out, env, self._preexec))
+        launched, env = _launched(env)
+        return Handle(job=job, device=device, started=launched, process=spawn(job.argv, job.out, env, self._preexec))
 
 
 class InlineExecutor:

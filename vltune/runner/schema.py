@@ -281,7 +281,8 @@ class Base:
         prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
         slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
-        executor: ``ExecutorSettings``: ``local`` (default) or ``ray`` with its ``address`` and ``max_retries``.
+        executor: ``ExecutorSettings``: ``local`` (default; ``warm``) or ``ray`` with its ``address`` and
+            ``max_retries``.
     """
 
     data_root: str
@@ -340,11 +341,14 @@ class ExecutorSettings:
         kind: ``local`` or ``ray``.
         address: the Ray cluster (``auto``: the one ``ray start`` started on this machine; ``ray://host:10001``).
         max_retries: how often Ray re-runs a job whose worker or node died before it is recorded failed.
+        warm: ``local`` only: fork each job from a warm worker that has imported torch, open_clip and vltune once
+            (True), or start a fresh interpreter per job (False; the runner's ``--cold``).
     """
 
     kind: str = "local"
     address: str = "auto"
     max_retries: int = 2
+    warm: bool = True
 
     KINDS = ("local", "ray")
 
@@ -353,7 +357,7 @@ class ExecutorSettings:
         if not isinstance(d, dict):
             raise SuiteError(f"base['executor'] must be a dict(kind='local' | 'ray', ...), got {d!r}")
         _check_keys("base['executor']", d, [f.name for f in fields(cls)])
-        _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int"})
+        _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int", "warm": "bool"})
         settings = cls(**d)
         if settings.kind not in cls.KINDS:
             raise SuiteError(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
