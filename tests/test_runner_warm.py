@@ -63,7 +63,8 @@ def _script(folder, name: str, text: str) -> str:
 
 
 def _job(tmp_path, name: str, *args: str, python: str = sys.executable) -> Job:
-    probe = _script(tmp_path, "probe", PROBE)
+    # written once: rewriting it while an earlier job's child reads it could hand that child an empty script
+    probe = str(tmp_path / "probe.py") if (tmp_path / "probe.py").exists() else _script(tmp_path, "probe", PROBE)
     out = tmp_path / name
     return Job(task="t", out=str(out), argv=[python, probe, str(tmp_path / f"{name}.json"), *args])
 
