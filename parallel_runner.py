@@ -40,10 +40,14 @@ from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
-from vltune.runner.warm import WarmExecutor  # noqa: E402
+from vltune.runner.warm import DEFAULT_PRELOAD, WarmExecutor  # noqa: E402
 
 logger = logging.getLogger("parallel_runner")
 
+
+#: what the warm worker imports once: the libraries, and the plugin packages train.py loads lazily (they fill the
+#: trainer and dataset registries)
+PRELOAD = (*DEFAULT_PRELOAD, "trainers", "datasets")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -97,7 +101,7 @@ def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[E
         if args.cold or not settings.warm:
             return LocalExecutor(), lanes_of(experiments)
         log = os.path.join(experiments.base.output_root, "warm_worker.log")
-        return WarmExecutor(log=log), lanes_of(experiments)
+        return WarmExecutor(preload=PRELOAD, log=log), lanes_of(experiments)
     from vltune.runner.ray_executor import RAY_DEVICE, RayExecutor
 
     executor = RayExecutor(args.ray_address or settings.address, settings.max_retries,

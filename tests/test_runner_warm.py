@@ -207,7 +207,7 @@ def test_a_train_py_job_gives_the_cold_result_sooner_from_a_worker_that_never_to
                                                                                            random_clip_weights):
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     records = {}
-    with WarmExecutor() as warm_executor:  # the runner's preload: vltune, torch, open_clip, trainers, datasets
+    with WarmExecutor(preload=parallel_runner.PRELOAD) as warm_executor:  # the runner's preload
         assert warm_executor.warm_up(str(REPO / "train.py"), env)  # not on the clock of the first warm job
         probe = warm_executor.start(_job(tmp_path, "probe"), 0, env)
         assert isinstance(probe, WarmHandle) and _wait(probe, timeout=120) == 0
@@ -269,6 +269,7 @@ def test_the_runner_forks_warm_jobs_unless_told_otherwise(tmp_path, executor, fl
     assert type(made) is expected
     if expected is WarmExecutor:
         assert made.log == os.path.join(experiments.base.output_root, "warm_worker.log") and made.worker is None
+        assert {"trainers", "datasets"} <= set(made.preload)  # the entry point preloads the plugin packages
 
 
 def test_a_bad_warm_setting_is_named(tmp_path):

@@ -33,9 +33,9 @@ from vltune.engine.cost import LAUNCHED_AT
 from vltune.runner.executor import Handle, LocalExecutor, _launched, _parent_death_signal, _prctl, spawn
 from vltune.runner.jobs import Job
 
-#: what the warm worker imports before its first fork: vltune first (its compat shim), then the heavy libraries and
-#: the repository's top-level packages that train.py imports lazily (``trainers`` and ``datasets`` fill registries)
-DEFAULT_PRELOAD = ("vltune", "torch", "open_clip", "trainers", "datasets")
+#: what the warm worker imports before its first fork: vltune first (its compat shim), then the heavy libraries; the
+#: entry point adds the plugin packages its script imports lazily (parallel_runner: ``trainers``, ``datasets``)
+DEFAULT_PRELOAD = ("vltune", "torch", "open_clip")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 logger = logging.getLogger(__name__)
