@@ -20,6 +20,7 @@ import datasets
 from tests.layouts import RAW_BUILDERS, make_layout, yaml_name
 from vltune.config.defaults import get_cfg_default
 from vltune.data import CoOpDataset, DataManager, build_data_loader, build_dataset, build_transform
+from vltune.data.loader import DatasetWrapper
 from vltune.data.transforms import AVAILABLE
 from vltune.registry import DATASETS
 
@@ -229,6 +230,42 @@ def test_data_manager_seeded_order_and_augmentation_repeat(tmp_path):
     assert isinstance(a["img"], list) and len(a["img"]) == 2 and a["img"][0].shape == (4, 3, 32, 32)
     assert a["img0"].shape == (4, 3, 32, 32)
     assert torch.equal(a["index"], b["index"]) and all(torch.equal(x, y) for x, y in zip(a["img"], b["img"]))
+
+
+def test_deterministic_training_items_are_read_from_disk_once_and_equal(tmp_path, monkeypatch):
+    import vltune.data.loader as loader_module
+
+    make_layout("OxfordPets", tmp_path)
+    reads: list[str] = []
+    real_open = loader_module.open_image
+    monkeypatch.setattr(loader_module, "open_image",
+                        lambda path, checker: reads.append(path) or real_open(path, checker))
+    cfg = _cfg(tmp_path, "OxfordPets", shots=3)
+    cfg.DATALOADER.NUM_WORKERS, cfg.INPUT.TRANSFORMS = 0, ("normalize",)
+    dm = DataManager(cfg)
+    epochs = [[(b["index"].tolist(), b["img"]) for b in dm.train_loader_x] for _ in range(3)]
+    train_paths = {d.impath for d in dm.dataset.train_x}
+    assert sorted(p for p in reads if p in train_paths) == sorted(set(reads) & train_paths)  # each read once
+    fresh = DatasetWrapper(dm.dataset.train_x, dm.tfm_train)  # no cache: what a disk read gives
+    for batches in epochs[1:]:
+        for indices, images in batches:
+            assert torch.equal(images, torch.stack([fresh[i]["img"] for i in indices]))
+    reads.clear()
+    cfg.INPUT.TRANSFORMS = ("random_flip", "normalize")  # random: every epoch reads and draws again
+    dm = DataManager(cfg)
+    for _ in range(2):
+        list(dm.train_loader_x)
+    assert len(reads) == 2 * len(dm.train_loader_x) * 4
+
+
+def test_the_item_cache_stops_at_its_byte_budget(tmp_path):
+    make_layout("OxfordPets", tmp_path)
+    dm = DataManager(_cfg(tmp_path, "OxfordPets", shots=3))
+    one = DatasetWrapper(dm.dataset.train_x, dm.tfm_test)[0]["img"].nbytes
+    wrapper = DatasetWrapper(dm.dataset.train_x, dm.tfm_test, cache_bytes=2 * one)
+    for i in range(len(wrapper)):
+        wrapper[i]
+    assert sorted(wrapper._cache) == [0, 1] and wrapper._cached_bytes == 2 * one
 
 
 def test_eval_only_and_test_only_have_no_train_loader(tmp_path):

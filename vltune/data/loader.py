@@ -21,7 +21,7 @@ from yacs.config import CfgNode
 
 from vltune.data.base import DatasetBase, build_dataset
 from vltune.data.datum import Datum
-from vltune.data.transforms import INTERPOLATION, build_transform
+from vltune.data.transforms import DETERMINISTIC, INTERPOLATION, build_transform
 
 logger = logging.getLogger(__name__)
 SAMPLERS = ("RandomSampler", "SequentialSampler")
@@ -59,8 +59,17 @@ def open_image(path: str, checker: str = "python -m vltune.data check --root DAT
         ) from err
 
 
+SAMPLE_CACHE_BYTES = 256 * 2**20  # the most a training set keeps of its transformed images (see DatasetWrapper)
+
+
 class DatasetWrapper(Dataset):
-    """Opens images with PIL (RGB, ``open_image``) and applies the transform ``k_transforms`` times."""
+    """Opens images with PIL (RGB, ``open_image``) and applies the transform ``k_transforms`` times.
+
+    ``cache_bytes > 0`` keeps each item's output after its first read, up to that many bytes of image tensors, and
+    serves later epochs from memory. Only for outputs that cannot change between reads: ``DataManager`` asks for it
+    for training sets whose transforms are all deterministic, and only a main-process loader keeps it. Decoding and
+    resizing small images otherwise costs as much as a few-shot training step itself.
+    """
 
     def __init__(
         self,
@@ -69,20 +78,28 @@ class DatasetWrapper(Dataset):
         k_transforms: int = 1,
         img0_transform: Callable | None = None,
         checker: str = "python -m vltune.data check --root DATA",
+        cache_bytes: int = 0,
     ) -> None:
         self.data, self.transform, self.k, self.img0_transform = list(data), transform, k_transforms, img0_transform
         self.checker = checker
+        self.cache_bytes, self._cached_bytes, self._cache = cache_bytes, 0, {}
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict:
+        if index in self._cache:
+            return dict(self._cache[index])
         item = self.data[index]
         img = open_image(item.impath, self.checker)
         out = {"label": item.label, "domain": item.domain, "impath": item.impath, "index": index}
         out["img"] = [self.transform(img) for _ in range(self.k)] if self.k > 1 else self.transform(img)
         if self.img0_transform is not None:
             out["img0"] = self.img0_transform(img)
+        if self.cache_bytes:
+            size = sum(v.nbytes for v in out.values() if isinstance(v, torch.Tensor))
+            if self._cached_bytes + size <= self.cache_bytes:
+                self._cache[index], self._cached_bytes = dict(out), self._cached_bytes + size
         return out
 
 
@@ -104,8 +121,13 @@ def build_data_loader(
     is_train: bool,
     k_transforms: int = 1,
     img0_transform: Callable | None = None,
+    cache_bytes: int = 0,
 ) -> DataLoader:
-    """A DataLoader over ``data``; ``drop_last`` only for training sets at least one batch long (Dassl)."""
+    """A DataLoader over ``data``; ``drop_last`` only for training sets at least one batch long (Dassl).
+
+    ``cache_bytes``: keep transformed items in memory up to that size (``DatasetWrapper``), only with
+    ``NUM_WORKERS`` 0 and only for a ``transform`` that gives the same output on every read.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; vltune supports {', '.join(SAMPLERS)}")
     if not data:
@@ -113,7 +135,8 @@ def build_data_loader(
     workers = cfg.DATALOADER.NUM_WORKERS
     seeded = cfg.SEED >= 0
     loader = DataLoader(
-        DatasetWrapper(data, transform, k_transforms, img0_transform, check_command(cfg)),
+        DatasetWrapper(data, transform, k_transforms, img0_transform, check_command(cfg),
+                       cache_bytes if workers == 0 else 0),  # a worker's copy would be lost when it exits
         batch_size=batch_size,
         shuffle=sampler == "RandomSampler",
         num_workers=workers,
@@ -147,6 +170,10 @@ class DataManager:
         tfm_test: Callable | None = None,
     ) -> None:
         self.dataset = dataset if dataset is not None else build_dataset(cfg, load_train=load_train)
+        # Training items are read once per epoch; when the train transform is cfg's and draws no randomness, they
+        # are kept after the first read (the test transform is always deterministic, but read once).
+        fixed = (tfm_train is None and cfg.DATALOADER.K_TRANSFORMS == 1
+                 and all(name in DETERMINISTIC for name in cfg.INPUT.TRANSFORMS))
         self.tfm_train = tfm_train or build_transform(cfg, is_train=True)
         self.tfm_test = tfm_test or build_transform(cfg, is_train=False)
         dl = cfg.DATALOADER
@@ -169,6 +196,7 @@ class DataManager:
                 is_train=True,
                 k_transforms=dl.K_TRANSFORMS,
                 img0_transform=img0,
+                cache_bytes=SAMPLE_CACHE_BYTES if fixed else 0,
             )
         test_kw = {
             "sampler": dl.TEST.SAMPLER,
