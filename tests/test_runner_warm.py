@@ -28,7 +28,7 @@ from vltune.runner.warm import WarmExecutor, WarmHandle
 
 # A job that reports what it is, then does what its first argument says.
 PROBE = """
-import json, os, random, sys, time
+import gc, json, os, random, sys, time
 import torch
 print("to stdout"); print("to stderr", file=sys.stderr)
 with open(sys.argv[1], "w") as f:
@@ -37,7 +37,7 @@ with open(sys.argv[1], "w") as f:
                    ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "VLTUNE_JOB_LAUNCHED_AT", "ONLY_IN_RUNNER")},
                    threads=torch.get_num_threads(), cuda=torch.cuda.is_initialized(), random=random.random(),
                    torch_random=torch.rand(1).item(), modules=sorted(m for m in ("open_clip", "trainers", "datasets",
-                   "vltune") if m in sys.modules)), f)
+                   "vltune") if m in sys.modules), frozen=gc.get_freeze_count()), f)
 action = sys.argv[2] if len(sys.argv) > 2 else ""
 if action == "raise":
     raise ValueError("a job that crashes")
@@ -227,9 +227,11 @@ def test_a_train_py_job_gives_the_cold_result_sooner_from_a_worker_that_never_to
     assert cancelled["status"] == "cancelled" and cancelled["cost"]["startup_s"] > 0
     seen = _seen(tmp_path, "probe")
     assert seen["modules"] == ["datasets", "open_clip", "trainers", "vltune"] and seen["cuda"] is False
+    assert seen["frozen"] > 100_000  # the preloaded heap sits out of the collector's (and the memory meter's) walks
     cold, warm = records["cold"], records["warm"]
     assert cold["status"] == warm["status"] == "success"
     assert cold["metrics"] == warm["metrics"] and cold["identity"] == warm["identity"]
+    assert cold["cost"]["eval_peak_mb"] == warm["cost"]["eval_peak_mb"] > 0  # the frozen heap holds no tensor
     assert "startup" not in json.dumps(cold["identity"]) + json.dumps(cold["config"])
     assert 0 < warm["cost"]["startup_s"] < cold["cost"]["startup_s"]  # the imports were done before the launch
     assert "* accuracy:" in (tmp_path / "warm" / "stdout.log").read_text()  # the console lines, as a cold job's
