@@ -111,7 +111,7 @@ def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[E
 
 
 def prepare_minibench(experiments: Experiments) -> None:
-    """Generate the MiniBench datasets and pretrain the mini CLIP on their train splits when they are missing."""
+    """Generate the MiniBench datasets and pretrain the mini CLIP on MiniUnion's train split when they are missing."""
     from vltune.clip.pretrain import build_minibench_clip
     from vltune.data.minibench import write_minibench
 
@@ -119,7 +119,7 @@ def prepare_minibench(experiments: Experiments) -> None:
     started = time.time()
     folders = write_minibench(base.data_root)
     if not os.path.isfile(base.weights):
-        print(f"Pretraining the mini CLIP on the MiniBench train splits -> {base.weights} (about 2 min on 2 cores)",
+        print(f"Pretraining the mini CLIP on MiniUnion's train split -> {base.weights} (about 2 min on 2 cores)",
               flush=True)
         build_minibench_clip(folders, base.weights, arch=base.backbone)
     print(f"MiniBench ready in {time.time() - started:.0f} s: {', '.join(sorted(folders))}", flush=True)

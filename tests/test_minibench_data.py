@@ -237,6 +237,20 @@ def test_variants_are_shifted(root):
             assert light < clean.mean() - 60, name
 
 
+def test_downstream_shapes_and_objects_are_another_rendition_than_the_unions(root):
+    """MiniShapes: dark shapes on a light ground (MiniUnion: light on dark); MiniObjects: on a dark ground (MiniUnion:
+    light). The mini CLIP pretrains on MiniUnion only, so these two meet it as a new domain."""
+    def corners(paths: list[str]) -> float:  # the ground: shapes never reach the image corners
+        return float(np.stack([_pixels(p) for p in paths])[:, [0, 0, -1, -1], [0, -1, 0, -1]].mean())
+
+    union = _by_class(_build(root, "MiniUnion").train_x)
+    for dataset, classes, brighter in (("MiniShapes", SHAPES, True), ("MiniObjects", OBJECTS, False)):
+        own = _by_class(_build(root, dataset).train_x)
+        for name in classes:
+            ground, union_ground = corners(own[name]), corners(union[name])
+            assert (ground > union_ground + 80) if brighter else (ground < union_ground - 80), (dataset, name)
+
+
 # ------------------------------------------------------------------ learnability
 def _features(items) -> tuple[np.ndarray, np.ndarray]:
     """8×8 average-pooled RGB pixels + the pooled log amplitude spectrum of the grey image.

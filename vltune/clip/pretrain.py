@@ -139,17 +139,27 @@ MINIBENCH_PHOTOMETRIC = 0.3
 MINIBENCH_CAPTIONS = ("{}", "a photo of a {}.")
 
 
-def build_minibench_clip(folders: dict[str, str] | list[str], out_path: str, arch: str = "vltune-tiny",
+PRETRAIN_DATASETS = ("MiniUnion",)  # the mini CLIP's "web data": never the downstream datasets' own splits
+
+
+def build_minibench_clip(folders: dict[str, str], out_path: str, arch: str = "vltune-tiny",
                          steps: int = MINIBENCH_STEPS, seed: int = 0) -> dict[str, float]:
-    """The mini CLIP: pretrained on the train splits of every dataset folder that has one (test-only ones skipped)."""
+    """The mini CLIP: pretrained on the train split of MiniUnion only (``folders``: ``write_minibench``'s result).
+
+    MiniUnion holds fresh draws of every procedural class and the digits, in their usual renditions. The downstream
+    datasets are other draws, and MiniShapes and MiniObjects another rendition (see ``vltune.data.minibench``), so
+    the mini CLIP meets them as real CLIP meets a downstream benchmark: knowing the concepts, not the images.
+    """
+    missing = [name for name in PRETRAIN_DATASETS if name not in folders]
+    if missing:
+        raise FileNotFoundError(f"the mini CLIP pretrains on {', '.join(PRETRAIN_DATASETS)}; not among the "
+                                f"folders given ({', '.join(sorted(folders))}): run write_minibench first")
     sources = []
-    for folder in sorted(folders.values() if isinstance(folders, dict) else folders):
+    for folder in (folders[name] for name in PRETRAIN_DATASETS):
         for split in sorted(glob.glob(os.path.join(folder, "split_zhou_*.json"))):
-            with open(split) as f:
-                if json.load(f)["train"]:
-                    sources.append((split, os.path.join(folder, "images")))
+            sources.append((split, os.path.join(folder, "images")))
     if not sources:
-        raise FileNotFoundError(f"no split_zhou_*.json with a train split in {sorted(folders)}")
+        raise FileNotFoundError(f"no split_zhou_*.json in {[folders[n] for n in PRETRAIN_DATASETS]}")
     return pretrain(sources, out_path, arch=arch, steps=steps, seed=seed, photometric=MINIBENCH_PHOTOMETRIC,
                     templates=MINIBENCH_CAPTIONS)
 

@@ -72,11 +72,19 @@ def _finish(image: np.ndarray, rng: np.random.Generator, noise: float) -> np.nda
     return np.clip(image + rng.normal(0, noise, image.shape), 0, 255).round().astype(np.uint8)
 
 
-def gray_shape(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A light shape on a dark noisy background, random grey levels; grey RGB."""
+# Grey shapes: (ground, shape) grey level ranges per ground.
+GRAY_GROUNDS = {"dark": ((0, 80), (150, 255)), "light": ((175, 255), (0, 100))}
+
+
+def gray_shape(kind: str, rng: np.random.Generator, ground: str = "dark") -> np.ndarray:
+    """A shape on a noisy ground, random grey levels; grey RGB. ``ground="dark"``: a light shape on a dark ground;
+    ``"light"``: a dark shape on a light ground, like ink on paper."""
+    if ground not in GRAY_GROUNDS:
+        raise ValueError(f"unknown ground {ground!r}; valid: {', '.join(GRAY_GROUNDS)}")
     mask = shape_mask(kind, rng)
-    dark, light = rng.uniform(0, 80), rng.uniform(150, 255)
-    image = _finish(dark + (light - dark) * mask, rng, rng.uniform(4, 16))
+    (b0, b1), (s0, s1) = GRAY_GROUNDS[ground]
+    back, shape = rng.uniform(b0, b1), rng.uniform(s0, s1)
+    image = _finish(back + (shape - back) * mask, rng, rng.uniform(4, 16))
     return np.repeat(image[:, :, None], 3, axis=2)
 
 
@@ -89,12 +97,18 @@ COLOURS = {
 }
 
 
-def coloured_shape(colour: str, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A coloured shape (hue ±10°, jittered saturation and brightness) on a light, slightly tinted noisy background."""
+GROUNDS = {"light": (175, 235), "dark": (10, 70)}  # coloured shapes: grey level range of the ground
+
+
+def coloured_shape(colour: str, kind: str, rng: np.random.Generator, ground: str = "light") -> np.ndarray:
+    """A coloured shape (hue ±10°, jittered saturation and brightness) on a slightly tinted noisy ground:
+    ``ground="light"`` (grey levels 175-235) or ``"dark"`` (10-70)."""
+    if ground not in GROUNDS:
+        raise ValueError(f"unknown ground {ground!r}; valid: {', '.join(GROUNDS)}")
     hue, (s0, s1), (v0, v1) = COLOURS[colour]
     rgb = colorsys.hsv_to_rgb(((hue + rng.uniform(-10, 10)) % 360) / 360, rng.uniform(s0, s1), rng.uniform(v0, v1))
     mask = shape_mask(kind, rng)[:, :, None]
-    background = rng.uniform(175, 235) + rng.uniform(-10, 10, size=3)
+    background = rng.uniform(*GROUNDS[ground]) + rng.uniform(-10, 10, size=3)
     image = background * (1 - mask) + 255 * np.asarray(rgb) * mask
     return _finish(image, rng, rng.uniform(3, 10))
 

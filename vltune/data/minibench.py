@@ -1,22 +1,26 @@
 """MiniBench: deterministic, offline miniature datasets for CLIP adaptation's four protocols, in CoOp layout.
 
-Without real CLIP weights or datasets, a tiny CLIP (ViT, 32×32 input) is pretrained on the TRAIN splits of these
-datasets and the prompt learners are then benchmarked on them exactly as on the real suite:
+Without real CLIP weights or datasets, a tiny CLIP (ViT, 32×32 input) is pretrained on the TRAIN split of MiniUnion
+(below), and the methods are then benchmarked on these datasets exactly as on the real suite. MiniUnion holds every
+class in its usual rendition; the downstream datasets are fresh draws, and two of them another rendition (``GROUNDS``),
+so the mini CLIP knows their concepts but not their images, as real CLIP knows EuroSAT's classes but not satellite
+views: its zero-shot accuracy there is weak and few-shot learning has much to gain, growing with the shots.
 
-* **MiniShapes** (``mini_shapes``, 10 classes): grey outlines (circle, square, triangle, star, cross, hexagon,
-  diamond, ring, arrow, crescent), light on a dark noisy background, random size (40-80 % of the image), position
-  and rotation. A small generic object-recognition dataset, the role of Caltech101 in base-to-new and few-shot.
+* **MiniShapes** (``mini_shapes``, 10 classes): grey shapes (circle, square, triangle, star, cross, hexagon,
+  diamond, ring, arrow, crescent), dark on a light noisy ground (MiniUnion: light on dark), random size (40-80 % of
+  the image), position and rotation. A small generic object-recognition dataset, the role of Caltech101.
 * **MiniTextures** (``mini_textures``, 10 classes): full-frame patterns (stripes in three orientations,
   checkerboard, polka dots, grid, zigzag, waves, concentric rings, speckle) in a random colour pair with random
   scale and phase. The role of DTD (DescribableTextures), with its template ``"{} texture."``.
 * **MiniObjects** (``mini_objects``, 12 classes = 4 colours × 3 shapes, ``"red circle"`` ... ``"yellow triangle"``):
-  coloured shapes on a light noisy background; the class is a colour-shape composition, a fine-grained dataset in
-  the spirit of OxfordPets or StanfordCars.
+  coloured shapes on a dark noisy ground (MiniUnion: light); the class is a colour-shape composition, a fine-grained
+  dataset in the spirit of OxfordPets or StanfordCars. The mini CLIP reads colours on a dark ground wrongly: its
+  zero-shot accuracy here is near zero, and every method has to learn the new rendition from the shots.
 * **Digits** (``digits``, 10 classes, ``vltune.data.synthetic``): scikit-learn's real handwritten digits.
 * **MiniUnion** (``mini_union``, 42 classes): the three procedural families from fresh draws (another seed, so no
   image equals one of the component datasets) plus the ten digit classes, whose images are copies of the first
-  50/10/30 images per class of the digits train/val/test splits. It plays ImageNet: the broad source dataset of
-  cross-dataset transfer (evaluated on MiniShapes, MiniTextures, MiniObjects and Digits) and of domain
+  50/10/30 images per class of the digits train/val/test splits. Its train split is the mini CLIP's pretraining
+  data (its "web data"), and it plays ImageNet: the broad source dataset of cross-dataset transfer (evaluated on MiniShapes, MiniTextures, MiniObjects and Digits) and of domain
   generalisation. Label order (``UNION_CLASSES``): the first half of each family, then the second half, so that
   base-to-new's base classes (the first 21) hold half of every family:
   5 shapes, 5 textures, 6 objects, 5 digits, then the other 5 shapes, 5 textures, 6 objects and 5 digits.
@@ -77,6 +81,9 @@ DATASETS: dict[str, tuple[str, tuple[str, ...], int, str | None]] = {
     "MiniUnionNoise": ("mini_union_noise", UNION_CLASSES, 7, "noise"),
     "MiniUnionInverted": ("mini_union_inverted", UNION_CLASSES, 8, "inverted"),
 }
+# Registry name → the ground its procedural images are drawn on, where it differs from MiniUnion's (grey shapes on
+# a dark ground, coloured shapes on a light one): renditions the mini CLIP never sees in pretraining.
+GROUNDS: dict[str, str] = {"MiniShapes": "light", "MiniObjects": "dark"}
 SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "none": lambda image, rng: image,
     "sketch": lambda image, rng: mini_render.sketch(image),
@@ -85,15 +92,16 @@ SHIFTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
 }
 
 
-def render(classname: str, rng: np.random.Generator) -> np.ndarray:
-    """One fresh ``(32, 32, 3)`` uint8 image of a procedural class (a shape, texture or object name)."""
+def render(classname: str, rng: np.random.Generator, ground: str | None = None) -> np.ndarray:
+    """One fresh ``(32, 32, 3)`` uint8 image of a procedural class (a shape, texture or object name); ``ground``
+    overrides a shape's default ground (see ``GROUNDS``)."""
     if classname in SHAPES:
-        return mini_render.gray_shape(classname, rng)
+        return mini_render.gray_shape(classname, rng, **({"ground": ground} if ground else {}))
     if classname in TEXTURES:
         return mini_render.texture(classname, rng)
     if classname in OBJECTS:
         colour, shape = classname.split(" ")
-        return mini_render.coloured_shape(colour, shape, rng)
+        return mini_render.coloured_shape(colour, shape, rng, **({"ground": ground} if ground else {}))
     raise ValueError(f"{classname!r} is not a procedural MiniBench class")
 
 
@@ -122,6 +130,7 @@ def write_class(
     rng: np.random.Generator,
     shift: str | None,
     digits: dict[tuple[str, str], list[str]],
+    ground: str | None = None,
 ) -> dict[str, list]:
     """Write one class's images into ``image_dir/<class folder>/``; returns its split entries per split."""
     class_dir = classname.replace(" ", "_")
@@ -138,7 +147,7 @@ def write_class(
             entries[key].append([rel, label, classname])
             path = os.path.join(image_dir, rel)
             if classname not in DIGITS:
-                image = render(classname, rng)
+                image = render(classname, rng, ground)
             elif shift in (None, "none"):  # a byte-exact copy of the digits image
                 shutil.copyfile(sources[i], path)
                 continue
@@ -161,7 +170,8 @@ def write_dataset(root: str, name: str, seed: int = 0) -> str:
     digits = digit_sources(root) if set(classes) & set(DIGITS) else {}
     image_dir = os.path.join(folder, "images")
     per_class = [
-        write_class(image_dir, label, c, np.random.default_rng([seed, stream, label]), shift, digits)
+        write_class(image_dir, label, c, np.random.default_rng([seed, stream, label]), shift, digits,
+                    GROUNDS.get(name))
         for label, c in enumerate(classes)
     ]
     split = {key: [e for entries in per_class for e in entries.get(key, [])] for key in ("train", "val", "test")}
