@@ -82,29 +82,42 @@ def test_results_cli_writes_the_b2n_comparison_of_hand_run_jobs(handrun, capsys)
     assert cost["ZeroshotCLIP (b2n)"][meter] and cost["CoOp (b2n)"][meter]  # one meter for zero-shot and trained
 
 
-def test_readme_script_pastes_the_generated_comparison_between_its_markers(handrun, tmp_path):
+def test_readme_script_pastes_the_generated_blocks_between_their_markers(handrun, tmp_path):
     import importlib.util
+
+    from vltune.results.compare import find_methods
+    from vltune.results.record import find_records
 
     spec = importlib.util.spec_from_file_location("readme_tables", REPO / "scripts" / "readme_tables.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     root, _ = handrun
+    (demo_begin, demo_end), (begin, end) = script.DEMO, script.COMPARISON
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{script.BEGIN}\nold text\n{script.END}\noutro\n")
+    readme.write_text(f"intro\n{demo_begin}\nold demo\n{demo_end}\nmiddle\n{begin}\nold text\n{end}\noutro\n")
     assert script.main([root, "--readme", str(readme)]) == 0
     text = readme.read_text()
-    block = text.split(script.BEGIN)[1].split(script.END)[0]
-    assert block.strip() == script.comparison_markdown(root).strip() and "old text" not in text
-    assert "| method |" in block and "| KgCoOp |" in block and text.endswith(f"{script.END}\noutro\n")
+    records = find_records(root)
+    methods = find_methods(records)
+    block = text.split(begin)[1].split(end)[0]
+    assert block.strip() == script.comparison_markdown(methods).strip() and "old text" not in text
+    assert "| method |" in block and "| KgCoOp |" in block and text.endswith(f"{end}\noutro\n")
+    demo = text.split(demo_begin)[1].split(demo_end)[0]
+    assert demo.strip() == script.demo_markdown(methods, records).strip() and "old demo" not in text
+    assert "| method | b2n H |" in demo and f"This run: {len(records)} jobs" in demo
     assert script.main([root, "--readme", str(readme)]) == 0 and readme.read_text() == text  # idempotent
-    readme.write_text("no markers\n")
+    readme.write_text(f"no demo markers\n{begin}\n{end}\n")
     assert script.main([root, "--readme", str(readme)]) == 2
 
 
-def test_the_readme_shows_a_generated_comparison():
+def test_the_readme_shows_a_generated_comparison_and_demo_overview():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- comparison:begin -->")[1].split("<!-- comparison:end -->")[0]
     assert "| method |" in block and "train peak MB (cpu_profiler_tensor_bytes)" in block
+    demo = readme.split("<!-- demo:begin -->")[1].split("<!-- demo:end -->")[0]
+    for trainer in ("ZeroshotCLIP", "CoOp", "FinetuneCLIP", "SkipTuning", "ResAdapter", "ResTuningBypass"):
+        assert f"| {trainer} |" in demo, trainer
+    assert "FinetuneCLIP / SkipTuning: training time ×" in demo and "ResAdapter / ResTuningBypass:" in demo
 
 
 def test_malformed_records_are_named_skipped_and_the_report_is_still_written(handrun, tmp_path, capsys):

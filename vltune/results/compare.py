@@ -312,6 +312,72 @@ def compare_cost(methods: list[Method]) -> Table | None:
     return Table("compare_cost", title, header, [*body, average], footer=1, notes=COST_NOTES)
 
 
+def _headline(m: Method) -> tuple[Cell, ...]:
+    """A method's one number per protocol for the overview: b2n average H; few-shot first → last K average
+    (zero-shot for an eval-only method); xd and dg averages."""
+    if m.protocol == "b2n":
+        stats = b2n_numbers(m.records).stats.get("average")
+        return (stats[2] if stats else None,)
+    if m.protocol == "fewshot":
+        averages = fewshot_averages(m.records)
+        ks = sorted(averages)
+        return (averages[ks[0]], averages[ks[-1]]) if ks else (None, None)
+    return tuple(transfer_numbers(m.records, roles, name).average_stat()
+                 for roles, name in ((XD_ROLES, "average_xd"), (DG_ROLES, "average_dg")))
+
+
+def compare_overview(methods: list[Method]) -> Table | None:
+    """One row per method label over every protocol: base-to-new H, few-shot at the smallest and largest K,
+    cross-dataset and domain-generalisation averages, and its training cost on base-to-new (mean train+cache time
+    per job, training peak per meter). None without methods."""
+    if not methods:
+        return None
+    labels = ordered(m.label for m in methods)
+    by = {(m.label, m.protocol): m for m in methods}
+    fewshot = [m for m in methods if m.protocol == "fewshot"]
+    ks = sorted(ordered(fewshot_k(r) for m in fewshot for r in m.records if fewshot_k(r) > 0))
+    first, last = (shots_name(ks[0]), shots_name(ks[-1])) if ks else ("first K", "last K")
+    b2n_costs = {label: cost_numbers(by[label, "b2n"].records) for label in labels if (label, "b2n") in by}
+    meters = ordered(meter for n in b2n_costs.values() for meter in n["peaks"]["train"])
+    header = ["method", "b2n H", f"few-shot {first}", f"few-shot {last}", "xd average", "dg average",
+              "b2n train+cache s/job", *(f"b2n train peak MB ({meter})" for meter in meters)]
+    body: list[list[Cell]] = []
+    for label in labels:
+        row: list[Cell] = [label]
+        for protocol, width in (("b2n", 1), ("fewshot", 2), ("xd", 2)):
+            row += list(_headline(by[label, protocol])) if (label, protocol) in by else [None] * width
+        cost = b2n_costs.get(label)
+        row.append(cost["train_cache_s"] if cost else None)
+        row += [cost["peaks"]["train"].get(meter) if cost else None for meter in meters]
+        body.append(row)
+    title = ("overview per method: base-to-new H (average over datasets), few-shot average accuracy at the smallest "
+             "and largest K (zero-shot for zero-shot CLIP), cross-dataset and domain-generalisation averages (%); "
+             "training cost of its base-to-new jobs")
+    return Table("compare_overview", title, header, body, stat_columns=(1, 4, 5))
+
+
+def cost_ratios(methods: list[Method], pairs: list[tuple[str, str]]) -> list[str]:
+    """``"A / B: training time ×t, training peak memory ×m (meter)"`` per pair of method labels, measured on their
+    base-to-new jobs (time: mean train+cache seconds per job; memory: the max training peak of one meter both
+    have). A pair without both methods is left out."""
+    by = {m.label: cost_numbers(m.records) for m in methods if m.protocol == "b2n"}
+    lines = []
+    for heavy, light in pairs:
+        if heavy not in by or light not in by:
+            continue
+        h, lt = by[heavy], by[light]
+        parts = []
+        if h["train_cache_s"] and lt["train_cache_s"]:
+            parts.append(f"training time ×{h['train_cache_s'] / lt['train_cache_s']:.2f} "
+                         f"({h['train_cache_s']:.2f} s vs {lt['train_cache_s']:.2f} s per job)")
+        for meter in ordered(k for k in h["peaks"]["train"] if k in lt["peaks"]["train"]):
+            a, b = h["peaks"]["train"][meter], lt["peaks"]["train"][meter]
+            parts.append(f"training peak memory ×{a / b:.2f} ({a:.1f} MB vs {b:.1f} MB, {meter})")
+        if parts:
+            lines.append(f"{heavy} / {light}: " + "; ".join(parts))
+    return lines
+
+
 def comparison_tables(methods: list[Method]) -> list[Table]:
     """The comparison section's tables: b2n, b2n average-only, few-shot (per K, then per dataset), xd, dg, cost."""
     cost = compare_cost(methods)
