@@ -79,7 +79,7 @@ def test_mini_clip_zero_shot_is_well_above_chance_where_it_knows_the_rendition(s
     """The pretraining renditions (MiniUnion, its new sample V2, Digits, MiniTextures); MiniShapes and MiniObjects
     are drawn otherwise on purpose (see vltune.data.minibench)."""
     rows, _ = suite
-    known = ("mini_union", "mini_union_v2", "digits", "mini_textures")
+    known = ("MiniUnion", "MiniUnionV2", "Digits", "MiniTextures")
     checked = [r for r in rows if r.job.trainer == "ZeroshotCLIP" and r.job.protocol in ("fewshot", "xd")
                and r.job.dataset in known]  # all classes
     assert {r.job.dataset for r in checked} == set(known)

@@ -36,8 +36,8 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.COOP.CTX_INIT = ""  # initialisation phrase, e.g. "a photo of a" (M = its token count)
     cfg.TRAINER.COOP.PREC = ""  # fp16 (CUDA) | amp | fp32; empty: TRAINER.PREC (default fp16, as upstream)
     cfg.TRAINER.COOP.CLASS_TOKEN_POSITION = "end"  # end | middle | front
-    cfg.TRAINER.COOP.W = 8.0  # owned by other methods (KgCoOp λ, TCP mix weight); unused by CoOp
-    cfg.TRAINER.COOP.ALPHA = 1.0  # SkipTuning leftover; unused
+    cfg.TRAINER.COOP.W = 8.0  # the knowledge-loss weight of KgCoOp and TCP (their official key); CoOp ignores it
+    cfg.TRAINER.COOP.ALPHA = 1.0  # declared by the Skip Tuning repo, so its yaml files merge; no method reads it
 
 
 class PromptLearner(nn.Module):

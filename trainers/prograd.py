@@ -60,7 +60,7 @@ def add_config(cfg: CN) -> None:
     cfg.LOSS.T = 1.0  # distillation temperature T (> 0)
     cfg.LOSS.LAMBDA = 1.0  # projection strength λ of prograd / vertical_grad (1: full projection, 0: CoOp)
     cfg.LOSS.ALPHA = 0.0  # weight α of L_kl in kd: (1 − α)·L_ce + α·L_kl
-    cfg.LOSS.GM = False  # SkipTuning leftover; unused
+    cfg.LOSS.GM = False  # declared by the Skip Tuning repo's config, so its yaml files merge; no method reads it
     cfg.TRAINER.PROGRAD = CN()
     # official CTX_INIT True: ctx = the template without " {}." (e.g. "a photo of a"), right-aligned in the N_CTX
     # slots after zero vectors; needs TRAINER.COOP.CTX_INIT "" and CSC False
