@@ -62,9 +62,10 @@ for _trainer, _fewshot in LEARNERS.items():
     # few-shot: all classes, 1 to 16 shots per class; accuracy grows with the shots as with real CLIP.
     globals()[f"{_name}_fewshot"] = dict(trainer=_trainer, config="mini", protocol="fewshot", datasets=MINI,
                                          **_fewshot)
-    # cross-dataset and domain generalisation: train on the source, test on the other datasets and the variants.
+    # cross-dataset and domain generalisation: train on the source, test on the other datasets and the variants. The
+    # source trains on 8 shots of its 42 classes (the papers: 16 shots of ImageNet's 1000), to fit the 10 minutes.
     globals()[f"{_name}_xd"] = dict(trainer=_trainer, config="mini", protocol="xd", source=SOURCE, datasets=MINI,
-                                    variants=VARIANTS, seeds=SEEDS, shots=16)
+                                    variants=VARIANTS, seeds=SEEDS, shots=8)
 
 # Stages run side by side, each on its own GPUs (gpu_ids=[]: the CPU); the tasks of a stage run in order.
 pipeline = [dict(gpu_ids=[], tasks=["zs_b2n", "zs_fewshot", "zs_xd",

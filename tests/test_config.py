@@ -88,8 +88,9 @@ def test_conflicting_trainer_defaults_are_rejected(monkeypatch):
 
     reg = Registry("trainer")
     reg.register("A", obj=type("A", (), {}), add_config=a)
-    reg.register("B", obj=type("B", (), {}), add_config=b)
     monkeypatch.setattr("vltune.config.TRAINERS", reg)
+    assert extend_cfg(get_cfg_default()).TRAINER.SHARED.X == 1  # checked once for this registry, then remembered
+    reg.register("B", obj=type("B", (), {}), add_config=b)  # a new registry state is checked again
     with pytest.raises(ConfigError, match="TRAINER.SHARED.X"):
         extend_cfg(get_cfg_default())
 

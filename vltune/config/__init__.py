@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 from argparse import Namespace
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import yaml
@@ -62,15 +62,15 @@ def _leaf_keys(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def extend_cfg(cfg: CN) -> CN:
-    """Add every registered trainer's own node (``add_config``); two methods may not disagree on a shared key."""
+_CHECKED: set[tuple[tuple[str, int], ...]] = set()  # registry states whose trainer nodes were checked for conflicts
+
+
+def _check_shared_keys(adders: list[tuple[str, Callable[[CN], None]]]) -> None:
+    """Raise ``ConfigError`` when two trainers' ``add_config`` give one key different defaults."""
     owner: dict[str, tuple[str, Any]] = {}
-    for name in TRAINERS.registered_names():
-        add_config = TRAINERS.meta(name).get("add_config")
-        if add_config is None:
-            continue
+    before = flat_keys(get_cfg_default())
+    for name, add_config in adders:
         probe = get_cfg_default()
-        before = flat_keys(probe)
         add_config(probe)
         for key, value in flat_keys(probe).items():
             if key in before and before[key] == value:
@@ -81,6 +81,20 @@ def extend_cfg(cfg: CN) -> CN:
                     f"({owner[key][1]!r} vs {value!r}); a shared key is defined by its owner only"
                 )
             owner.setdefault(key, (name, value))
+
+
+def extend_cfg(cfg: CN) -> CN:
+    """Add every registered trainer's own node (``add_config``); two methods may not disagree on a shared key.
+
+    The check runs once per set of registered trainers (the runner builds one config per job, hundreds per suite).
+    """
+    adders = [(name, fn) for name in TRAINERS.registered_names()
+              if (fn := TRAINERS.meta(name).get("add_config")) is not None]
+    state = tuple((name, id(fn)) for name, fn in adders)
+    if state not in _CHECKED:
+        _check_shared_keys(adders)
+        _CHECKED.add(state)
+    for _, add_config in adders:
         add_config(cfg)
     return cfg
 
