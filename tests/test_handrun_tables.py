@@ -142,3 +142,27 @@ def test_malformed_records_are_named_skipped_and_the_report_is_still_written(han
         assert f"`{path}`: " in report and why in report.split(f"`{path}`: ")[1].splitlines()[0]
     assert "| CoOp |" in report and "| ZeroshotCLIP |" in report  # the rest is still compared
     assert {p: p.read_bytes() for p in copy.rglob("result.json")} == untouched  # nothing rewritten
+
+
+def test_overview_and_cost_ratios_restate_the_methods_numbers(handrun):
+    from vltune.results.compare import compare_overview, cost_numbers, cost_ratios, find_methods
+    from vltune.results.record import find_records
+    from vltune.results.tables import b2n_numbers
+
+    root, _ = handrun
+    methods = find_methods(find_records(root))
+    overview = compare_overview(methods)
+    rows = {row[0]: row for row in overview.rows}
+    assert set(rows) == {m.label for m in methods}
+    meter = "cpu_profiler_tensor_bytes"
+    for m in methods:
+        numbers = cost_numbers(m.records)
+        assert rows[m.label][1].mean == b2n_numbers(m.records).stats["average"][2].mean
+        assert rows[m.label][overview.header.index("b2n train+cache s/job")] == numbers["train_cache_s"]
+        assert rows[m.label][overview.header.index(f"b2n train peak MB ({meter})")] == numbers["peaks"]["train"].get(
+            meter)
+    coop, kg = (cost_numbers(next(m for m in methods if m.label == name).records) for name in ("CoOp", "KgCoOp"))
+    [line] = cost_ratios(methods, [("CoOp", "KgCoOp"), ("CoOp", "NotRun")])  # a pair with a missing method: left out
+    assert line.startswith("CoOp / KgCoOp: training time ×")
+    assert f"×{coop['train_cache_s'] / kg['train_cache_s']:.2f}" in line
+    assert f"×{coop['peaks']['train'][meter] / kg['peaks']['train'][meter]:.2f}" in line and meter in line
