@@ -35,6 +35,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
 import vltune  # noqa: E402,F401  (compat shim first)
+from vltune.plugins import load_builtins, plugin_packages  # noqa: E402
 from vltune.runner.executor import CPU, Executor, InlineExecutor, LocalExecutor  # noqa: E402
 from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
@@ -45,9 +46,9 @@ from vltune.runner.warm import DEFAULT_PRELOAD, WarmExecutor  # noqa: E402
 logger = logging.getLogger("parallel_runner")
 
 
-#: what the warm worker imports once: the libraries, and the plugin packages train.py loads lazily (they fill the
-#: trainer and dataset registries)
-PRELOAD = (*DEFAULT_PRELOAD, "trainers", "datasets")
+#: what the warm worker imports once: the libraries, and the plugin packages train.py loads (they fill the trainer
+#: and dataset registries)
+PRELOAD = (*DEFAULT_PRELOAD, *plugin_packages())
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -255,6 +256,7 @@ def _setup_logging(root: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    load_builtins()
     try:
         experiments = load_experiments(args.config, REPO, gpus=parse_gpus(args.gpus),
                                        slots_per_gpu=args.slots_per_gpu)

@@ -33,6 +33,7 @@ from vltune.config.identity import format_diff, identity, identity_diff, identit
 from vltune.config.validate import trainer_trains, validate_cfg
 from vltune.engine import build_trainer, set_random_seed
 from vltune.logs import setup_logging
+from vltune.plugins import load_builtins
 from vltune.registry import RegistryError
 from vltune.results.record import (
     JobInfo,
@@ -135,6 +136,7 @@ def _cancel_on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None, console: bool = True) -> int:
     """Run one job; returns the exit code. ``console=False`` logs to ``log.txt`` only (suites run in-process)."""
     args = build_parser().parse_args(argv)
+    load_builtins()
     try:
         cfg = get_cfg(args)
         validate_cfg(cfg, trainer_trains(cfg.TRAINER.NAME, eval_only=args.eval_only or args.no_train))

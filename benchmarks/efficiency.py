@@ -282,6 +282,9 @@ def markdown(rows: list[dict[str, Any]], evals: list[dict[str, Any]], targets: l
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vltune.plugins import load_builtins
+
+    load_builtins()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", nargs="*", default=DEFAULT,
                    help=f"trainers (all: every registered one), {', '.join(VARIANTS)}, <trainer>-upstream, "

@@ -19,6 +19,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402  (after the shim)
 
 import vltune  # noqa: E402,F401  (compat shim first)
+from vltune.plugins import load_builtins  # noqa: E402
+
+load_builtins()  # the entry points' plugin packages: trainers and datasets
 
 CACHE = REPO / ".pytest_cache" / "vltune-fixtures"
 

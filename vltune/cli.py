@@ -46,8 +46,11 @@ def dispatch(prog: str, commands: dict[str, str], argv: list[str]) -> int:
     import importlib
     import sys
 
+    from vltune.plugins import load_builtins
+
     if not argv or argv[0] not in commands:
         usage = f"usage: {prog} {{{','.join(commands)}}} ... (--help after the command for its options)"
         print(usage, file=sys.stderr)
         return 2
+    load_builtins()
     return importlib.import_module(commands[argv[0]]).main(argv[1:])

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vltune.plugins import HINT
+
 
 class RegistryError(KeyError, ValueError):
     """Unknown or duplicate registry name. A KeyError (Dassl's ``Registry.get``) and a ValueError (``build_*``)."""
@@ -23,8 +25,9 @@ class RegistryError(KeyError, ValueError):
 class Registry:
     """A name → object map. ``register`` works as a decorator or as a direct call."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, plugin_hint: str = "") -> None:
         self.name = name
+        self.plugin_hint = plugin_hint  # what to do when nothing is registered (the plugins were not loaded)
         self._objects: dict[str, Any] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._aliases: dict[str, str] = {}
@@ -64,6 +67,8 @@ class Registry:
             return name
         if name in self._aliases:
             return self._aliases[name]
+        if not self._objects and self.plugin_hint:
+            raise RegistryError(f"unknown {self.name} {name!r}: no {self.name} is registered; {self.plugin_hint}")
         choices = sorted([*self._objects, *self._aliases])
         same_letters = [c for c in choices if c.lower() == str(name).lower()]  # 'coop' → 'CoOp' first
         close = same_letters + [c for c in difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
@@ -123,8 +128,8 @@ class TrainerRegistry(Registry):
     both trainers and the node, so one method can never silently replace another's settings.
     """
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, plugin_hint: str = "") -> None:
+        super().__init__(name, plugin_hint)
         self._owners: dict[str, tuple[str, Any]] = {}  # unit ("TRAINER.COOP", "OPTIM.LR_EXP") -> (trainer, add_config)
         self._owned: dict[str, tuple[str, ...]] = {}
 
@@ -219,6 +224,6 @@ def _where(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
 
 
-TRAINERS = TrainerRegistry("trainer")
-DATASETS = Registry("dataset")
+TRAINERS = TrainerRegistry("trainer", plugin_hint=HINT)
+DATASETS = Registry("dataset", plugin_hint=HINT)
 EVALUATORS = Registry("evaluator")

@@ -30,6 +30,7 @@ from yacs.config import CfgNode as CN
 
 from vltune.config.defaults import get_cfg_default
 from vltune.config.nodes import flat_keys
+from vltune.plugins import HINT
 from vltune.registry import DATASETS, TRAINERS
 
 __all__ = ["CN", "ConfigError", "get_cfg", "get_cfg_default", "extend_cfg", "merge_file", "merge_opts", "flat_keys"]
@@ -155,7 +156,6 @@ def _per_dataset_block(block: Any, path: str) -> dict[str, dict]:
     """Validate ``PER_DATASET``: registered dataset names (did-you-mean), each mapping to config keys."""
     if not isinstance(block, dict):
         raise ConfigError(f"{path}: PER_DATASET must map dataset names to config keys, got {type(block).__name__}")
-    import datasets  # noqa: F401  (fills DATASETS)
     from vltune.registry import RegistryError
 
     out = {}
@@ -211,8 +211,8 @@ def get_cfg(args: Namespace | None = None, *, dataset_config_file: str = "", con
         config_file = getattr(args, "config_file", "") or ""
         opts = list(getattr(args, "opts", None) or [])
     opts = list(opts or [])
-    import trainers  # noqa: F401  (fills TRAINERS so every node exists before yaml files merge)
-
+    if not len(TRAINERS):  # the method nodes would be missing and every method yaml would fail to merge
+        raise ConfigError(f"no trainer is registered; {HINT}")
     cfg = extend_cfg(get_cfg_default())
     per_dataset: list[tuple[str, dict[str, dict]]] = []
     for path in (dataset_config_file, config_file):
@@ -220,8 +220,6 @@ def get_cfg(args: Namespace | None = None, *, dataset_config_file: str = "", con
             per_dataset.append((path, merge_file(cfg, path)))
     dataset = _peek(cfg, opts, "DATASET.NAME")
     if dataset and any(block for _, block in per_dataset):
-        import datasets  # noqa: F401
-
         dataset = DATASETS.canonical(str(dataset))
         for path, block in per_dataset:
             if dataset in block:
@@ -232,8 +230,6 @@ def get_cfg(args: Namespace | None = None, *, dataset_config_file: str = "", con
     if cfg.TRAINER.NAME:
         cfg.TRAINER.NAME = TRAINERS.canonical(cfg.TRAINER.NAME)
     if cfg.DATASET.NAME:  # fail before anything runs, with a did-you-mean
-        import datasets  # noqa: F401
-
         DATASETS.canonical(cfg.DATASET.NAME)
     if freeze:
         cfg.freeze()

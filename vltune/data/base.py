@@ -247,7 +247,5 @@ class CoOpDataset(DatasetBase):
 def build_dataset(cfg: CfgNode, load_train: bool = True) -> DatasetBase:
     """The dataset registered as ``cfg.DATASET.NAME``; ``load_train=False`` for eval-only runs."""
     name = cfg.DATASET.NAME
-    if name not in DATASETS:
-        import datasets  # noqa: F401  (the top-level package registers the CoOp datasets on import)
     logger.info(f"Loading dataset: {name}")
     return DATASETS.get(name)(cfg, load_train=load_train)

@@ -156,8 +156,6 @@ def check_dataset(root: str, name: str, images: str = "all") -> Report:
 
 def check(root: str, names: list[str] | None = None, images: str = "all") -> list[Report]:
     """Reports for ``names`` (default: the 15 benchmark datasets)."""
-    import datasets  # noqa: F401  (registers the datasets)
-
     if images not in IMAGE_CHECKS:
         raise ValueError(f"images={images!r}: choose from {', '.join(IMAGE_CHECKS)}")
     return [check_dataset(root, DATASETS.canonical(n), images) for n in (names or list(PUBLISHED))]

@@ -17,8 +17,6 @@ logger = logging.getLogger(__name__)
 
 def build_trainer(cfg: CfgNode, *, eval_only: bool = False) -> TrainerX:
     """Instantiate ``TRAINER.NAME`` (unknown names fail with a did-you-mean)."""
-    import trainers  # noqa: F401  (fills the registry)
-
     cls = TRAINERS.get(cfg.TRAINER.NAME)
     if cfg.VERBOSE:
         logger.info(f"Loading trainer: {cfg.TRAINER.NAME}")

@@ -228,7 +228,6 @@ def _missing_dataset(name: str, root: str) -> str:
     """"" when the dataset ``name`` looks usable under ``root`` by its own layout (its folder, image folder and split
     file, or a way to rebuild the split), else what is missing. Nothing is read or decoded: a fast check;
     ``python -m vltune.data check`` does the thorough one."""
-    import datasets  # noqa: F401  (registers the datasets)
     from vltune.data.base import CoOpDataset
     from vltune.registry import DATASETS
 

@@ -204,8 +204,6 @@ class Task:
         if self.protocol not in PROTOCOLS:
             raise SuiteError(f"{where}: protocol {self.protocol!r}{_suggest(self.protocol, PROTOCOLS)}; choose one "
                              f"of {', '.join(PROTOCOLS)}")
-        import trainers  # noqa: F401  (fills the registry)
-
         try:
             self.trainer = TRAINERS.canonical(self.trainer)
         except RegistryError as e:

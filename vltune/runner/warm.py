@@ -35,7 +35,7 @@ from vltune.runner.executor import Handle, LocalExecutor, _launched, _parent_dea
 from vltune.runner.jobs import Job
 
 #: what the warm worker imports before its first fork: vltune first (its compat shim), then the heavy libraries; the
-#: entry point adds the plugin packages its script imports lazily (parallel_runner: ``trainers``, ``datasets``)
+#: entry point adds the plugin packages its script loads (parallel_runner: ``vltune.plugins.plugin_packages()``)
 DEFAULT_PRELOAD = ("vltune", "torch", "open_clip")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
