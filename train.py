@@ -111,7 +111,8 @@ def make_record(status: str, args: argparse.Namespace, cfg: Any, trainer: Any, i
         job.load_epoch = trainer.loaded_epoch
     record = Record(status=status, job=job, metrics=metrics,
                     cost=trainer.cost_record() if trainer is not None else {},
-                    method=trainer.method_record() if trainer is not None else {}, env=environment(device),
+                    method=trainer.method_record() if trainer is not None else {},
+                    train=trainer.train_history if trainer is not None else [], env=environment(device),
                     identity=ident, identity_hash=identity_hash(ident), config=config_to_dict(cfg),
                     created_at=datetime.datetime.now().isoformat(timespec="seconds"), error=error)
     return record.to_dict()

@@ -236,7 +236,7 @@ def _descriptions_file(fx: Fixture) -> str:
 
 def _promptsrc_checks(trainer: Any, fx: Fixture) -> list[str]:
     """The text teacher w̄ (renormalised mean over upstream's 60 templates) against the official one."""
-    err = float((trainer.model.teacher_text.float() - fx.tensor("teacher_text")).abs().max())
+    err = float((trainer.teacher("text").float() - fx.tensor("teacher_text")).abs().max())
     return [] if err <= TEACHER_ATOL else [f"teacher_text max|Δ| {err:.3g} > {TEACHER_ATOL}"]
 
 

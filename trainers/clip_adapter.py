@@ -9,8 +9,8 @@ and α = ``TRAINER.CLIP_ADAPTER.RATIO``::
     f' = α · A(f) + (1 − α) · f,    logits = τ · norm(f') · Wᵀ,    L = CE
 
 where W are the zero-shot text features of the dataset's template (frozen CLIP). ``CLIPAdapter`` computes W once
-per run (a plain attribute rebuilt from the class names, never saved); ``OriginCLIPAdapter`` re-encodes every class
-prompt on each training forward, as the original code does (same maths, higher cost) and once per evaluation.
+per run (the ``zero_shot`` teacher, rebuilt from the class names, never saved); ``OriginCLIPAdapter`` re-encodes every
+class prompt on each training forward, as the original code does (same maths, higher cost) and once per evaluation.
 
 Departures from upstream: α and the reduction are config keys (upstream hard-codes 0.2 and 4); d follows the
 backbone's embedding width (the original hard-codes 1024, RN50); W is not recomputed per test batch.
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptTrainer
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import Adapter, PromptTrainer
 
 
 def add_config(cfg: CN) -> None:
@@ -33,18 +33,6 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.CLIP_ADAPTER.RATIO = 0.2  # residual ratio α: f' = α·A(f) + (1 − α)·f
     cfg.TRAINER.CLIP_ADAPTER.REDUCTION = 4  # bottleneck width d / REDUCTION
     cfg.TRAINER.CLIP_ADAPTER.PREC = ""  # fp16 | amp | fp32; empty: TRAINER.PREC
-
-
-class Adapter(nn.Module):
-    """``ReLU(W₂ ReLU(W₁ x))`` without biases: (B, d) → (B, d)."""
-
-    def __init__(self, dim: int, reduction: int) -> None:
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
-                                nn.Linear(dim // reduction, dim, bias=False), nn.ReLU(inplace=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 class CLIPAdapterModel(nn.Module):
@@ -84,23 +72,23 @@ class CLIPAdapter(PromptTrainer):
         adapter = Adapter(clip.embed_dim, c.REDUCTION)
         self.model = CLIPAdapterModel(clip, adapter, float(c.RATIO))
         self.register_model("clip_adapter", adapter)
-        self._weights: torch.Tensor | None = None  # zero-shot text features (C, E); rebuilt, never saved
+
+    def build_teachers(self) -> None:
+        self.teachers["zero_shot"] = self.encode_classes()
 
     def encode_classes(self) -> torch.Tensor:
         """Zero-shot text features of the current class names with the dataset template (frozen text encoder)."""
-        return self.model.clip.zero_shot_classifier(self.classnames, [self.template])
+        return self.backbone.zero_shot_classifier(self.classnames, [self.template])
 
     def class_weights(self) -> torch.Tensor:
-        """The text weights a training forward uses: computed on first use, then cached for the run."""
-        if self._weights is None:
-            self._weights = self.encode_classes()
-        return self._weights
+        """The text weights a training forward uses: computed once per run, by ``build_teachers``."""
+        return self.teacher("zero_shot")
 
     skip_plugin = True
 
     def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # the image encoder is frozen; only the adapter trains
-            return self.model.clip.encode_image(images)
+            return self.backbone.encode_image(images)
 
     def image_from_frozen(self, frozen: torch.Tensor) -> torch.Tensor:
         return self.model(frozen)
@@ -112,9 +100,6 @@ class CLIPAdapter(PromptTrainer):
         weights = self.class_weights()
         return weights if classes is None else weights[classes.to(weights.device)]
 
-    def eval_text_features(self) -> torch.Tensor:
-        return self.class_weights()
-
 
 @TRAINERS.register("OriginCLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)
 class OriginCLIPAdapter(CLIPAdapter):
@@ -122,10 +107,13 @@ class OriginCLIPAdapter(CLIPAdapter):
 
     skip_plugin = True
 
+    def build_teachers(self) -> None:
+        """Nothing to cache: the class prompts are re-encoded by every forward."""
+
     def class_weights(self) -> torch.Tensor:
         return self.encode_classes()
 
     def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         if classes is None:
             return self.encode_classes()
-        return self.model.clip.zero_shot_classifier([self.classnames[i] for i in classes.tolist()], [self.template])
+        return self.backbone.zero_shot_classifier([self.classnames[i] for i in classes.tolist()], [self.template])

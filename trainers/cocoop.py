@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptLearner, PromptTrainer, SimParts
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import PromptLearner, PromptTrainer, SimParts
 
 
 def add_config(cfg: CN) -> None:
@@ -85,7 +85,7 @@ class ConditionalPromptLearner(PromptLearner):
 
 
 class CoCoOpModel(nn.Module):
-    """Frozen CLIP + conditional prompt learner. ``forward`` (B, 3, H, W) → logits (B, C)."""
+    """Frozen CLIP + conditional prompt learner: image features, and per-image class text features from them."""
 
     def __init__(self, clip: nn.Module, prompt_learner: ConditionalPromptLearner, text_batch_size: int = 0) -> None:
         super().__init__()
@@ -117,14 +117,6 @@ class CoCoOpModel(nn.Module):
         features = torch.cat(features)
         return (F.normalize(features, dim=-1) if normalize else features).view(n_img, n_cls, -1)
 
-    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """``τ · f_i · t_{i,c}``. Input: (B, E), (B, C, E). Output: (B, C)."""
-        return self.clip.logit_scale * torch.einsum("be,bce->bc", image, text.to(image.dtype))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.image_features(images)
-        return self.logits(image, self.text_features(image))
-
 
 @TRAINERS.register("CoCoOp", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=1604, text_per_image=True))
@@ -132,7 +124,6 @@ class CoCoOp(PromptTrainer):
     """Conditional context optimisation: CoOp's context plus a per-image shift from a small Meta-Net."""
 
     config_node = "COCOOP"
-    checkpoint_ignore_keys = ("token_prefix", "token_suffix")  # upstream saves the prompt buffers; rebuilt here
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
@@ -155,11 +146,13 @@ class CoCoOp(PromptTrainer):
         if not raw:
             image = self.model.image_features(images)
             text = self.model.text_features(image) if text is None else text
-            return SimParts(image, text, self.model.logits(image, text))
+            return self.make_parts(image, text)
         raw_image = self.model.image_features(images, normalize=False)
         image = F.normalize(raw_image, dim=-1)
         raw_text = self.model.text_features(image, normalize=False) if text is None else None
         text = F.normalize(raw_text, dim=-1) if text is None else text
-        return SimParts(image, text, self.model.logits(image, text), raw_image, raw_text)
-    # eval_text_features stays None: the text features depend on each image, so there is no class-level cache to
-    # build once per evaluation, and every test batch is encoded afresh.
+        return self.make_parts(image, text, raw_image, raw_text)
+
+    def eval_text_features(self) -> None:
+        """None: the text features depend on each image, so every test batch is encoded afresh."""
+        return None

@@ -57,7 +57,6 @@ KeyError.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -68,10 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import CoOp, SimParts, accuracy
-from vltune.clip import BlockHooks
 from vltune.clip.templates import IMAGENET_TEMPLATES
 from vltune.registry import TRAINERS
+from vltune.tuners.deep_prompts import CoupledPrompts, DeepPromptModel
+from vltune.tuners.prompting import Adapter, PromptTrainer, SimParts
 
 logger = logging.getLogger(__name__)
 DISTILLS = ("cosine", "mse")
@@ -98,124 +97,23 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.CoPrompt.DESCRIPTIONS_FALLBACK = "imagenet"  # no file: imagenet (80 templates) | dataset
 
 
-class MultiModalPrompts(nn.Module):
-    """Text context plus deep text prompts and their linear couplings into vision prompts (MaPLe's design).
+class CoPromptModel(DeepPromptModel):
+    """Frozen CLIP + coupled prompts (MaPLe's ``CoupledPrompts``) + adapters on both towers' features."""
 
-    ``forward()`` returns the class prompt embeddings (C, L, D_t) without positions and their EOT indices (C,).
-    """
-
-    def __init__(self, clip: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str, depth: int) -> None:
-        super().__init__()
-        names = [c.replace("_", " ") for c in classnames]
-        dim_t, dim_v = clip.width_text, clip.width_image
-        with torch.no_grad():
-            phrase = ctx_init.replace("_", " ") if ctx_init else " ".join(["X"] * n_ctx)
-            ids = clip.tokenize([f"{phrase} {name}." for name in names])
-            eot = clip.eot_index(ids)
-            embedding = clip.token_embedding(clip.cut_text(ids, eot)).clone()
-            if ctx_init:  # upstream: the first M tokens of the phrase become P_0, the rest stays fixed text
-                phrase_ids = clip.tokenize([phrase])
-                if n_ctx > int(clip.eot_index(phrase_ids)[0]) - 1:
-                    raise ValueError(f"TRAINER.CoPrompt.N_CTX {n_ctx} exceeds the token count of CTX_INIT "
-                                     f"{ctx_init!r}; lower N_CTX or use a longer CTX_INIT ('' = random init)")
-                ctx = clip.token_embedding(phrase_ids)[0, 1:1 + n_ctx].clone()
-            else:
-                ctx = nn.init.normal_(torch.empty(n_ctx, dim_t), std=0.02)
-        self.ctx = nn.Parameter(ctx)
-        self.n_ctx, self.depth = n_ctx, depth
-        self.proj = nn.Linear(dim_t, dim_v) if depth > 0 else None
-        deep = max(depth - 1, 0)
-        self.compound_prompts_text = nn.ParameterList(
-            [nn.Parameter(nn.init.normal_(torch.empty(n_ctx, dim_t), std=0.02)) for _ in range(deep)])
-        # upstream (MaPLe's learner): F_1..F_{J-1} start as copies of one Linear drawn after the P_i, apart from F_0
-        single = nn.Linear(dim_t, dim_v) if depth > 0 else None
-        self.compound_prompt_projections = nn.ModuleList([copy.deepcopy(single) for _ in range(deep)])
-        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)  # SOS
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:], persistent=False)  # "of a", name, ".", EOS
-        self.register_buffer("eot", eot, persistent=False)
-
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.ctx.to(self.token_prefix.dtype).unsqueeze(0).expand(self.token_prefix.shape[0], -1, -1)
-        return torch.cat([self.token_prefix, ctx, self.token_suffix], dim=1), self.eot
-
-    def hooks(self, ln_pre: nn.Module) -> DeepPromptHooks | None:
-        """The block hooks carrying this step's deep prompts (None at depth 0); ``ln_pre``: the image tower's."""
-        if self.depth == 0:
-            return None
-        vision = [self.proj(self.ctx)] + [f(p) for f, p in zip(self.compound_prompt_projections,
-                                                                  self.compound_prompts_text)]
-        return DeepPromptHooks(list(self.compound_prompts_text), vision, self.n_ctx, ln_pre)
-
-
-class DeepPromptHooks(BlockHooks):
-    """Text: before block i ≥ 1 (i < J) tokens 1..M ← P_i. Image: before block 0 append ln_pre(F_0(P_0)); before
-    block i ≥ 1 (i < J) the last M tokens ← F_i(P_i). Blocks ≥ J propagate whatever arrives (MaPLe).
-
-    Args:
-        text: [P_1, ..., P_{J-1}], each (M, D_t).
-        vision: [F_0(P_0), ..., F_{J-1}(P_{J-1})], each (M, D_v).
-        n_ctx: M.
-        ln_pre: the image tower's ``ln_pre``: upstream appends F_0(P_0) before it, vltune's block-0 input is after it.
-    """
-
-    def __init__(self, text: list[torch.Tensor], vision: list[torch.Tensor], n_ctx: int, ln_pre: nn.Module) -> None:
-        self.text, self.vision, self.n, self.ln_pre = text, vision, n_ctx, ln_pre
-
-    def before_block(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
-        if tower == "text":
-            if not 1 <= i <= len(self.text):
-                return x
-            p = self.text[i - 1].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], p, x[:, 1 + self.n:]], dim=1)
-        if i >= len(self.vision):
-            return x
-        p = self.vision[i].to(x.dtype)
-        if i == 0:
-            return torch.cat([x, self.ln_pre(p).to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
-        return torch.cat([x[:, :-self.n], p.expand(x.shape[0], -1, -1)], dim=1)
-
-
-class Adapter(nn.Module):
-    """Upstream's ``Adapter(c_in, 4)``: Linear(E → E/4, no bias) → ReLU → Linear(E/4 → E, no bias) → ReLU."""
-
-    def __init__(self, dim: int, reduction: int = 4) -> None:
-        super().__init__()
-        self.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(),
-                                nn.Linear(dim // reduction, dim, bias=False), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
-class CoPromptModel(nn.Module):
-    """Frozen CLIP + multimodal prompts + adapters. ``forward`` (B, 3, H, W) → logits (B, C)."""
-
-    def __init__(self, clip: nn.Module, prompt_learner: MultiModalPrompts, adapter: nn.ModuleDict,
+    def __init__(self, clip: nn.Module, prompt_learner: CoupledPrompts, adapter: nn.ModuleDict,
                  image_ratio: float, text_ratio: float) -> None:
-        super().__init__()
-        self.clip, self.prompt_learner, self.adapter = clip, prompt_learner, adapter
-        self.image_ratio, self.text_ratio = image_ratio, text_ratio
+        super().__init__(clip, prompt_learner)
+        self.adapter, self.image_ratio, self.text_ratio = adapter, image_ratio, text_ratio
 
-    def hooks(self) -> DeepPromptHooks | None:
-        """This step's deep-prompt hooks for both towers (None at depth 0)."""
-        return self.prompt_learner.hooks(self.clip.model.visual.ln_pre)
-
-    def text_features(self, hooks: DeepPromptHooks | None = None) -> torch.Tensor:
-        """Prompted, adapted, normalised class text features (C, E)."""
-        prompts, eot = self.prompt_learner()
-        t = self.clip.encode_text_from_embeddings(prompts, eot, hooks=hooks)
+    def text_features(self) -> torch.Tensor:
+        """Prompted, adapted, normalised class text features t' (C, E)."""
+        t = super().text_features(normalize=False)
         return F.normalize(self.text_ratio * self.adapter["text"](t) + (1 - self.text_ratio) * t, dim=-1)
 
-    def image_features(self, images: torch.Tensor, hooks: DeepPromptHooks | None = None) -> torch.Tensor:
-        """Prompted, adapted, normalised image features. Input: (B, 3, H, W). Output: (B, E)."""
-        f = self.clip.encode_image(images, hooks=hooks)
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompted, adapted, normalised image features f'. Input: (B, 3, H, W). Output: (B, E)."""
+        f = super().image_features(images, normalize=False)
         return F.normalize(self.image_ratio * self.adapter["image"](f) + (1 - self.image_ratio) * f, dim=-1)
-
-    def forward(self, images: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
-        hooks = self.hooks()
-        text = self.text_features(hooks) if text_features is None else text_features
-        image = self.image_features(images, hooks)
-        return self.clip.logit_scale * image @ text.t().to(image.dtype)
 
 
 def read_descriptions(path: str, classnames: list[str]) -> list[list[str]]:
@@ -265,11 +163,10 @@ def consistency(student: torch.Tensor, teacher: torch.Tensor, criterion: str) ->
 @TRAINERS.register("CoPrompt", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=12672,  # J = 2, M = 2: 8,576 prompts + 2 × 2,048 adapters
                                        opts={"TRAINER.CoPrompt.PROMPT_DEPTH": 2}))
-class CoPrompt(CoOp):
+class CoPrompt(PromptTrainer):
     """Multimodal prompts + adapters kept consistent with frozen CLIP on descriptions and a second view."""
 
     config_node = "CoPrompt"
-    checkpoint_ignore_keys = ("token_prefix", "token_suffix")
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
@@ -290,13 +187,14 @@ class CoPrompt(CoOp):
 
     def build_model(self) -> None:
         c = self.cfg.TRAINER.CoPrompt
-        clip = self.build_clip().to(self.device)  # teachers are encoded on the run's device
+        clip = self.build_clip()
         depth = int(c.PROMPT_DEPTH)
         n_blocks = min(clip.n_layers_text, clip.n_layers_image)
         if depth > n_blocks:
             raise ValueError(f"TRAINER.CoPrompt.PROMPT_DEPTH {depth} exceeds the {n_blocks} blocks of "
                              f"{self.cfg.MODEL.BACKBONE.NAME}; choose 0..{n_blocks}")
-        prompt_learner = MultiModalPrompts(clip, self.classnames, int(c.N_CTX), c.CTX_INIT, depth)
+        prompt_learner = CoupledPrompts(clip, self.classnames, int(c.N_CTX), c.CTX_INIT, depth, shallow=True,
+                                        where="TRAINER.CoPrompt.CTX_INIT")
         adapter = nn.ModuleDict({"image": Adapter(clip.embed_dim), "text": Adapter(clip.embed_dim)})
         self.model = CoPromptModel(clip, prompt_learner, adapter, float(c.IMAGE_ADAPTER_RATIO),
                                    float(c.TEXT_ADAPTER_RATIO))
@@ -305,21 +203,23 @@ class CoPrompt(CoOp):
         self.weight, self.distill = float(c.W), c.DISTILL
         self.descriptions = f"file: {c.DESCRIPTIONS_FILE}" if c.DESCRIPTIONS_FILE else "templates"
         self._warned_one_view = False
-        self._text: torch.Tensor | None = None
         # The description draw has its own generator (never the global RNG), reseeded from (SEED, epoch) in
         # before_epoch; seeded for epoch 0 here so that steps outside the loop are reproducible too.
         self._draws = random.Random()
         self._seed_draws(0)
-        # The teacher is needed only for training: eval-only runs on new classes need no descriptions for them.
-        bank, counts = (None, None) if self.eval_only else self.text_teacher(
-            clip, c.DESCRIPTIONS_FILE, c.DESCRIPTIONS_FALLBACK, c.TEACHER)
-        # teacher_bank: the sentence features, class by class; class c's rows start at teacher_offsets[c]
-        self.teacher_counts = counts
-        offsets = None if counts is None else torch.tensor([0] + counts[:-1], device=bank.device).cumsum(0)
-        self.model.register_buffer("teacher_bank", bank, persistent=False)
-        self.model.register_buffer("teacher_offsets", offsets, persistent=False)
 
-    def text_teacher(self, clip: nn.Module, path: str, fallback: str, mode: str) -> tuple[torch.Tensor, list[int]]:
+    def build_teachers(self) -> None:
+        """The text teacher, for training only (eval-only runs on new classes need no descriptions for them):
+        ``teachers["text"]``, the sentence features class by class, class c's ``teacher_counts[c]`` rows starting
+        at ``teacher_offsets[c]``."""
+        if self.eval_only:
+            return
+        c = self.cfg.TRAINER.CoPrompt
+        bank, self.teacher_counts = self.text_teacher(c.DESCRIPTIONS_FILE, c.DESCRIPTIONS_FALLBACK, c.TEACHER)
+        self.teachers["text"] = bank
+        self.teacher_offsets = torch.tensor([0] + self.teacher_counts[:-1], device=bank.device).cumsum(0)
+
+    def text_teacher(self, path: str, fallback: str, mode: str) -> tuple[torch.Tensor, list[int]]:
         """The frozen CLIP text teacher: features (N, E) and the number of rows per class (C,), from the
         description file (TEACHER draw: every sentence; mean: one mean row per class), or the template fallback
         (one ensemble row per class)."""
@@ -327,14 +227,14 @@ class CoPrompt(CoOp):
             logger.info(f"CoPrompt descriptions: {path} (teacher: {mode})")
             descriptions = read_descriptions(path, self.classnames)
             counts = [len(s) for s in descriptions]
-            feats = description_features(clip, descriptions)
+            feats = description_features(self.backbone, descriptions)
             if mode == "mean":
                 return mean_per_class(feats, counts), [1] * len(counts)
             return feats, counts
         templates = list(IMAGENET_TEMPLATES) if fallback == "imagenet" else [self.template]
         logger.info(f"CoPrompt descriptions: none given (TRAINER.CoPrompt.DESCRIPTIONS_FILE); the text teacher is "
                     f"the {fallback} template ensemble ({len(templates)} templates)")
-        return clip.zero_shot_classifier(self.classnames, templates).float(), [1] * len(self.classnames)
+        return self.frozen_class_features(templates), [1] * len(self.classnames)
 
     def _seed_draws(self, epoch: int) -> None:
         seed = int(self.cfg.SEED)
@@ -354,14 +254,14 @@ class CoPrompt(CoOp):
 
     def step_text_teacher(self) -> torch.Tensor:
         """g for this training step: (C, E), one row per class (drawn when a class has several)."""
-        bank = self.model.teacher_bank
+        bank = self.teacher("text")
         if max(self.teacher_counts) == 1:
             return bank
         indices = self.description_indices()
         if not ((indices >= 0) & (indices < torch.tensor(self.teacher_counts))).all():
             raise ValueError(f"CoPrompt description indices {indices.tolist()} outside the per-class counts "
                              f"{self.teacher_counts}")
-        return bank[self.model.teacher_offsets + indices.to(bank.device)]
+        return bank[self.teacher_offsets + indices.to(bank.device)]
 
     def method_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"descriptions": self.descriptions}
@@ -382,26 +282,15 @@ class CoPrompt(CoOp):
         flip = torch.rand(x1.shape[0], device=x1.device) < 0.5
         return x1, torch.where(flip[:, None, None, None], x1.flip(-1), x1)
 
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Prompted+adapted image features (B, E), class text features (C, E; ``text`` if cached) and logits."""
-        hooks = self.model.hooks()
-        text = self.model.text_features(hooks) if text is None else text
-        image = self.model.image_features(images, hooks)
-        return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
+    def training_parts(self, batch: dict[str, Any]) -> tuple[SimParts, dict[str, Any]]:
+        """The parts of the first view x¹ (the second view feeds the image consistency)."""
+        return self.forward_parts(self.views(batch)[0]), batch
 
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """W · [text consistency with g + image consistency with frozen CLIP on the second view]."""
+    def regularizers(self, batch: dict[str, Any], parts: SimParts) -> dict[str, torch.Tensor]:
+        """W · text consistency with g, and W · image consistency with frozen CLIP on the second view (none at W 0)."""
         if self.weight == 0:
-            return parts.logits.new_zeros(())
+            return {}
         with torch.no_grad():
-            frozen = self.model.clip.encode_image(self.views(batch)[1], normalize=True)
-        text = consistency(parts.text, self.step_text_teacher(), self.distill)
-        return self.weight * (text + consistency(parts.image, frozen, self.distill))
-
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        parts = self.forward_parts(self.views(batch)[0])
-        loss = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
-        return loss, {"acc": accuracy(parts.logits, batch["label"])}
-
-    def eval_text_features(self) -> torch.Tensor:
-        return self.model.text_features(self.model.hooks())
+            frozen = self.backbone.encode_image(self.views(batch)[1], normalize=True)
+        return {"text_consistency": self.weight * consistency(parts.text, self.step_text_teacher(), self.distill),
+                "image_consistency": self.weight * consistency(parts.image, frozen, self.distill)}

@@ -5,19 +5,20 @@ no code copied).
 Trainable: the base method's parameters, plus (registered as ``dept``) ``film_img`` and ``film_txt`` (per-channel
 scale, init 1, and bias, init 0, on the E-dim joint features) and ``head = Linear(E → C_train)`` with bias.
 
-One plugin over any trainer that follows CoOp's contract (``forward_parts(images, text, raw=True) -> SimParts`` with
-the raw features filled, ``extra_loss(batch, parts)``, an ``inference`` that goes through ``forward_parts``).
+One plugin over any trainer that follows the prompt base's contract (``vltune.tuners.prompting.PromptTrainer``:
+``forward_parts(images, text, raw=True) -> SimParts`` with the raw features filled, ``regularizers(batch, parts)``, an
+``inference`` that goes through ``forward_parts``).
 ``with_dept(Base)`` combines ``DePTMixin`` with ``Base``; ``register_dept("Base", *aliases, trainable_params=N)``
 registers ``ExtrasLinearProbe<Base>``. With λ = CLS_WEIGHT and 1 − λ = SIM_WEIGHT:
 
-    training   L = (1 − λ)·CE(z_sim, y) + λ·CE(head(cat_batch[FiLM_txt(t_y), FiLM_img(f)]), [y; y]) + extra_loss
+    training   L = (1 − λ)·CE(z_sim, y) + λ·CE(head(cat_batch[FiLM_txt(t_y), FiLM_img(f)]), [y; y]) + regularizers
     inference  z = (1 − λ)·z_sim + λ·head(FiLM_img(f))[:, rows]   where the evaluated classes ⊆ the head's classes
                z = head(FiLM_img(f))[:, rows]                     there, with TEST_TIME_FUSION False (as upstream)
                z = z_sim                                         otherwise
 
 FiLM and the head act on the *raw* encoder outputs f and t, before L2 normalisation (``SimParts.raw_image`` /
 ``raw_text``), as upstream's ``_forward_logits_linear_probe`` receives them in all four ``elp_*.py``; z_sim and the
-base's ``extra_loss`` keep the normalised features. The FiLM output is not normalised. ``t_y`` is the raw text
+base's ``regularizers`` keep the normalised features. The FiLM output is not normalised. ``t_y`` is the raw text
 feature of the true class (per image for CoCoOp, whose Meta-Net still reads the normalised f).
 
 Departures from upstream: upstream builds the head only for ``SUBSAMPLE_CLASSES base`` (or ``all`` when "ImageNet"
@@ -43,8 +44,8 @@ from yacs.config import CfgNode as CN
 
 import trainers.cocoop  # noqa: F401  (the bases registered at the bottom, whichever method file imports this first)
 import trainers.kgcoop  # noqa: F401
-from trainers.coop import SimParts, accuracy
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import SimParts, accuracy
 
 logger = logging.getLogger(__name__)
 MODULE = "dept"  # the registered module (checkpoint sub-folder) holding FiLM and the head
@@ -189,7 +190,7 @@ class DePTHead(nn.Module):
 
 
 class DePTMixin:
-    """DePT over a CoOp-contract trainer; combine with ``with_dept(Base)``, never subclass per base."""
+    """DePT over a prompt-base trainer; combine with ``with_dept(Base)``, never subclass per base."""
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
@@ -238,9 +239,11 @@ class DePTMixin:
             self._dept_images.append(parts.raw_image)
         return parts
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``sim``: (1 − λ)·CE(z_sim, y); ``head``: λ·CE of the head on [FiLM_txt(t_y); FiLM_img(f)]; then the base's
+        regularisers (KgCoOp's ``kg``, …), each logged and recorded."""
+        parts, batch = self.training_parts(batch)
         y = batch["label"]
-        parts = self.forward_parts(batch["img"])
         raw_text, raw_image = parts.raw_text, parts.raw_image
         if raw_text is None or raw_image is None:
             raise RuntimeError(f"{type(self).__name__}: forward_parts(raw=True) must fill SimParts.raw_image and "
@@ -249,9 +252,10 @@ class DePTMixin:
         text = raw_text[y] if raw_text.dim() == 2 else raw_text[rows, y]  # (B, C, E): each image's own class
         head = self.dept.train_logits(text.to(raw_image.dtype), raw_image)
         w = self.dept_settings
-        loss = (w.sim_weight * F.cross_entropy(parts.logits, y) + w.cls_weight * F.cross_entropy(head, y.repeat(2))
-                + self.extra_loss(batch, parts))
-        return loss, {"acc": accuracy(parts.logits, y), "acc_head": accuracy(head[len(y):], y)}
+        self.log_metric("acc", accuracy(parts.logits, y))
+        self.log_metric("acc_head", accuracy(head[len(y):], y))
+        return {"sim": w.sim_weight * F.cross_entropy(parts.logits, y),
+                "head": w.cls_weight * F.cross_entropy(head, y.repeat(2)), **self.regularizers(batch, parts)}
 
     def fusion_rows(self) -> torch.Tensor | None:
         """Head rows for the evaluated classes (``self.classnames``), or None where DePT gives z_sim only."""

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptTrainer
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import PromptTrainer
 
 #: methods.md §13.7, keyed by DATASET.NAME (tuned hyper-parameters of the reference; copied verbatim)
 FT_TEMPLATES = {
@@ -144,7 +144,6 @@ class FinetuneCLIP(PromptTrainer):
         self.frozen = frozen_names(clip, self._prefix(c), depth, self.learn_text, self.learn_image)
         self.model = clip
         self.register_model("clip", clip)
-        self._text: torch.Tensor | None = None  # cached at evaluation
         self._frozen_text: dict[tuple[str, ...], torch.Tensor] = {}  # LEARNABLE_TEXT=False: once per class set
         self.text_encodings = 0  # how many times the class prompts were encoded (tests, logs)
 
@@ -185,9 +184,12 @@ class FinetuneCLIP(PromptTrainer):
     def backbone(self) -> nn.Module:
         return self.model
 
-    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(self.learn_image and torch.is_grad_enabled()):
             return self.model.encode_image(images, normalize=True)
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_features(images)  # only called when the image tower is frozen
 
     def image_is_frozen(self) -> bool:
         return not self.learn_image

@@ -12,7 +12,8 @@ hand-crafted ones w_c (computed once, fp32, with the same frozen text encoder)::
 The paper writes L_kg without the ½; the official code computes 1 − mean cos, which is the same as the form above
 because t_c and w_c are unit vectors. W = ``TRAINER.COOP.W`` keeps the official code's meaning, so the published W
 values (8.0 official, 2.0 in DePT's KgCoOp runs, 1.5 in SkipTuning's) reproduce the runs they were tuned for.
-The regulariser is CoOp's ``extra_loss`` hook, so plugins built on CoOp's loss (DePT) add it for free.
+L_kg is the ``kg`` term of ``regularizers``, so plugins built on the base's losses (DePT) add it for free, and it is
+logged and recorded as ``loss_kg``.
 
 Departures from upstream: no second CLIP is loaded for w_c (the backbone is frozen, so it is the teacher); the
 context phrase is ``TRAINER.COOP.CTX_INIT`` as given (upstream hard-codes "a photo of a" whenever CTX_INIT is
@@ -28,21 +29,13 @@ from typing import Any
 import torch
 from yacs.config import CfgNode as CN
 
-from trainers.coop import CoOp, SimParts
+from trainers.coop import CoOp
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import SimParts, knowledge_loss
 
 #: KgCoOp's hand-crafted templates where they differ from the dataset's own (CoOp's CUSTOM_TEMPLATES), keyed by
 #: ``DATASET.NAME`` (upstream ``CUSTOM_TEMPLATES`` in KgCoOp/trainers/kgcoop.py)
 KGCOOP_TEMPLATES = {"DescribableTextures": "a photo of a {}, a type of texture."}
-
-
-def knowledge_loss(text: torch.Tensor, hand_crafted: torch.Tensor) -> torch.Tensor:
-    """½ · mean over classes of ‖t_c − w_c‖² (= 1 − mean cos for unit vectors), a scalar.
-
-    Input: normalised learned class features ``text`` (C, E), or per image (B, C, E); normalised hand-crafted
-    features ``hand_crafted`` (C, E). Exactly zero when the two are equal.
-    """
-    return 0.5 * (text.float() - hand_crafted.float()).pow(2).sum(dim=-1).mean()  # fp32 under autocast too
 
 
 @TRAINERS.register("KgCoOp", family="prompt", test_overrides=dict(trainable_params=16 * 64))
@@ -56,22 +49,14 @@ class KgCoOp(CoOp):
         if cfg.TRAINER.COOP.W < 0:
             raise ValueError(f"TRAINER.COOP.W (KgCoOp's weight of L_kg) must be >= 0, got {cfg.TRAINER.COOP.W}")
 
-    def build_model(self) -> None:
-        super().build_model()
-        self.kg_weight = float(self.cfg.TRAINER.COOP.W)
-        self.kg_template = KGCOOP_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
-        self._hand_crafted: torch.Tensor | None = None
-        if not self.eval_only:  # only the training loss needs w_c
-            self.model.to(self.device)  # encode on the run's device, in fp32 (before fp16 casts frozen weights)
-            self._hand_crafted = self.hand_crafted_features()
+    def build_teachers(self) -> None:
+        """w_c: normalised frozen text features of the hand-crafted prompt per class, (C, E); training only."""
+        if not self.eval_only:
+            template = KGCOOP_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
+            self.teachers["hand_crafted"] = self.frozen_class_features([template])
 
-    def hand_crafted_features(self) -> torch.Tensor:
-        """w_c: normalised frozen text features of the hand-crafted prompt per class, (C, E); rebuilt from the class
-        names, never saved."""
-        return self.model.clip.zero_shot_classifier(self.classnames, [self.kg_template]).detach()
-
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        if self._hand_crafted is None:
-            self._hand_crafted = self.hand_crafted_features()
-        w = self._hand_crafted if "classes" not in batch else self._hand_crafted[batch["classes"]]  # CSkip's subset
-        return self.kg_weight * knowledge_loss(parts.text, w)
+    def regularizers(self, batch: dict[str, Any], parts: SimParts) -> dict[str, torch.Tensor]:
+        """``kg``: W · L_kg, over CSkip's kept classes when the Skip plugin selects them."""
+        w = self.teacher("hand_crafted")
+        w = w if "classes" not in batch else w[batch["classes"].to(w.device)]
+        return {"kg": float(self.cfg.TRAINER.COOP.W) * knowledge_loss(parts.text, w)}

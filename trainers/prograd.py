@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from trainers.coop import CoOp, SimParts, accuracy
+from trainers.coop import CoOp
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import SimParts, accuracy
 
 LOSSES = ("prograd", "kd", "vertical_grad")
 
@@ -111,10 +112,11 @@ class ProGrad(CoOp):
         self.prograd_template = PROGRAD_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
         if self.cfg.TRAINER.PROGRAD.TEMPLATE_INIT:
             self._init_ctx_from_template()
-        self._teacher_text: torch.Tensor | None = None
-        if not self.eval_only:  # only training needs the teacher
-            self.model.to(self.device)  # encode on the run's device, in fp32 (before fp16 casts frozen weights)
-            self._teacher_text = self.teacher_text_features()
+
+    def build_teachers(self) -> None:
+        """The teacher's normalised zero-shot class features of ProGrad's template, (C, E); training only."""
+        if not self.eval_only:
+            self.teachers["zero_shot"] = self.frozen_class_features([self.prograd_template])
 
     def _init_ctx_from_template(self) -> None:
         template, pl, clip = self.prograd_template, self.model.prompt_learner, self.model.clip
@@ -130,30 +132,28 @@ class ProGrad(CoOp):
             pl.ctx.zero_()
             pl.ctx[pl.n_ctx - n:] = clip.token_embedding(ids)[0, 1:1 + n]
 
-    def teacher_text_features(self) -> torch.Tensor:
-        """Normalised zero-shot class features of ProGrad's template, (C, E); rebuilt from the class names."""
-        return self.model.clip.zero_shot_classifier(self.classnames, [self.prograd_template]).detach()
-
     @torch.no_grad()
     def teacher_logits(self, parts: SimParts) -> torch.Tensor:
         """Zero-shot CLIP logits (B, C): the student's (frozen) image features times the teacher's class features."""
-        if self._teacher_text is None:
-            self._teacher_text = self.teacher_text_features()
-        image = parts.image
-        return self.model.clip.logit_scale * image @ self._teacher_text.t().to(image.dtype)
+        return self.similarity(parts.image, self.teacher("zero_shot"))
 
-    def losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, SimParts]:
-        """L_ce (plus CoOp's ``extra_loss`` hook, zero here) and L_kl on a batch, with the student's parts."""
+    def prograd_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, SimParts]:
+        """L_ce and L_kl on a batch, unweighted, with the student's parts."""
         parts = self.forward_parts(batch["img"])
-        ce = F.cross_entropy(parts.logits, batch["label"]) + self.extra_loss(batch, parts)
+        ce = F.cross_entropy(parts.logits, batch["label"])
         kl = distill_loss(parts.logits, self.teacher_logits(parts), self.temperature)
         return ce, kl, parts
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """kd: the combined loss. prograd/vertical_grad: L_ce, the objective whose gradient is projected."""
-        ce, kl, parts = self.losses(batch)
-        loss = (1 - self.alpha) * ce + self.alpha * kl if self.loss_name == "kd" else ce
-        return loss, {"kl": float(kl.detach()), "acc": accuracy(parts.logits, batch["label"])}
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """kd: ``{"ce": (1 − α)·L_ce, "kl": α·L_kl}``, the objective. prograd/vertical_grad: ``{"ce": L_ce}``, the
+        objective whose gradient ``forward_backward`` projects; L_kl, the direction it projects against, is logged as
+        ``loss_kl``."""
+        ce, kl, parts = self.prograd_losses(batch)
+        self.log_metric("acc", accuracy(parts.logits, batch["label"]))
+        if self.loss_name == "kd":
+            return {"ce": (1 - self.alpha) * ce, "kl": self.alpha * kl}
+        self.log_metric("loss_kl", float(kl.detach()))
+        return {"ce": ce}
 
     def forward_backward(self, batch: dict[str, Any]) -> dict[str, float]:
         # Overridden because ProGrad changes the update itself: two gradients (L_kl's and L_ce's) are combined per
@@ -161,7 +161,7 @@ class ProGrad(CoOp):
         if self.loss_name == "kd":
             return super().forward_backward(batch)
         with self.precision.autocast():
-            ce, kl, parts = self.losses(batch)
+            ce, kl, parts = self.prograd_losses(batch)
         if not (torch.isfinite(ce) and torch.isfinite(kl)):
             raise FloatingPointError("Loss is infinite or NaN!")
         params = [p for p in self.trainable_parameters() if p.requires_grad]
@@ -175,7 +175,8 @@ class ProGrad(CoOp):
         for p, a, b in zip(params, g_ce, g_kl):
             p.grad = None if a is None else project_gradient(a, b, self.lam, always)
         self.step_optimizers()  # unscale, clip (OPTIM.MAX_GRAD_NORM), step, scaler update: the engine's own
-        return {"loss": float(ce.detach()), "kl": float(kl.detach()), "acc": accuracy(parts.logits, batch["label"])}
+        return {"loss": float(ce.detach()), "loss_ce": float(ce.detach()), "loss_kl": float(kl.detach()),
+                "acc": accuracy(parts.logits, batch["label"])}
 
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         scaler = self.precision.scaler

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import CoOp, PromptLearner, SimParts
-from vltune.clip import PROMPTSRC_TEMPLATES, BlockHooks
+from vltune.clip import PROMPTSRC_TEMPLATES
 from vltune.registry import TRAINERS
+from vltune.tuners.deep_prompts import DeepPromptModel, DeepPrompts
+from vltune.tuners.prompting import PromptLearner, PromptTrainer, SimParts
 
 KL_TEMPERATURE = 1.0  # upstream divides both logits by 1 and scales the KL by 1 · 1 (T²)
 
@@ -114,55 +115,15 @@ class SRCPromptLearner(PromptLearner):
         for name, p in self.named_parameters():
             p.copy_(getattr(self, f"gpa_{name}"))
 
+    def text_hooks(self) -> DeepPrompts | None:
+        """``text_prompts[i − 1]`` before text blocks 1..d_t − 1 (block 0's prompts are in the embeddings)."""
+        return DeepPrompts(text=[None, *self.text_prompts]) if self.text_prompts.shape[0] else None
 
-class DeepPrompts(BlockHooks):
-    """Inserts the deep prompts: text blocks 1..d_t − 1 (block 0's are in the embeddings) and image blocks 0..d_v − 1.
-
-    Args:
-        text_prompts: (d_t − 1, M_t, D_t), replacing tokens 1..M_t before text blocks 1, 2, ….
-        visual_prompts: (d_v, M_v, D_v); before image block 0 appended after ``ln_pre``, later replacing the last M_v.
-        ln_pre: the image tower's ``ln_pre`` (upstream appends the tokens before it).
-    """
-
-    def __init__(self, text_prompts: torch.Tensor, visual_prompts: torch.Tensor, ln_pre: nn.Module) -> None:
-        self.text_prompts, self.visual_prompts, self.ln_pre = text_prompts, visual_prompts, ln_pre
-
-    def before_block(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
-        if tower == "text":
-            if not 1 <= i <= len(self.text_prompts):
-                return x
-            p = self.text_prompts[i - 1].to(x.dtype).expand(x.shape[0], -1, -1)
-            return torch.cat([x[:, :1], p, x[:, 1 + p.shape[1]:]], dim=1)
-        if i >= len(self.visual_prompts):
-            return x
-        p = self.visual_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
-        if i == 0:
-            return torch.cat([x, self.ln_pre(p)], dim=1)
-        return torch.cat([x[:, :-p.shape[1]], p], dim=1)
-
-
-class PromptSRCModel(nn.Module):
-    """Frozen CLIP + deep prompts + the frozen zero-shot text teacher ``w̄`` (C, E) (None in eval-only runs)."""
-
-    def __init__(self, clip: nn.Module, prompt_learner: SRCPromptLearner, teacher_text: torch.Tensor | None) -> None:
-        super().__init__()
-        self.clip, self.prompt_learner = clip, prompt_learner
-        self.register_buffer("teacher_text", teacher_text, persistent=False)  # rebuilt from the class names
-
-    def hooks(self) -> DeepPrompts:
-        pl = self.prompt_learner
-        ln_pre = self.clip.model.visual.ln_pre if self.clip.is_vit else None
-        return DeepPrompts(pl.text_prompts, pl.visual_prompts, ln_pre)
-
-    def text_features(self) -> torch.Tensor:
-        """Normalised prompted class text features t̃ (C, E)."""
-        prompts, eot = self.prompt_learner()
-        return self.clip.encode_text_from_embeddings(prompts, eot, hooks=self.hooks(), normalize=True)
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised prompted image features f̃. Input: (B, 3, H, W). Output: (B, E)."""
-        hooks = self.hooks() if self.prompt_learner.visual_prompts.shape[0] else None
-        return self.clip.encode_image(images, hooks=hooks, normalize=True)
+    def image_hooks(self, clip: nn.Module) -> DeepPrompts | None:
+        """``visual_prompts[i]`` before image blocks 0..d_v − 1 (block 0's appended after ``ln_pre``, as IVLP)."""
+        if not self.visual_prompts.shape[0]:
+            return None
+        return DeepPrompts(vision=list(self.visual_prompts), ln_pre=clip.ln_pre)
 
 
 @torch.no_grad()
@@ -189,7 +150,7 @@ def kl_to_zero_shot(logits: torch.Tensor, zero_shot_logits: torch.Tensor, t: flo
                                        opts={"TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 2,
                                              "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 2,
                                              "TRAINER.PROMPTSRC.PREC": "fp32"}))
-class PromptSRC(CoOp):
+class PromptSRC(PromptTrainer):
     """Deep vision-language prompts regulated towards frozen CLIP, aggregated over epochs with Gaussian weights."""
 
     config_node = "PROMPTSRC"
@@ -208,7 +169,7 @@ class PromptSRC(CoOp):
 
     def build_model(self) -> None:
         c = self.cfg.TRAINER.PROMPTSRC
-        clip = self.build_clip().to(self.device)  # encode the teacher prompts on the run's device
+        clip = self.build_clip()
         for tower, depth, n in (("TEXT", c.PROMPT_DEPTH_TEXT, clip.n_layers_text),
                                 ("VISION", c.PROMPT_DEPTH_VISION, clip.n_layers_image if clip.is_vit else 0)):
             if depth > n:
@@ -216,38 +177,33 @@ class PromptSRC(CoOp):
                                  f"{self.cfg.MODEL.BACKBONE.NAME} (ViT towers only for vision prompts)")
         learner = SRCPromptLearner(clip, self.classnames, c.N_CTX_TEXT, c.CTX_INIT, c.PROMPT_DEPTH_TEXT,
                                    c.N_CTX_VISION, c.PROMPT_DEPTH_VISION)
-        # w̄ is needed for training only: an eval job on 1000 classes would encode 60,000 prompts for nothing
-        teacher = None if self.eval_only else ensemble_text_features(clip, self.classnames)
-        self.model = PromptSRCModel(clip, learner, teacher)
+        self.model = DeepPromptModel(clip, learner)
         self.register_model("prompt_learner", learner)
         self.text_weight, self.image_weight = float(c.TEXT_LOSS_WEIGHT), float(c.IMAGE_LOSS_WEIGHT)
         self.gpa_mean, self.gpa_std = float(c.GPA_MEAN), float(c.GPA_STD)
-        self._text: torch.Tensor | None = None
+
+    def build_teachers(self) -> None:
+        """w̄ (C, E), for training only: an eval job on 1000 classes would encode 60,000 prompts for nothing."""
+        if not self.eval_only:
+            self.teachers["text"] = ensemble_text_features(self.backbone, self.classnames)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.prompt_learner.parameters() if p.numel()]  # depth 0/1 leaves empty tensors
 
     def src_losses(self, images: torch.Tensor, parts: SimParts) -> dict[str, torch.Tensor]:
         """The self-regulating terms (unweighted): L1 text, L1 image and KL to the zero-shot logits."""
-        if self.model.teacher_text is None:
-            raise RuntimeError("PromptSRC's text teacher is built for training runs only (eval_only=False)")
-        w = self.model.teacher_text
+        w = self.teacher("text")
         with torch.no_grad():
-            f0 = self.model.clip.encode_image(images, normalize=True)
-            z = self.model.clip.logit_scale * f0.float() @ w.t()
-        return {"text": F.l1_loss(parts.text.float(), w), "image": F.l1_loss(parts.image.float(), f0.float()),
+            f0 = self.backbone.encode_image(images, normalize=True).float()
+            z = self.similarity(f0, w)
+        return {"text": F.l1_loss(parts.text.float(), w), "image": F.l1_loss(parts.image.float(), f0),
                 "kl": kl_to_zero_shot(parts.logits, z)}
 
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """``TEXT_LOSS_WEIGHT · L1_text + IMAGE_LOSS_WEIGHT · L1_image + 1 · KL``."""
+    def regularizers(self, batch: dict[str, Any], parts: SimParts) -> dict[str, torch.Tensor]:
+        """``TEXT_LOSS_WEIGHT · L1_text``, ``IMAGE_LOSS_WEIGHT · L1_image`` and ``1 · KL``, as three logged terms."""
         src = self.src_losses(batch["img"], parts)
-        return self.text_weight * src["text"] + self.image_weight * src["image"] + src["kl"]
-
-    def forward_parts(self, images: torch.Tensor, text: torch.Tensor | None = None) -> SimParts:
-        """Prompted image features, class text features (``text`` if given: cached at evaluation) and logits."""
-        image = self.model.image_features(images)
-        text = self.model.text_features() if text is None else text
-        return SimParts(image, text, self.model.clip.logit_scale * image @ text.t().to(image.dtype))
+        return {"text_l1": self.text_weight * src["text"], "image_l1": self.image_weight * src["image"],
+                "kl": src["kl"]}
 
     def after_epoch(self) -> None:
         """GPA: add this epoch's prompts with weight g_{epoch+1}; after the last epoch load the aggregate, before

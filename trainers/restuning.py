@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import PromptTrainer
 from vltune.clip.backbone import BlockHooks
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import PromptTrainer
 from vltune.tuners.res_tuners import RECURRENCES, TUNERS, BypassChain, FrozenAttention, build_tuner, identity_problem
 
 TOWERS = ("image", "text")
@@ -134,7 +134,6 @@ class ResTuningTrainer(PromptTrainer):
         self.model = nn.ModuleDict({"clip": clip, "tuners": tuners})
         self.register_model("restuning", tuners)
         self.hooks = ResHooks(tuners) if self.variant != "bypass" else None
-        self._weights: torch.Tensor | None = None  # zero-shot text features of the current class set
         self._text_stems: tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -210,18 +209,18 @@ class ResTuningTrainer(PromptTrainer):
     def class_text_features(self, classes: torch.Tensor | None = None) -> torch.Tensor:
         clip = self.backbone
         if "text" not in self.cfg.TRAINER.RESTUNING.TOWERS:
-            if self._weights is None or len(self._weights) != len(self.classnames):
-                self._weights = clip.zero_shot_classifier(self.classnames, [self.template])
-            return self._weights if classes is None else self._weights[classes]
+            weights = self.teacher("zero_shot")
+            return weights if classes is None else weights[classes]
         if self.variant == "bypass":
             return F.normalize(self._text_bypass(classes), dim=-1)
         names = self.classnames if classes is None else [self.classnames[i] for i in classes.tolist()]
         ids = clip.tokenize([self.template.format(n.replace("_", " ")) for n in names])
         return clip.encode_text(ids, normalize=True, hooks=self.hooks, batch_size=256)
 
-    def eval_text_features(self) -> torch.Tensor:
-        self._weights = None  # the class set may have changed (base → new)
-        return self.class_text_features()
+    def build_teachers(self) -> None:
+        """The frozen text tower's zero-shot class features, when no tuner acts on the text tower."""
+        if "text" not in self.cfg.TRAINER.RESTUNING.TOWERS:
+            self.teachers["zero_shot"] = self.backbone.zero_shot_classifier(self.classnames, [self.template])
 
 
 @TRAINERS.register("ResAdapter", add_config=add_config, family="restuning",

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode as CN
 
-from trainers.coop import accuracy
 from trainers.ftclip import FinetuneCLIP, prefix_names
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import accuracy
 from vltune.tuners.skip import (
     CACHE_DTYPES,
     ClassSelector,
@@ -180,7 +180,7 @@ class SkipTuning(FinetuneCLIP):
         x = clip.cut_text(self._text_mid[kept.to(self._text_mid.device)], eot)
         return F.normalize(clip.text_head(clip.text_blocks(x, self.omega, clip.n_layers_text), eot), dim=-1)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """CE over the CSkip classes; ``img`` holds cached block-ω−1 tokens (``cached``) or pixels (the frozen prefix
         then runs here without autograd, which gives the same step)."""
         if self.selector is None:
@@ -192,8 +192,9 @@ class SkipTuning(FinetuneCLIP):
             image = F.normalize(clip.image_head(x), dim=-1)
         kept, target = self.selector.select(image, labels)
         self.kept_counts.append(len(kept))
-        logits = clip.logit_scale * image @ self.class_text(kept).t().to(image.dtype)
-        return F.cross_entropy(logits, target), {"acc": accuracy(logits, target)}
+        logits = self.similarity(image, self.class_text(kept))
+        self.log_metric("acc", accuracy(logits, target))
+        return {"ce": F.cross_entropy(logits, target)}
 
     def method_record(self) -> dict[str, Any]:
         record = {**super().method_record(), "start_layer": self.omega, "sampler": self.sampler_mode,

@@ -32,13 +32,12 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode as CN
 
-from trainers.coop import CoOp, CoOpModel, PromptLearner, SimParts
 from vltune.clip import BlockHooks
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import PromptLearner, PromptModel, PromptTrainer, SimParts, check_context, knowledge_loss
 
 # TCP's teacher prompts where they differ from the dataset's own (CoOp) template (upstream CUSTOM_TEMPLATES_ori).
 TEACHER_TEMPLATES = {
@@ -78,19 +77,19 @@ class QuickGELU(nn.Module):
 class TCPPromptLearner(PromptLearner):
     """CoOp's generic context on TCP's learnable template, plus the TKE mapping w_c to class-aware tokens.
 
-    ``forward()`` is CoOp's: prompt embeddings (C, L, D) and EOT indices (C,). ``class_tokens()``: (C, M, D).
+    ``forward()`` is CoOp's: prompt embeddings (C, L, D) and EOT indices (C,). ``class_tokens()``: (C, M, D) from
+    ``class_text`` (w, the normalised hand-crafted class text features (C, E)), which ``TCP.build_teachers`` sets
+    once the model is on its device.
 
     Args:
-        clip: the backbone (token embeddings).
+        clip: the backbone (token embeddings, widths).
         classnames: raw class names (``_`` becomes a space here).
         n_ctx: M, the number of context vectors (ignored when ``ctx_init`` is set).
         ctx_init: initialisation phrase; M is its BPE token count.
         tail: the learnable template's text after the context, with ``{}`` for the class name.
-        class_text: w, the normalised hand-crafted class text features (C, E).
     """
 
-    def __init__(self, clip: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str, tail: str,
-                 class_text: torch.Tensor) -> None:
+    def __init__(self, clip: nn.Module, classnames: list[str], n_ctx: int, ctx_init: str, tail: str) -> None:
         super().__init__(clip, classnames, n_ctx, ctx_init, False, "end")
         names = [c.replace("_", " ") for c in classnames]
         with torch.no_grad():  # rebuild CoOp's "{ctx} {name}." buffers for TCP's "{ctx} {tail}" prompts
@@ -98,11 +97,11 @@ class TCPPromptLearner(PromptLearner):
             eot = clip.eot_index(ids)
             embedding = clip.token_embedding(clip.cut_text(ids, eot)).clone()
         self.token_prefix, self.token_suffix, self.eot = embedding[:, :1], embedding[:, 1 + self.n_ctx:], eot
-        embed, hidden = class_text.shape[1], class_text.shape[1] // 4
+        embed, hidden = clip.embed_dim, clip.embed_dim // 4
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(embed, hidden)), ("relu", QuickGELU()),
             ("linear2", nn.Linear(hidden, self.n_ctx * clip.width_text))]))
-        self.register_buffer("class_text", class_text, persistent=False)  # rebuilt from the class names
+        self.register_buffer("class_text", None, persistent=False)  # w, rebuilt from the class names
 
     def class_tokens(self) -> torch.Tensor:
         """u = TKE(w) for the current class set. Output: (C, M, D)."""
@@ -129,34 +128,30 @@ class ClassAwareInjection(BlockHooks):
         return torch.cat([x[:, :1], mixed, x[:, 1 + n:]], dim=1)
 
 
-class TCPModel(CoOpModel):
-    """CoOp's model whose text features carry the class-aware tokens. ``forward`` (B, 3, H, W) → logits (B, C)."""
+class TCPModel(PromptModel):
+    """Frozen CLIP + TCP's learner; the class-aware tokens enter text block ``layer`` (``ClassAwareInjection``)."""
 
     def __init__(self, clip: nn.Module, prompt_learner: TCPPromptLearner, layer: int, weight: float) -> None:
         super().__init__(clip, prompt_learner)
         self.layer, self.weight = layer, weight
 
-    def text_features(self) -> torch.Tensor:
-        """Normalised class text features (C, E) from the context and the class-aware tokens."""
-        prompts, eot = self.prompt_learner()
-        hooks = ClassAwareInjection(self.prompt_learner.class_tokens(), self.layer, self.weight)
-        return F.normalize(self.clip.encode_text_from_embeddings(prompts, eot, hooks=hooks), dim=-1)
-
-
-def knowledge_loss(text: torch.Tensor, class_text: torch.Tensor) -> torch.Tensor:
-    """KgCoOp's ``1 − mean_c cos(t_c, w_c)`` on normalised features. Input: (C, E) or (B, C, E), and (C, E)."""
-    return 1.0 - (text.float() * class_text.float()).sum(dim=-1).mean()
+    def text_hooks(self) -> ClassAwareInjection:
+        return ClassAwareInjection(self.prompt_learner.class_tokens(), self.layer, self.weight)
 
 
 @TRAINERS.register("TCP", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=5648,  # M = 4 on the tiny CLIP: 256 ctx + 5,392 TKE
                                        opts={"TRAINER.COOP.N_CTX": 4, "TRAINER.TCP.INJECT_LAYER": 1}))
-class TCP(CoOp):
+class TCP(PromptTrainer):
     """Textual-based class-aware prompts: CoOp's context plus TKE(w_c) tokens injected into a deep text block."""
+
+    config_node = "COOP"  # TCP's context, precision and loss weight are the official TRAINER.COOP keys
+    config_reads = ("TRAINER.COOP",)
 
     def check_cfg(self, cfg: CN) -> None:
         super().check_cfg(cfg)
         c, t = cfg.TRAINER.COOP, cfg.TRAINER.TCP
+        check_context(c, "TRAINER.COOP")
         if c.CSC:
             raise ValueError("TCP learns one generic context (upstream has no CSC): set TRAINER.COOP.CSC False")
         if c.CLASS_TOKEN_POSITION != "end":
@@ -167,21 +162,22 @@ class TCP(CoOp):
 
     def build_model(self) -> None:
         c, t = self.cfg.TRAINER.COOP, self.cfg.TRAINER.TCP
-        clip = self.build_clip().to(self.device)  # encode the teacher prompts on the run's device
+        clip = self.build_clip()
         layer = int(t.INJECT_LAYER)
         if not 0 <= layer < clip.n_layers_text:
             raise ValueError(f"TRAINER.TCP.INJECT_LAYER {layer} is outside the {clip.n_layers_text} text blocks of "
                              f"{self.cfg.MODEL.BACKBONE.NAME}; choose 0..{clip.n_layers_text - 1} (8 for ViT-B/16)")
-        dataset = self.cfg.DATASET.NAME
-        teacher = TEACHER_TEMPLATES.get(dataset, self.template)
-        class_text = clip.zero_shot_classifier(self.classnames, [teacher]).float()
-        prompt_learner = TCPPromptLearner(clip, self.classnames, c.N_CTX, c.CTX_INIT,
-                                          learnable_tail(dataset, self.template), class_text)
+        tail = learnable_tail(self.cfg.DATASET.NAME, self.template)
+        prompt_learner = TCPPromptLearner(clip, self.classnames, c.N_CTX, c.CTX_INIT, tail)
         self.model = TCPModel(clip, prompt_learner, layer, float(t.MIX_WEIGHT))
         self.register_model("prompt_learner", prompt_learner)
-        self.kg_weight = float(c.W)
-        self._text: torch.Tensor | None = None
 
-    def extra_loss(self, batch: dict[str, Any], parts: SimParts) -> torch.Tensor:
-        """``W · (1 − mean_c cos(t_c, w_c))``: keeps the prompted class features near the hand-crafted ones."""
-        return self.kg_weight * knowledge_loss(parts.text, self.model.prompt_learner.class_text)
+    def build_teachers(self) -> None:
+        """w_c for the current class set: the TKE's input (training and evaluation) and the knowledge loss's target."""
+        teacher = TEACHER_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
+        self.model.prompt_learner.class_text = self.frozen_class_features([teacher])
+
+    def regularizers(self, batch: dict[str, Any], parts: SimParts) -> dict[str, torch.Tensor]:
+        """``kg``: ``W · L_kg``, keeping the prompted class features near the hand-crafted ones."""
+        w = self.model.prompt_learner.class_text
+        return {"kg": float(self.cfg.TRAINER.COOP.W) * knowledge_loss(parts.text, w)}

@@ -41,12 +41,10 @@ class ZeroshotCLIP(TrainerX):
         """(B, 3, H, W) → (B, C) logits."""
         weights = self._weights if self._weights is not None else self.model.zero_shot_classifier(
             self.classnames, self.templates())
-        features = self.model.encode_image(images, normalize=True)
-        return self.model.logit_scale * features @ weights.t().to(features.dtype)
+        return self.model.similarity(self.model.encode_image(images, normalize=True), weights)
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = self.inference(batch["img"])
-        return F.cross_entropy(logits, batch["label"]), {}
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"ce": F.cross_entropy(self.inference(batch["img"]), batch["label"])}
 
 
 @TRAINERS.register("ZeroshotCLIP2", family="zero-shot", test_overrides=_NO_TRAIN)

@@ -150,6 +150,28 @@ class CLIPBackbone(nn.Module):
         """τ = exp(logit_scale) as a detached 0-d (or 1-element) tensor; about 100 for OpenAI weights."""
         return self.model.logit_scale.detach().exp()
 
+    def similarity(self, image: Tensor, text: Tensor) -> Tensor:
+        """CLIP's logits τ · f · Tᵀ: every method's class scores from (normalised) features.
+
+        Input: image (B, E) and class text (K, E), or per-image class text (B, K, E) (CoCoOp's conditional prompts);
+        text is cast to the image's dtype. Output: (B, K).
+        """
+        text = text.to(image.dtype)
+        if text.dim() == 3:
+            return self.logit_scale * torch.einsum("be,bke->bk", image, text)
+        return self.logit_scale * image @ text.t()
+
+    def text_positions(self, start: int, n: int) -> Tensor:
+        """The text positional embedding of positions ``start`` .. ``start + n − 1``: (n, D_t). MaPLe adds it to the
+        block-0 prompt tokens it writes over the hand-written phrase."""
+        return self.model.positional_embedding[start:start + n]
+
+    @property
+    def ln_pre(self) -> nn.Module:
+        """The image tower's LayerNorm after the patch embedding (the block-0 input's last step): VPT-style methods
+        (MaPLe, PromptSRC, CoPrompt) pass their first-layer vision prompts through it, as their CLIP forks do."""
+        return self._vit("ln_pre").ln_pre
+
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the block weights (fp16 in upstream's PREC=fp16 mode); inputs are cast to it."""

@@ -5,12 +5,16 @@ A method subclasses ``TrainerX`` and implements:
 * ``build_model()``: build ``self.model`` (an ``nn.Module`` holding the CLIP backbone and the method's modules) and
   call ``register_model(name, module)`` for each trainable part. The name is the checkpoint sub-folder (Dassl's
   ``prompt_learner``, ``clip_adapter``, …); by default a registered module's parameters are the trainable set.
-* ``loss(batch) -> (loss, metrics)``: the training objective on a batch already on the device.
+* ``losses(batch) -> {name: term}``: the weighted loss terms on a batch already on the device; the objective is
+  their sum (open_clip's ``*_loss`` convention). Every term is logged per step (``loss_<name>``) and per epoch, and
+  each epoch's means are recorded in ``result.json``'s ``train`` list; ``log_metric`` adds other step metrics
+  (training accuracy).
 * ``inference(images) -> logits``: (B, 3, H, W) → (B, C) for the current class set.
 
 Optional: ``trainable_parameters()`` (a narrower set), ``param_groups(name, module, params)`` (per-group LR),
+``build_teachers()`` (frozen reference features, once the model is on its device and in its precision),
 ``before_evaluate`` (cache text features once per evaluation), the epoch/train hooks (call ``super()``), and
-``forward_backward`` only when the update itself differs from "backward the loss, step" (ProGrad), with a comment
+``forward_backward`` only when the update itself differs from "backward the sum, step" (ProGrad), with a comment
 saying so.
 
 The engine freezes everything outside the trainable set, asserts the optimizers hold exactly that set, steps the LR
@@ -83,6 +87,9 @@ class TrainerX(TrainerBase):
         self.resumed_from = 0
         self.last_metrics: dict[str, Any] = {}
         self.best_result = -float("inf")
+        self.teachers: dict[str, torch.Tensor] = {}  # frozen references from build_teachers (never saved)
+        self.train_history: list[dict[str, float]] = []  # per trained epoch: the means of every logged metric
+        self._step_metrics: dict[str, float] = {}
         self.build_data_loader()
         self.build_model()
         self._setup_model()
@@ -171,6 +178,8 @@ class TrainerX(TrainerBase):
             self._load_init_weights(self.cfg.MODEL.INIT_WEIGHTS)
         self.model.to(self.device)
         self.precision.prepare(self.model)
+        with torch.no_grad():
+            self.build_teachers()
         if not self.eval_only:
             in_optim: set[int] = set()
             for name, module in self._models.items():
@@ -190,6 +199,11 @@ class TrainerX(TrainerBase):
         logger.info(f"trainable params: {n_train:,} || all params: {n_total:,} || "
                     f"trainable%: {100.0 * n_train / max(n_total, 1):.4f}")
         logger.info(f"Trainable params: {n_train}")
+
+    def build_teachers(self) -> None:
+        """Compute the method's frozen references (a teacher's class text features, zero-shot weights) into
+        ``self.teachers``: called once, without autograd, after ``build_model`` when the model is on its device and in
+        its precision, in training and evaluation runs alike (``self.eval_only`` tells a method what it can skip)."""
 
     def _load_init_weights(self, path: str) -> None:
         """``MODEL.INIT_WEIGHTS``: a checkpoint file of the (single) registered module, loaded strictly."""
@@ -225,8 +239,24 @@ class TrainerX(TrainerBase):
                 self.device, non_blocking=True)
         return out
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The method's weighted loss terms on a batch (each a scalar tensor); the objective is their sum."""
         raise NotImplementedError
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Report a step metric besides the loss terms (e.g. ``acc``), from inside ``losses``."""
+        self._step_metrics[name] = float(value)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The objective on a batch, ``sum(losses(batch))``, and the step metrics: every term as ``loss_<name>``
+        and what ``losses`` reported through ``log_metric``."""
+        self._step_metrics = {}
+        terms = self.losses(batch)
+        if not terms:
+            raise ValueError(f"{type(self).__name__}.losses() returned no loss term")
+        total = sum(terms.values())
+        metrics = {f"loss_{name}": float(term.detach()) for name, term in terms.items()}
+        return total, {**metrics, **self._step_metrics}
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -309,6 +339,15 @@ class TrainerX(TrainerBase):
                 end = time.time()
                 if self._should_print():
                     self._print_progress(meters, batch_time, data_time)
+        self._end_epoch_metrics(meters)
+
+    def _end_epoch_metrics(self, meters: dict[str, _Meter]) -> None:
+        """Log this epoch's mean of every step metric (each loss term included) and keep it for the record."""
+        summary = {"epoch": self.epoch + 1, **{k: m.avg for k, m in meters.items()}, "lr": self.get_current_lr()}
+        self.train_history.append(summary)
+        logger.info(f"epoch [{self.epoch + 1}/{self.max_epoch}] means: "
+                    + " ".join(f"{k} {v:.4f}" if k != "lr" else f"lr {v:.4e}" for k, v in summary.items()
+                               if k != "epoch"))
 
     def _should_print(self) -> bool:
         freq = self.cfg.TRAIN.PRINT_FREQ

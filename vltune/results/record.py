@@ -7,6 +7,7 @@ One schema (``Record``, ``JobInfo``), version ``SCHEMA``::
              role (base|new|fewshot|source|target|variant), task, grid, grid_name, index, source, source_dataset,
              resumed_from_epoch, load_epoch},
      "metrics": {accuracy, error, macro_f1, per_class}, "cost": {...}, "method": {...}, "env": {...},
+     "train": [{epoch, loss, loss_<term>..., acc, lr}, ...],
      "identity": {key: value, ...}, "identity_hash": "...", "config": {...full config...},
      "error": "...", "runner": {...}}
 
@@ -119,6 +120,9 @@ class Record:
     metrics: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
+    #: per epoch this run trained (a resumed run: from where it resumed), the means of the logged step metrics:
+    #: the total ``loss``, every loss term ``loss_<name>``, the method's other metrics (``acc``), and ``lr``
+    train: list[dict[str, float]] = field(default_factory=list)
     env: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     identity_hash: str = ""
@@ -195,7 +199,8 @@ class Record:
             info.protocol, info.role = infer_protocol_role(info.phase, info.subsample, info.dataset,
                                                            info.source_dataset)
         return cls(status=str(d.get("status", "")), job=info, metrics=d.get("metrics") or {},
-                   cost=d.get("cost") or {}, method=d.get("method") or {}, env=d.get("env") or {},
+                   cost=d.get("cost") or {}, method=d.get("method") or {}, train=d.get("train") or [],
+                   env=d.get("env") or {},
                    identity=d.get("identity") or {}, identity_hash=d.get("identity_hash") or d.get("config_hash", ""),
                    config=d.get("config") or {}, created_at=d.get("created_at", ""), error=d.get("error", ""),
                    runner=d.get("runner") or {}, path=path, schema=int(d.get("schema", 1)))
