@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_opts
 
+from vltune.clip import CLIPBackbone
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 
@@ -62,9 +63,14 @@ def test_ratio_zero_gives_the_zero_shot_logits_and_the_default_ratio_does_not(na
 
 def test_clip_adapter_encodes_text_once_and_the_origin_variant_every_training_forward(digits_root,
                                                                                       random_clip_weights, tmp_path):
-    counts = {}
+    counts, at_build = {}, {}
     for name in ("CLIPAdapter", "OriginCLIPAdapter"):
-        trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path / name))
+        built = []
+        with pytest.MonkeyPatch.context() as mp:  # count the encodings of building the trainer (its teachers) too
+            original = CLIPBackbone.encode_text
+            mp.setattr(CLIPBackbone, "encode_text", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
+            trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path / name))
+        at_build[name] = len(built)
         calls = _count_text_encodings(trainer)
         trainer.set_model_mode("train")
         batches = iter(trainer.train_loader_x)
@@ -76,7 +82,8 @@ def test_clip_adapter_encodes_text_once_and_the_origin_variant_every_training_fo
         after_one_eval = calls[0]
         _eval_logits(trainer, images)
         counts[name] = (after_training, after_one_eval, calls[0])
-    assert counts["CLIPAdapter"] == (1, 1, 1)  # cached for the run: training and evaluations share it
+    assert at_build == {"CLIPAdapter": 1, "OriginCLIPAdapter": 0}
+    assert counts["CLIPAdapter"] == (0, 0, 0)  # encoded once at build: training and evaluations share it
     assert counts["OriginCLIPAdapter"] == (3, 4, 5)  # every training forward; once per evaluation
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import tiny_opts
 
-from trainers.coop import PromptLearner
 from vltune.clip import build_backbone
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.engine.checkpoint import atomic_torch_save
+from vltune.tuners.prompting import PromptLearner
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
 

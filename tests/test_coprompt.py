@@ -18,11 +18,12 @@ from clip_fixtures import make_deep_backbone
 from conftest import REPO, tiny_opts
 
 import train
-from trainers.coprompt import MultiModalPrompts, read_descriptions
+from trainers.coprompt import read_descriptions
 from vltune.clip import BlockHooks
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.results.record import read_record
+from vltune.tuners.deep_prompts import CoupledPrompts
 
 _spec = importlib.util.spec_from_file_location("build_descriptions", REPO / "scripts" / "build_descriptions.py")
 build_descriptions = importlib.util.module_from_spec(_spec)
@@ -56,13 +57,14 @@ def test_disabled_prompts_and_adapters_equal_zero_shot_clip(digits_root, tiny_cl
 
 
 class Spy(BlockHooks):
-    """Records, per (tower, block), whether the wrapped hook changed the block input."""
+    """Records, per (tower, block), whether the wrapped hooks (one per tower) changed the block input."""
 
-    def __init__(self, inner: BlockHooks | None) -> None:
-        self.inner, self.changed, self.inputs = inner, {}, {}
+    def __init__(self, text: BlockHooks | None, image: BlockHooks | None) -> None:
+        self.inner, self.changed, self.inputs = {"text": text, "image": image}, {}, {}
 
     def before_block(self, tower: str, i: int, x: torch.Tensor) -> torch.Tensor:
-        y = x if self.inner is None else self.inner.before_block(tower, i, x)
+        inner = self.inner[tower]
+        y = x if inner is None else inner.before_block(tower, i, x)
         self.changed[(tower, i)] = y.shape != x.shape or not torch.equal(y, x)
         self.inputs[(tower, i)] = y
         return y
@@ -74,7 +76,7 @@ def test_depth_d_prompts_exactly_the_first_d_blocks(depth, digits_root, random_c
     trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.CoPrompt.PROMPT_DEPTH": depth})
     model, n = trainer.model, trainer.cfg.TRAINER.CoPrompt.N_CTX
     learner, clip = model.prompt_learner, model.clip
-    spy = Spy(model.hooks())
+    spy = Spy(model.text_hooks(), model.image_hooks())
     prompts, eot = learner()
     torch.testing.assert_close(prompts[:, 1:1 + n], learner.ctx.expand(len(trainer.classnames), -1, -1))
     clip.encode_text_from_embeddings(prompts, eot, hooks=spy)
@@ -99,7 +101,7 @@ def test_depth_d_prompts_exactly_the_first_d_blocks(depth, digits_root, random_c
 def test_deeper_projections_start_as_copies_of_one_linear_of_their_own():
     """Upstream (MaPLe's learner): F_1..F_{J−1} are clones of one Linear drawn apart from F_0 (equal to each other at
     init, separate tensors, not equal to F_0)."""
-    learner = MultiModalPrompts(make_deep_backbone(3, 3), ["cat", "dog"], 2, "a photo of a", 3)
+    learner = CoupledPrompts(make_deep_backbone(3, 3), ["cat", "dog"], 2, "a photo of a", 3, shallow=True)
     deep = list(learner.compound_prompt_projections)
     assert len(deep) == 2 and deep[0].weight is not deep[1].weight
     assert torch.equal(deep[0].weight, deep[1].weight) and torch.equal(deep[0].bias, deep[1].bias)
@@ -151,7 +153,7 @@ def test_the_teacher_is_one_drawn_description_per_class_and_step(digits_root, ra
     losses = set()
     for k in range(3):
         trainer.description_indices = lambda k=k: torch.tensor([min(k, n - 1) for n in counts])
-        losses.add(round(float(trainer.extra_loss(batch, parts)), 6))
+        losses.add(round(float(trainer.regularizers(batch, parts)["text_consistency"]), 6))
     assert len(losses) == 3
 
 

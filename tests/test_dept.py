@@ -18,11 +18,12 @@ from conftest import REPO, tiny_opts
 
 import trainers  # noqa: F401  (fills the registry: every DePT variant, MaPLe's included)
 import trainers.dept as dept
-from trainers.coop import CoOp, SimParts
+from trainers.coop import CoOp
 from trainers.dept import DePTHead, DePTMixin, register_dept, resolve_settings, with_dept
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.registry import TRAINERS, Registry
+from vltune.tuners.prompting import SimParts
 
 COOP = "ExtrasLinearProbeCoOp"
 #: every registered DePT variant (ExtrasLinearProbe<Base>), from the registry
@@ -119,7 +120,7 @@ def test_film_and_head_train_at_lr_times_lr_exp_after_a_shared_warmup(digits_roo
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_loss_is_the_weighted_sum_plus_the_base_extra_loss(name, digits_root, random_clip_weights, tmp_path):
+def test_loss_is_the_weighted_sum_plus_the_base_regularizers(name, digits_root, random_clip_weights, tmp_path):
     trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
         "TRAINER.NAME": name, "TRAINER.DEPT.SIM_WEIGHT": 0.4, "TRAINER.DEPT.CLS_WEIGHT": 0.5}))
     _train(trainer, 2)  # FiLM away from the identity
@@ -133,18 +134,18 @@ def test_loss_is_the_weighted_sum_plus_the_base_extra_loss(name, digits_root, ra
         torch.testing.assert_close(parts.logits, plain.logits, rtol=0, atol=0)  # asking for raw changes nothing
         torch.testing.assert_close(parts.image, F.normalize(parts.raw_image, dim=-1), rtol=0, atol=0)
         torch.testing.assert_close(parts.text, F.normalize(parts.raw_text, dim=-1), rtol=0, atol=0)
-        raw = parts.raw_text  # FiLM and the head read the raw features; z_sim and extra_loss the normalised ones
+        raw = parts.raw_text  # FiLM and the head read the raw features; z_sim and the regularizers the normalised ones
         t_y = raw[y] if raw.dim() == 2 else raw[torch.arange(len(y)), y]  # CoCoOp: per image
         d = trainer.dept
         feats = torch.cat([t_y * d.film_txt.scale + d.film_txt.bias,
                            parts.raw_image * d.film_img.scale + d.film_img.bias])
-        extra = trainer.extra_loss(batch, parts)
+        extra = sum(trainer.regularizers(batch, parts).values())
         expected = (0.4 * F.cross_entropy(parts.logits, y) + 0.5 * F.cross_entropy(d.head(feats), torch.cat([y, y]))
                     + extra)
     torch.testing.assert_close(loss, expected)
     if name == "ExtrasLinearProbeKgCoOp":
         assert float(extra) > 0  # W · L_kg of the trained context
-    trainer.extra_loss = lambda batch, parts: parts.logits.new_tensor(2.5)  # the hook is called, and added once
+    trainer.regularizers = lambda batch, parts: {"x": parts.logits.new_tensor(2.5)}  # called, and added once
     with torch.no_grad():
         torch.testing.assert_close(trainer.loss(batch)[0], expected - extra + 2.5)
 
@@ -157,7 +158,7 @@ def test_per_image_text_features_use_each_images_own_true_class(digits_root, ran
     image, text = F.normalize(raw_image, dim=-1), F.normalize(raw_text, dim=-1)
     logits = torch.randn(4, 10, generator=g)
     trainer.forward_parts = lambda images, text_=None, raw=True: SimParts(image, text, logits, raw_image, raw_text)
-    trainer.extra_loss = lambda batch, parts: logits.new_zeros(())
+    trainer.regularizers = lambda batch, parts: {}
     y = torch.tensor([3, 0, 7, 3])
     with torch.no_grad():
         loss, _ = trainer.loss({"img": None, "label": y})

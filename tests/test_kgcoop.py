@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_opts
 
-from trainers.kgcoop import knowledge_loss
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
+from vltune.tuners.prompting import knowledge_loss
 
 DIGITS_PHRASE = "a photo of the number"  # the generated digits dataset's template is "a photo of the number {}."
 
@@ -36,24 +36,24 @@ def test_knowledge_loss_is_one_minus_mean_cosine_of_unit_vectors():
     torch.testing.assert_close(knowledge_loss(per_image, b), expected)
 
 
-def test_extra_loss_is_exactly_zero_at_the_hand_crafted_prompt_and_positive_elsewhere(digits_root, random_clip_weights,
+def test_kg_term_is_exactly_zero_at_the_hand_crafted_prompt_and_positive_elsewhere(digits_root, random_clip_weights,
                                                                                      tmp_path):
     same = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **{"TRAINER.COOP.CTX_INIT": DIGITS_PHRASE})
     assert same.kg_template == "a photo of the number {}."
     parts = same.forward_parts(_batch(same)["img"])
-    assert same.extra_loss({}, parts).item() == 0.0  # learned prompt == hand-crafted prompt, bit for bit
+    assert same.regularizers({}, parts)["kg"].item() == 0.0  # learned prompt == hand-crafted prompt, bit for bit
 
     other = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"))  # "a photo of a <name>."
     parts = other.forward_parts(_batch(other)["img"])
-    kg = knowledge_loss(parts.text, other.hand_crafted_features())
+    kg = knowledge_loss(parts.text, other.teacher("hand_crafted"))
     assert kg.item() > 0
-    torch.testing.assert_close(other.extra_loss({}, parts), 8.0 * kg)  # W = TRAINER.COOP.W (default 8.0)
+    torch.testing.assert_close(other.regularizers({}, parts)["kg"], 8.0 * kg)  # W = TRAINER.COOP.W (default 8.0)
 
 
 def test_a_step_on_the_knowledge_loss_alone_pulls_the_features_toward_the_hand_crafted_ones(
         digits_root, random_clip_weights, tmp_path):
     trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
-    hand_crafted = trainer.hand_crafted_features()
+    hand_crafted = trainer.teacher("hand_crafted")
     ctx = trainer.model.prompt_learner.ctx
 
     def cosine() -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_w_zero_gives_coops_loss_and_w_adds_the_weighted_knowledge_loss(digits_r
     assert torch.equal(kg0.loss(batch)[0], coop_loss)
     kg2 = _trainer(digits_root, random_clip_weights, str(tmp_path / "w2"), **{"TRAINER.COOP.W": 2.0})
     parts = kg2.forward_parts(batch["img"])
-    expected = coop_loss + 2.0 * knowledge_loss(parts.text, kg2.hand_crafted_features())
+    expected = coop_loss + 2.0 * knowledge_loss(parts.text, kg2.teacher("hand_crafted"))
     torch.testing.assert_close(kg2.loss(batch)[0], expected)
     assert kg2.loss(batch)[0] > coop_loss
 
@@ -88,7 +88,7 @@ def test_only_the_context_is_saved_and_eval_only_skips_the_hand_crafted_features
     assert set(trainer.trainable_state("prompt_learner")) == {"ctx"}
     cfg = get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{"TRAINER.NAME": "KgCoOp",
                                                                       "OUTPUT_DIR": str(tmp_path / "b")}))
-    assert build_trainer(cfg, eval_only=True)._hand_crafted is None
+    assert "hand_crafted" not in build_trainer(cfg, eval_only=True).teachers
 
 
 def test_negative_w_is_rejected(digits_root, random_clip_weights, tmp_path):

@@ -12,10 +12,10 @@ import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
 
-from trainers.maple import DeepPrompts, MaPLeModel, MaPLePromptLearner
 from vltune.clip import CLIPBackbone
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
+from vltune.tuners.deep_prompts import CoupledPrompts, DeepPromptModel, DeepPrompts
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
 M = 2
@@ -42,7 +42,7 @@ def _shared_clip(layers: int) -> CLIPBackbone:
 
 def _model(clip, depth, ctx_init="a photo of a"):
     torch.manual_seed(1)
-    return MaPLeModel(clip, MaPLePromptLearner(clip, NAMES, M, ctx_init, depth)).eval()
+    return DeepPromptModel(clip, CoupledPrompts(clip, NAMES, M, ctx_init, depth)).eval()
 
 
 # ---------------------------------------------------------------- no prompts = zero-shot CLIP
@@ -62,13 +62,25 @@ def test_no_prompts_gives_zero_shot_clip_logits(digits_root, tiny_clip_weights, 
         expected.append(trainer.model_inference(images))
         trainer.after_evaluate()
     torch.testing.assert_close(expected[1], expected[0], rtol=0, atol=1e-5)
-    # The same path with P_0 inserted (depth 1, P_0 = the phrase's own first M tokens) keeps the text features:
-    # the block-0 replacement adds the positional embedding exactly as the embedding layer does.
-    model = MaPLeModel(maple.model.clip, MaPLePromptLearner(maple.model.clip, maple.classnames, M, phrase, 1))
+    # The same path with P_0 trainable (depth 1, P_0 = the phrase's own first M tokens) keeps the text features:
+    # P_0 takes the place of the phrase's tokens and receives their positional embedding.
+    model = DeepPromptModel(maple.model.clip, CoupledPrompts(maple.model.clip, maple.classnames, M, phrase, 1))
     weights = maple.model.clip.zero_shot_classifier(maple.classnames, [zs.template])
     torch.testing.assert_close(model.text_features(), weights, rtol=0, atol=1e-5)
     # ... while the appended vision prompts do change the image features (the check above can fail).
     assert not torch.allclose(model.image_features(images), maple.model.image_features(images), atol=1e-4)
+
+
+def test_the_image_path_trains_so_it_is_never_cached_as_frozen(digits_root, random_clip_weights, tmp_path):
+    """MaPLe's image features carry the coupled prompts: the trainer must not claim a frozen image path (the Skip
+    plugin's cache would then freeze them)."""
+    maple = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    assert not maple.image_is_frozen()
+    images = next(iter(maple.train_loader_x))["img"][:2]
+    feats = maple.image_features(images)
+    assert feats.requires_grad  # the prompts' gradient reaches the image features
+    with pytest.raises(NotImplementedError, match="image path trains"):
+        maple.frozen_image_features(images)
 
 
 def test_depth_zero_is_eval_only_and_depth_must_fit_the_towers(digits_root, random_clip_weights, tmp_path):
@@ -149,8 +161,7 @@ def test_vision_prompts_reach_exactly_the_first_depth_blocks(layers, depth):
 
 def test_hooks_leave_blocks_beyond_the_prompts_alone():
     x = torch.randn(2, 7, 4)
-    hooks = DeepPrompts(text=[torch.ones(2, 4)], vision=[torch.ones(2, 4)], text_pos=torch.zeros(2, 4),
-                        ln_pre=torch.nn.Identity())
+    hooks = DeepPrompts(text=[torch.ones(2, 4)], vision=[torch.ones(2, 4)], ln_pre=torch.nn.Identity())
     assert hooks.before_block("text", 1, x) is x and hooks.before_block("image", 1, x) is x
     assert hooks.before_block("image", 0, x).shape == (2, 9, 4)
     assert torch.equal(hooks.before_block("text", 0, x)[:, 1:3], torch.ones(2, 2, 4))
@@ -184,7 +195,7 @@ def test_deeper_projections_start_as_clones_of_one_linear_drawn_after_the_deep_p
     clip = _shared_clip(4)
     depth, d_t, d_v = 4, clip.width_text, clip.width_image
     torch.manual_seed(3)
-    learner = MaPLePromptLearner(clip, NAMES, M, ctx_init, depth)
+    learner = CoupledPrompts(clip, NAMES, M, ctx_init, depth)
     after = torch.rand(1)
     deep = list(learner.compound_prompt_projections)
     assert len(deep) == depth - 1
@@ -207,7 +218,7 @@ def test_deeper_projections_start_as_clones_of_one_linear_drawn_after_the_deep_p
     torch.testing.assert_close(deep[-1].bias.data, single.bias.data, rtol=0, atol=0)
     assert torch.equal(after, torch.rand(1))  # nothing else drawn: what follows (DePT's head) sees upstream's stream
     torch.manual_seed(3)  # depth 1 still draws single_layer (cloned zero times), as upstream
-    MaPLePromptLearner(clip, NAMES, M, "a photo of a", 1)
+    CoupledPrompts(clip, NAMES, M, "a photo of a", 1)
     after = torch.rand(1)
     torch.manual_seed(3)
     torch.nn.Linear(d_t, d_v), torch.nn.Linear(d_t, d_v)
@@ -226,9 +237,9 @@ def test_trainable_count_on_vit_b16_widths():
         def token_embedding(ids):
             return torch.zeros(*ids.shape, 512)
 
-    learner = MaPLePromptLearner(Widths(), NAMES, 2, "a photo of a", 9)
+    learner = CoupledPrompts(Widths(), NAMES, 2, "a photo of a", 9)
     assert sum(p.numel() for p in learner.parameters()) == 3_555_072
     assert len(learner.text_prompts()) == len(learner.vision_prompts()) == 9
     assert {k for k in learner.state_dict()} >= {"ctx", "proj.weight", "compound_prompts_text.7",
                                                   "compound_prompt_projections.7.bias"}
-    assert "token_embeds" not in learner.state_dict()  # rebuilt from the class names, never saved
+    assert "token_prefix" not in learner.state_dict()  # rebuilt from the class names, never saved

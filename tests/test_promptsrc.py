@@ -16,17 +16,11 @@ import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
 
-from trainers.promptsrc import (
-    KL_TEMPERATURE,
-    PromptSRCModel,
-    SRCPromptLearner,
-    ensemble_text_features,
-    gpa_weights,
-    kl_to_zero_shot,
-)
+from trainers.promptsrc import KL_TEMPERATURE, SRCPromptLearner, ensemble_text_features, gpa_weights, kl_to_zero_shot
 from vltune.clip import IMAGENET_TEMPLATES, PROMPTSRC_TEMPLATES
 from vltune.config import get_cfg
 from vltune.engine import build_trainer, set_random_seed
+from vltune.tuners.deep_prompts import DeepPromptModel
 
 OFF = {"TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 0, "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 0}
 
@@ -138,7 +132,7 @@ def _block_inputs(clip, run) -> dict[tuple[str, int], torch.Tensor]:
 @pytest.mark.parametrize("depth_text,depth_vision", [(2, 3), (4, 1), (1, 4)])
 def test_depth_d_puts_fresh_prompts_into_exactly_blocks_0_to_d_minus_1(deep_clip, depth_text, depth_vision):
     learner = SRCPromptLearner(deep_clip, ["cat", "sea lion"], 4, "a photo of a", depth_text, 4, depth_vision)
-    model = PromptSRCModel(deep_clip, learner, None)
+    model = DeepPromptModel(deep_clip, learner)
     images = torch.randn(3, 3, 32, 32)
     seen = _block_inputs(deep_clip, lambda: (model.text_features(), model.image_features(images)))
     pos = deep_clip.model.positional_embedding[1:5]
@@ -198,7 +192,7 @@ def test_regularising_losses_vanish_when_the_prompts_are_disabled(digits_root, r
         src = trainer.src_losses(images, parts)
         assert src["text"] > 1e-4 and src["kl"] > 0  # the 60-template teacher differs from the one prompt
         # with the teacher made the hand-crafted prompt's features, prompted = frozen everywhere
-        trainer.model.teacher_text = parts.text.float().clone()
+        trainer.teachers["text"] = parts.text.float().clone()
         src = trainer.src_losses(images, parts)
     for name, value in src.items():
         assert abs(float(value)) < 1e-6, name
@@ -226,7 +220,10 @@ def test_loss_is_ce_plus_weighted_l1s_plus_kl_with_weights_from_config(digits_ro
         parts = trainer.forward_parts(batch["img"])
         src = trainer.src_losses(batch["img"], parts)
         expected = w_text * src["text"] + w_image * src["image"] + 1.0 * src["kl"]
-        torch.testing.assert_close(trainer.extra_loss(batch, parts), expected)
-        loss, _ = trainer.loss(batch)
+        terms = trainer.regularizers(batch, parts)
+        assert set(terms) == {"text_l1", "image_l1", "kl"}  # each logged and recorded on its own
+        torch.testing.assert_close(sum(terms.values()), expected)
+        loss, metrics = trainer.loss(batch)
         torch.testing.assert_close(loss, F.cross_entropy(parts.logits, batch["label"]) + expected)
+        assert {"loss_ce", "loss_text_l1", "loss_image_l1", "loss_kl", "acc"} <= set(metrics)
     assert all(float(v) > 0 for v in src.values())

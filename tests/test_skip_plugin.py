@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import eval_logits, tiny_opts
 
-from trainers.kgcoop import knowledge_loss
 from vltune.config import get_cfg
 from vltune.data.loader import DatasetWrapper
 from vltune.engine import build_trainer
 from vltune.registry import TRAINERS
+from vltune.tuners.prompting import knowledge_loss
 
 get_cfg()
 SUPPORTING = [n for n in TRAINERS.registered_names() if TRAINERS.get(n).__dict__.get("skip_plugin")]
@@ -89,7 +89,7 @@ def test_kgcoop_knowledge_loss_uses_the_kept_classes(digits_root, random_clip_we
     batch = _batch(trainer)
     loss, _ = trainer.loss(batch)
     parts, seen = trainer._skip_parts(batch)  # the same draw: the per-run mask is fixed
-    w = trainer.hand_crafted_features()[seen["classes"]]
+    w = trainer.teacher("hand_crafted")[seen["classes"]]
     expected = F.cross_entropy(parts.logits, seen["label"]) + trainer.kg_weight * knowledge_loss(parts.text, w)
     torch.testing.assert_close(loss, expected)
 

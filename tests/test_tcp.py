@@ -12,16 +12,12 @@ import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
 
-from trainers.tcp import (
-    TCPModel,
-    TCPPromptLearner,
-    knowledge_loss,
-    learnable_tail,
-)
+from trainers.tcp import TCPModel, TCPPromptLearner, learnable_tail
 from vltune.clip import CLIPBackbone, create_clip, resolve_arch
 from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.engine.checkpoint import atomic_torch_save
+from vltune.tuners.prompting import knowledge_loss
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
 TINY = {"TRAINER.COOP.N_CTX": 4, "TRAINER.TCP.INJECT_LAYER": 1}  # vltune-tiny has 2 text blocks
@@ -52,8 +48,9 @@ def deep_clip():
 
 
 def _learner(clip, names=NAMES, ctx_init=""):
-    w = clip.zero_shot_classifier(names, ["a photo of a {}."]).float()
-    return TCPPromptLearner(clip, names, 4, ctx_init, "{}, a type of thing.", w)
+    learner = TCPPromptLearner(clip, names, 4, ctx_init, "{}, a type of thing.")
+    learner.class_text = clip.zero_shot_classifier(names, ["a photo of a {}."]).float()  # TCP.build_teachers' job
+    return learner
 
 
 def test_without_injection_text_features_equal_coops_with_the_same_context(digits_root, random_clip_weights,
@@ -116,12 +113,12 @@ def test_knowledge_loss_is_zero_when_the_prompt_is_the_hand_crafted_one(digits_r
         w = trainer.model.prompt_learner.class_text
         torch.testing.assert_close(w, trainer.model.clip.zero_shot_classifier(trainer.classnames, [trainer.template]))
         torch.testing.assert_close(parts.text, w, rtol=0, atol=1e-5)
-        assert abs(float(trainer.extra_loss(batch, parts))) < 1e-5
+        assert abs(float(trainer.regularizers(batch, parts)["kg"])) < 1e-5
         injected = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **hand)
         parts = injected.forward_parts(batch["img"])
         kg = knowledge_loss(parts.text, injected.model.prompt_learner.class_text)
         assert 1e-3 < float(kg) <= 2.0  # 1 - mean cos lies in [0, 2]
-        torch.testing.assert_close(injected.extra_loss(batch, parts), 8.0 * kg)
+        torch.testing.assert_close(injected.regularizers(batch, parts)["kg"], 8.0 * kg)
     assert float(knowledge_loss(-w, w)) == pytest.approx(2.0, abs=1e-5)
 
 
@@ -192,8 +189,7 @@ def test_learnable_template_follows_upstream():
 
 def test_prompt_layout_puts_context_first_and_upstreams_ucf101_prompt_after_it(deep_clip):
     names = ["Apply_Eye Makeup"]
-    w = deep_clip.zero_shot_classifier(names, ["a photo of a person doing {}."]).float()
-    learner = TCPPromptLearner(deep_clip, names, 4, "", learnable_tail("UCF101", "a photo of a person doing {}."), w)
+    learner = TCPPromptLearner(deep_clip, names, 4, "", learnable_tail("UCF101", "a photo of a person doing {}."))
     prompts, eot = learner()
     torch.testing.assert_close(prompts[0, 1:5], learner.ctx, rtol=0, atol=0)
     # upstream tokenises "a photo of a person doing {}." and lets the 4 context vectors take its first 4 tokens

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.coop import CoOpModel, PromptLearner
 from vltune.clip import CLIPBackbone, create_clip, resolve_arch
+from vltune.tuners.prompting import PromptLearner, PromptModel
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def test_coop_on_vit_b16_has_8192_parameters_and_class_logits(vit_b16):
     names = ["cat", "sea lion", "golden retriever"]
     learner = PromptLearner(vit_b16, names, 16, "", False, "end")
     assert learner.ctx.numel() == 8192  # methods.md §2: M = 16, generic context
-    model = CoOpModel(vit_b16, learner)
+    model = PromptModel(vit_b16, learner)
     with torch.no_grad():
-        logits = model(torch.randn(2, 3, 224, 224))
+        logits = vit_b16.similarity(model.image_features(torch.randn(2, 3, 224, 224)), model.text_features())
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
 

@@ -49,14 +49,22 @@ class KgCoOp(CoOp):
         if cfg.TRAINER.COOP.W < 0:
             raise ValueError(f"TRAINER.COOP.W (KgCoOp's weight of L_kg) must be >= 0, got {cfg.TRAINER.COOP.W}")
 
+    @property
+    def kg_template(self) -> str:
+        """The hand-crafted prompt of w_c: KgCoOp's own template where it has one, else the dataset's."""
+        return KGCOOP_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
+
+    @property
+    def kg_weight(self) -> float:
+        return float(self.cfg.TRAINER.COOP.W)
+
     def build_teachers(self) -> None:
         """w_c: normalised frozen text features of the hand-crafted prompt per class, (C, E); training only."""
         if not self.eval_only:
-            template = KGCOOP_TEMPLATES.get(self.cfg.DATASET.NAME, self.template)
-            self.teachers["hand_crafted"] = self.frozen_class_features([template])
+            self.teachers["hand_crafted"] = self.frozen_class_features([self.kg_template])
 
     def regularizers(self, batch: dict[str, Any], parts: SimParts) -> dict[str, torch.Tensor]:
         """``kg``: W · L_kg, over CSkip's kept classes when the Skip plugin selects them."""
         w = self.teacher("hand_crafted")
         w = w if "classes" not in batch else w[batch["classes"].to(w.device)]
-        return {"kg": float(self.cfg.TRAINER.COOP.W) * knowledge_loss(parts.text, w)}
+        return {"kg": self.kg_weight * knowledge_loss(parts.text, w)}

@@ -123,12 +123,14 @@ class CoupledPrompts(nn.Module):
         """P_1..P_{J−1} before text blocks 1..J−1 (P_0 is in the embeddings); None below depth 2."""
         return DeepPrompts(text=[None, *self.compound_prompts_text]) if len(self.compound_prompts_text) else None
 
+    def text_prompts(self) -> list[torch.Tensor]:
+        """[P_0, …, P_{J−1}], each (M, D_t); empty at depth 0."""
+        return [self.ctx, *self.compound_prompts_text] if self.depth else []
+
     def vision_prompts(self) -> list[torch.Tensor]:
         """[F_0(P_0), …, F_{J−1}(P_{J−1})], each (M, D_v): the coupling of each layer's text prompt."""
-        if self.depth == 0:
-            return []
-        return [self.proj(self.ctx)] + [f(p) for f, p in zip(self.compound_prompt_projections,
-                                                              self.compound_prompts_text)]
+        projections = [self.proj, *self.compound_prompt_projections] if self.depth else []
+        return [f(p) for f, p in zip(projections, self.text_prompts())]
 
     def image_hooks(self, clip: nn.Module) -> DeepPrompts | None:
         """F_i(P_i) before image blocks 0..J−1; None at depth 0 (the image tower is untouched)."""

@@ -1,11 +1,11 @@
 """The Skip plugin: Skip Tuning's class skipping (CSkip) and frozen-feature caching for prompt and adapter trainers.
 
 Wu et al., *Skip Tuning*, CVPR 2025 (methods.md §13) present Skip Tuning as orthogonal to prompt and adapter methods,
-but the reference code has no such plugin; this is vltune's. ``PromptTrainer`` (``trainers/coop.py``) inherits this
-mixin, which stays inert unless ``TRAINER.SKIP_PLUGIN.CSKIP`` or ``CACHE_IMAGE`` is on; its docstring states the
-contract a trainer opts into with ``skip_plugin = True``. The mixin relies on the trainer's ``image_features``,
-``image_from_frozen``, ``frozen_image_features``, ``image_is_frozen``, ``class_text_features``, ``make_parts``,
-``backbone`` and ``template``.
+but the reference code has no such plugin; this is vltune's. ``PromptTrainer`` (``vltune/tuners/prompting.py``)
+inherits this mixin, which stays inert unless ``TRAINER.SKIP_PLUGIN.CSKIP`` or ``CACHE_IMAGE`` is on; its docstring
+states the contract a trainer opts into with ``skip_plugin = True``. The mixin relies on the trainer's
+``image_features``, ``image_from_frozen``, ``frozen_image_features``, ``image_is_frozen``, ``class_text_features``,
+``make_parts``, ``backbone`` and ``template``.
 """
 
 from __future__ import annotations
