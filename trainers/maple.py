@@ -174,7 +174,9 @@ class MaPLeModel(nn.Module):
 
 @TRAINERS.register("MaPLe", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=8576,  # M = 2, J = 2, widths 64: 2·128 P + 2·4,160 F
-                                       opts={"TRAINER.MAPLE.PROMPT_DEPTH": 2}))
+                                       opts={"TRAINER.MAPLE.PROMPT_DEPTH": 2}),
+                   presets=dict(b2n="vit_b16_c2_ep5_batch4_2ctx", xd="vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
+                                fewshot="vit_b16_c2_ep5_batch4_2ctx_few_shot"))
 class MaPLe(CoOp):
     """Multi-modal prompt learning: deep text prompts coupled into deep vision prompts; CLIP stays frozen.
 
@@ -206,4 +208,4 @@ class MaPLe(CoOp):
         self._text: torch.Tensor | None = None
 
 
-register_dept("MaPLe", trainable_params=8576 + 906)
+register_dept("MaPLe", trainable_params=8576 + 906, presets=dict(b2n="vit_b16_c2_ep10_batch4_2ctx"))
