@@ -1,4 +1,5 @@
-"""Paper presets and their scripts: every registered method has a preset entry whose yaml files exist and merge;
+"""Paper presets and their scripts: every registered method's registration gives each protocol a preset config or a
+reason; the configs' yaml files exist and merge;
 each benchmark expands to the documented job counts; each script runs end to end on a miniature data root holding
 all 15 datasets' layouts with a tiny CLIP, and writes tables."""
 
@@ -14,9 +15,10 @@ import pytest
 from conftest import REPO
 
 from vltune.config import get_cfg
-from vltune.registry import TRAINERS
+from vltune.registry import PRESET_PROTOCOLS, TRAINERS, RegistryError, TrainerRegistry
+from vltune.runner import presets
 from vltune.runner.jobs import expand_task
-from vltune.runner.presets import BENCHMARK_DATASETS, DG_TARGETS, METHODS, XD_SOURCE, XD_TARGETS, experiment
+from vltune.runner.presets import BENCHMARK_DATASETS, DG_TARGETS, XD_SOURCE, XD_TARGETS, experiment
 from vltune.runner.schema import Base, Task
 
 get_cfg()
@@ -35,24 +37,53 @@ def _jobs(protocol: str, env: dict[str, str] | None = None) -> dict[str, list]:
     return {k: expand_task(t, base, str(REPO)) for k, t in tasks.items()}
 
 
-def test_every_registered_method_has_a_preset_entry():
-    assert set(METHODS) == set(TRAINERS.registered_names())
+def test_every_registered_method_gives_each_protocol_a_config_or_a_reason():
+    for name in TRAINERS.registered_names():
+        meta = TRAINERS.meta(name)
+        given, why = meta.get("presets") or {}, meta.get("no_preset") or {}
+        for protocol in PRESET_PROTOCOLS:
+            assert (protocol in given) != (protocol in why), f"{name}: give presets[{protocol!r}] or a reason"
+            assert protocol in given or len(why[protocol]) > 20, f"{name}: say why there is no {protocol} preset"
+    assert set(presets.methods()) == set(TRAINERS.registered_names())
+    assert presets.METHODS == presets.methods()  # the names presets/*.py and older code read
+    assert presets.EVAL_ONLY == presets.eval_only_methods() == {"ZeroshotCLIP", "ZeroshotCLIP2"}
+    assert list(presets.methods())[:2] == ["ZeroshotCLIP", "ZeroshotCLIP2"]  # the zero-shot baselines first
+
+
+def test_registration_rejects_a_malformed_preset_entry():
+    class T:
+        pass
+
+    bad = {"dg": dict(presets=dict(dg="x")), "both": dict(presets=dict(xd="x"), no_preset=dict(xd="why")),
+           "empty reason": dict(no_preset=dict(fewshot=" ")), "shots": dict(presets=dict(fewshot={"1": "x"})),
+           "flag": dict(eval_only="yes")}
+    messages = {"dg": "unknown protocol.*dg uses xd's entry", "both": "both presets and no_preset",
+                "empty reason": "must say why", "shots": "positive int shots", "flag": "eval_only must be True"}
+    for case, meta in bad.items():
+        with pytest.raises(RegistryError, match=messages[case]):
+            TrainerRegistry("trainer").register("T", T, **meta)
+    ok = TrainerRegistry("trainer")
+    ok.register("T", T, presets=dict(b2n="a", fewshot={1: "b", 16: "c"}), no_preset=dict(xd="a reason"))
 
 
 @pytest.mark.parametrize("protocol", ["b2n", "fewshot", "xd", "dg"])
-def test_each_benchmark_expands_to_the_documented_job_counts(protocol):
+def test_each_benchmark_expands_to_the_documented_job_counts(protocol, capsys):
     jobs = _jobs(protocol)
+    printed = capsys.readouterr().err
     per_method = Counter()
     for tasks_jobs in jobs.values():
         for job in tasks_jobs:
             per_method[job.trainer] += 1
     for method, count in per_method.items():
-        expected = EVAL_ONLY_FEWSHOT if protocol == "fewshot" and method.startswith("ZeroshotCLIP") else \
+        expected = EVAL_ONLY_FEWSHOT if protocol == "fewshot" and method in presets.eval_only_methods() else \
             PER_METHOD[protocol]
         assert count == expected, (protocol, method)
-    left_out = {m for m in METHODS if m not in per_method}
-    documented = {m for m, entry in METHODS.items() if entry.get("xd" if protocol == "dg" else protocol) is None}
+    entry = "xd" if protocol == "dg" else protocol
+    left_out = {m for m in presets.methods() if m not in per_method}
+    documented = {m for m, why in presets.reasons().items() if entry in why}
     assert left_out == documented
+    for method in left_out:  # the preset says why it leaves a method out
+        assert f"preset {protocol}: {method} left out" in printed and presets.reasons()[method][entry] in printed
     if protocol in ("xd", "dg"):
         datasets = {j.dataset for js in jobs.values() for j in js}
         assert datasets == {XD_SOURCE, *(XD_TARGETS if protocol == "xd" else DG_TARGETS)}
@@ -89,7 +120,7 @@ def test_every_referenced_yaml_exists_and_merges_for_every_method():
             get_cfg(config_file=str(path), opts=["TRAINER.NAME", task["trainer"], "DATASET.NAME", "ImageNet"])
     for name in {*BENCHMARK_DATASETS, *DG_TARGETS}:
         get_cfg(dataset_config_file=str(REPO / "configs" / "datasets" / f"{name}.yaml"))
-    assert len(checked) >= len(METHODS)
+    assert len(checked) >= len(presets.methods())
 
 
 def test_unknown_method_and_bad_numbers_fail_clearly():

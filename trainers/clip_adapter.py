@@ -49,7 +49,12 @@ class CLIPAdapterModel(nn.Module):
 _TINY = dict(trainable_params=2 * 64 * 16)  # tiny CLIP: embed dim 64, reduction 4 → W₁ 16×64 + W₂ 64×16
 
 
-@TRAINERS.register("CLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)
+_NO_FEWSHOT = dict(fewshot="CLIP-Adapter's few-shot runs are RN50, with α and the reduction per dataset still to be "
+                           "checked against the paper (methods.md §11); there is no ViT-B/16 few-shot config for it")
+
+
+@TRAINERS.register("CLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY,
+                   presets=dict(b2n="vit_b16_ep10_bs4", xd="vit_b16_ep10_bs4"), no_preset=_NO_FEWSHOT)
 class CLIPAdapter(PromptTrainer):
     """A residual feature adapter on the image embedding; zero-shot text weights computed once per run."""
 
@@ -101,7 +106,8 @@ class CLIPAdapter(PromptTrainer):
         return weights if classes is None else weights[classes.to(weights.device)]
 
 
-@TRAINERS.register("OriginCLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY)
+@TRAINERS.register("OriginCLIPAdapter", add_config=add_config, family="adapter", test_overrides=_TINY,
+                   presets=dict(b2n="vit_b16_ep10_bs4", xd="vit_b16_ep10_bs4"), no_preset=_NO_FEWSHOT)
 class OriginCLIPAdapter(CLIPAdapter):
     """CLIP-Adapter as originally coded: every training forward re-encodes all class prompts (for cost tables)."""
 

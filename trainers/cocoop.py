@@ -119,7 +119,9 @@ class CoCoOpModel(nn.Module):
 
 
 @TRAINERS.register("CoCoOp", add_config=add_config, family="prompt",
-                   test_overrides=dict(trainable_params=1604, text_per_image=True))
+                   test_overrides=dict(trainable_params=1604, text_per_image=True),
+                   presets=dict(b2n="vit_b16_c4_ep10_batch1_ctxv1", xd="vit_b16_c4_ep10_batch1_ctxv1",
+                                fewshot="vit_b16_c4_ep10_batch1_ctxv1"))
 class CoCoOp(PromptTrainer):
     """Conditional context optimisation: CoOp's context plus a per-image shift from a small Meta-Net."""
 

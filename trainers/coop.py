@@ -32,7 +32,10 @@ def add_config(cfg: CN) -> None:
     cfg.TRAINER.COOP.ALPHA = 1.0  # declared by the Skip Tuning repo, so its yaml files merge; no method reads it
 
 
-@TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
+@TRAINERS.register("CoOp", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64),
+                   presets=dict(b2n="vit_b16_ep100", xd="vit_b16_ep50",  # few-shot: 50/100/200 epochs by K
+                                fewshot={1: "vit_b16_ep50", 2: "vit_b16_ep100", 4: "vit_b16_ep100", 8: "vit_b16",
+                                         16: "vit_b16"}))
 class CoOp(PromptTrainer):
     """Context optimisation: learn the prompt's context words, keep CLIP frozen."""
 

@@ -162,7 +162,12 @@ def consistency(student: torch.Tensor, teacher: torch.Tensor, criterion: str) ->
 
 @TRAINERS.register("CoPrompt", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=12672,  # J = 2, M = 2: 8,576 prompts + 2 × 2,048 adapters
-                                       opts={"TRAINER.CoPrompt.PROMPT_DEPTH": 2}))
+                                       opts={"TRAINER.CoPrompt.PROMPT_DEPTH": 2}),
+                   presets=dict(b2n="vit_b16_c2_ep5_batch4_2ctx_randaug"),
+                   no_preset=dict(xd="CoPrompt's cross-dataset procedure is undocumented upstream (CoPrompt#3) and "
+                                     "its settings are still to be checked against the paper (methods.md §10)",
+                                  fewshot="CoPrompt's few-shot settings are still to be checked against the paper "
+                                          "(methods.md §10); there is no few-shot config for it"))
 class CoPrompt(PromptTrainer):
     """Multimodal prompts + adapters kept consistent with frozen CLIP on descriptions and a second view."""
 

@@ -301,20 +301,37 @@ def with_dept(base: type) -> type:
     return type(name, (DePTMixin, base), {"__doc__": doc, "__module__": __name__, "__qualname__": name})
 
 
-def register_dept(base_name: str, *aliases: str, trainable_params: int) -> type:
+#: why the DePT variants have no cross-dataset and few-shot presets (register_dept's default reasons)
+DEPT_NO_PRESET = dict(
+    xd="DePT's repository configures base-to-new runs only; its README's cross-dataset and DG numbers come without "
+       "their configs (methods.md §9), so there is no cross-dataset yaml for the DePT variants",
+    fewshot="DePT reports no all-class few-shot curve: its 4/8/16-shot tables are base-to-new runs "
+            "(protocols_and_numbers.md §3)")
+
+
+def register_dept(base_name: str, *aliases: str, trainable_params: int, presets: dict[str, Any] | None = None,
+                  no_preset: dict[str, str] | None = None) -> type:
     """Register the DePT variant of the registered trainer ``base_name`` (one line per method file).
 
     ``trainable_params``: the count on the tiny test CLIP (E = 64, 10 classes), i.e. the base's + 906.
+    ``presets``: the variant's paper presets (``TRAINERS.register``'s); a protocol it leaves out gets the reason in
+    ``no_preset``, else ``DEPT_NO_PRESET``'s. The base's presets, reasons and ``eval_only`` are not inherited.
     """
     base = TRAINERS.get(base_name)
     meta = TRAINERS.meta(base_name)
     cls = with_dept(base)
     overrides = {**(meta.get("test_overrides") or {}), "trainable_params": trainable_params}
-    inherited = {k: v for k, v in meta.items() if k not in ("add_config", "test_overrides")}  # family, per-dataset
+    own = ("add_config", "test_overrides", "presets", "no_preset", "eval_only")
+    inherited = {k: v for k, v in meta.items() if k not in own}  # family, per-dataset
+    if presets is not None:
+        reasons = {**DEPT_NO_PRESET, **(no_preset or {})}
+        inherited.update(presets=presets, no_preset={p: r for p, r in reasons.items() if p not in presets})
+    elif no_preset is not None:
+        inherited.update(no_preset=no_preset)
     TRAINERS.register(cls.__name__, cls, aliases=aliases, **inherited, add_config=add_config, test_overrides=overrides)
     return cls
 
 
-register_dept("CoOp", trainable_params=1930)
-register_dept("CoCoOp", trainable_params=2510)
-register_dept("KgCoOp", "KgDePT", trainable_params=1930)
+register_dept("CoOp", trainable_params=1930, presets=dict(b2n="vit_b16_ep10_bs4_lr35"))
+register_dept("CoCoOp", trainable_params=2510, presets=dict(b2n="vit_b16_c4_ep10_batch1_ctxv1"))
+register_dept("KgCoOp", "KgDePT", trainable_params=1930, presets=dict(b2n="vit_b16_ep10_ctxv1_bs4_lr35"))

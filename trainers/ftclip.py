@@ -101,7 +101,10 @@ def frozen_names(clip: nn.Module, learnable_prefix: set[str], start_layer: int, 
 
 
 @TRAINERS.register("FinetuneCLIP", aliases=("FTCLIP",), add_config=add_config, family="finetune",
-                   test_overrides=dict(trainable_params=208_384))
+                   test_overrides=dict(trainable_params=208_384),
+                   presets=dict(b2n="vit_b16_ep10_bs4", xd="vit_b16_ep10_bs4_cross_datasets"),
+                   no_preset=dict(fewshot="FT-CLIP is Skip Tuning's full fine-tuning baseline for base-to-new and "
+                                  "cross-dataset; few-shot is not defined upstream (methods.md §12)"))
 class FinetuneCLIP(PromptTrainer):
     """Fine-tune CLIP's encoders (minus the prefix modules and ``logit_scale``) with CE on the FT template."""
 

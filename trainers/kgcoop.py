@@ -38,7 +38,10 @@ from vltune.tuners.prompting import SimParts, knowledge_loss
 KGCOOP_TEMPLATES = {"DescribableTextures": "a photo of a {}, a type of texture."}
 
 
-@TRAINERS.register("KgCoOp", family="prompt", test_overrides=dict(trainable_params=16 * 64))
+@TRAINERS.register("KgCoOp", family="prompt", test_overrides=dict(trainable_params=16 * 64),
+                   presets=dict(b2n="vit_b16_ep100_ctxv1", xd="vit_b16_ep100_ctxv1"),
+                   no_preset=dict(fewshot="KgCoOp's few-shot settings are still to be checked against the paper "
+                                  "(methods.md §5 and §15); there is no few-shot config for it"))
 class KgCoOp(CoOp):
     """CoOp regularised toward the hand-crafted prompt's text features (W = ``TRAINER.COOP.W``)."""
 

@@ -54,7 +54,9 @@ def add_config(cfg: CN) -> None:
 
 @TRAINERS.register("MaPLe", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=8576,  # M = 2, J = 2, widths 64: 2·128 P + 2·4,160 F
-                                       opts={"TRAINER.MAPLE.PROMPT_DEPTH": 2}))
+                                       opts={"TRAINER.MAPLE.PROMPT_DEPTH": 2}),
+                   presets=dict(b2n="vit_b16_c2_ep5_batch4_2ctx", xd="vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
+                                fewshot="vit_b16_c2_ep5_batch4_2ctx_few_shot"))
 class MaPLe(PromptTrainer):
     """Multi-modal prompt learning: deep text prompts coupled into deep vision prompts; CLIP stays frozen.
 
@@ -86,4 +88,4 @@ class MaPLe(PromptTrainer):
         self.register_model("prompt_learner", prompt_learner)
 
 
-register_dept("MaPLe", trainable_params=8576 + 906)
+register_dept("MaPLe", trainable_params=8576 + 906, presets=dict(b2n="vit_b16_c2_ep10_batch4_2ctx"))

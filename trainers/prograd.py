@@ -89,7 +89,11 @@ def project_gradient(g_ce: torch.Tensor, g_kl: torch.Tensor | None, lam: float, 
     return g_ce - coef * g_kl
 
 
-@TRAINERS.register("ProGrad", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64))
+@TRAINERS.register("ProGrad", add_config=add_config, family="prompt", test_overrides=dict(trainable_params=16 * 64),
+                   presets=dict(b2n="vit_b16_ep100_ctx", xd="vit_b16_ep100_ctx"),
+                   no_preset=dict(fewshot="ProGrad's official few-shot runs use RN50 (configs/trainers/ProGrad/"
+                                  "rn50*.yaml: CoOp's 50/100/200-epoch schedule, λ 0.8 at 8/16 shots on Flowers102, "
+                                  "DTD and EuroSAT; methods.md §4); there is no ViT-B/16 few-shot config for it"))
 class ProGrad(CoOp):
     """CoOp whose update never conflicts with the zero-shot teacher's gradient (or KD with ``LOSS.NAME kd``)."""
 

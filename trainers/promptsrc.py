@@ -149,7 +149,9 @@ def kl_to_zero_shot(logits: torch.Tensor, zero_shot_logits: torch.Tensor, t: flo
                    test_overrides=dict(trainable_params=1024,  # tiny CLIP, 4+4 tokens, depth 2/2: 2·4·64 + 2·4·64
                                        opts={"TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 2,
                                              "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 2,
-                                             "TRAINER.PROMPTSRC.PREC": "fp32"}))
+                                             "TRAINER.PROMPTSRC.PREC": "fp32"}),
+                   presets=dict(b2n="vit_b16_c2_ep20_batch4_4+4ctx", xd="vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",
+                                fewshot="vit_b16_c2_ep50_batch4_4+4ctx_few_shot"))
 class PromptSRC(PromptTrainer):
     """Deep vision-language prompts regulated towards frozen CLIP, aggregated over epochs with Gaussian weights."""
 

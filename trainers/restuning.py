@@ -223,7 +223,10 @@ class ResTuningTrainer(PromptTrainer):
             self.teachers["zero_shot"] = self.backbone.zero_shot_classifier(self.classnames, [self.template])
 
 
-@TRAINERS.register("ResAdapter", add_config=add_config, family="restuning",
+_PRESETS = dict(b2n="vit_b16_b2n", xd="vit_b16_cross_datasets", fewshot="vit_b16_few_shot")  # all four variants
+
+
+@TRAINERS.register("ResAdapter", add_config=add_config, family="restuning", presets=_PRESETS,
                    test_overrides=dict(trainable_params=2 * (64 * 8 + 8 + 8 * 64 + 64)))
 class ResAdapter(ResTuningTrainer):
     """Res-Adapter: bottleneck adapters parallel to the frozen MLP (and/or attention) of every block."""
@@ -231,7 +234,7 @@ class ResAdapter(ResTuningTrainer):
     variant = "adapter"
 
 
-@TRAINERS.register("ResPrefix", add_config=add_config, family="restuning",
+@TRAINERS.register("ResPrefix", add_config=add_config, family="restuning", presets=_PRESETS,
                    test_overrides=dict(trainable_params=2 * 2 * 10 * 64))
 class ResPrefix(ResTuningTrainer):
     """Res-Prefix: a parallel attention over trainable keys and values in every block, ungated (the values start at
@@ -240,7 +243,7 @@ class ResPrefix(ResTuningTrainer):
     variant = "prefix"
 
 
-@TRAINERS.register("ResPrompt", add_config=add_config, family="restuning",
+@TRAINERS.register("ResPrompt", add_config=add_config, family="restuning", presets=_PRESETS,
                    test_overrides=dict(trainable_params=2 * (10 * 64 + 64)))
 class ResPrompt(ResTuningTrainer):
     """Res-Prompt: a parallel attention over trainable prompt tokens projected by the frozen K/V weights, times a
@@ -250,7 +253,7 @@ class ResPrompt(ResTuningTrainer):
     variant = "prompt"
 
 
-@TRAINERS.register("ResTuningBypass", add_config=add_config, family="restuning",
+@TRAINERS.register("ResTuningBypass", add_config=add_config, family="restuning", presets=_PRESETS,
                    test_overrides=dict(trainable_params=2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)))
 class ResTuningBypass(ResTuningTrainer):
     """Res-Tuning-Bypass: a side chain of tuners over detached block outputs; the backbone runs without autograd."""

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 
 @TRAINERS.register("SkipTuning", add_config=add_skip_config, family="finetune",
-                   test_overrides=dict(trainable_params=108_416, opts={"TRAINER.SKIP.START_LAYER": 1}))
+                   test_overrides=dict(trainable_params=108_416, opts={"TRAINER.SKIP.START_LAYER": 1}),
+                   presets=dict(b2n="vit_b16_bs4", xd="vit_b16_bs4_cross_datasets", fewshot="vit_b16_bs4_few_shot"))
 class SkipTuning(FinetuneCLIP):
     """FT-CLIP with the lower ω blocks cached (LSkip) and a per-batch class subset on the text side (CSkip)."""
 

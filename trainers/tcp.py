@@ -141,7 +141,10 @@ class TCPModel(PromptModel):
 
 @TRAINERS.register("TCP", add_config=add_config, family="prompt",
                    test_overrides=dict(trainable_params=5648,  # M = 4 on the tiny CLIP: 256 ctx + 5,392 TKE
-                                       opts={"TRAINER.COOP.N_CTX": 4, "TRAINER.TCP.INJECT_LAYER": 1}))
+                                       opts={"TRAINER.COOP.N_CTX": 4, "TRAINER.TCP.INJECT_LAYER": 1}),
+                   presets=dict(b2n="vit_b16_ep100_ctxv1", xd="vit_b16_ep100_ctxv1_cross_datasets"),
+                   no_preset=dict(fewshot="TCP's repository has no few-shot script (TCP#7) and the setting is still "
+                                  "to be checked against the paper (methods.md §8)"))
 class TCP(PromptTrainer):
     """Textual-based class-aware prompts: CoOp's context plus TKE(w_c) tokens injected into a deep text block."""
 

@@ -20,7 +20,8 @@ from vltune.registry import TRAINERS
 _NO_TRAIN = dict(trainable=False, trainable_params=0)
 
 
-@TRAINERS.register("ZeroshotCLIP", aliases=("ZeroShotCLIP",), family="zero-shot", test_overrides=_NO_TRAIN)
+@TRAINERS.register("ZeroshotCLIP", aliases=("ZeroShotCLIP",), family="zero-shot", test_overrides=_NO_TRAIN,
+                   presets=dict(b2n="vit_b16", xd="vit_b16", fewshot="vit_b16"), eval_only=True)
 class ZeroshotCLIP(TrainerX):
     """Frozen CLIP with hand-written prompts; class text features are computed once per evaluation."""
 
@@ -47,7 +48,11 @@ class ZeroshotCLIP(TrainerX):
         return {"ce": F.cross_entropy(self.inference(batch["img"]), batch["label"])}
 
 
-@TRAINERS.register("ZeroshotCLIP2", family="zero-shot", test_overrides=_NO_TRAIN)
+_ZS_YAML = "configs/trainers/ZeroshotCLIP/vit_b16.yaml"  # the ensemble shares ZeroshotCLIP's yaml (repo-relative)
+
+
+@TRAINERS.register("ZeroshotCLIP2", family="zero-shot", test_overrides=_NO_TRAIN,
+                   presets=dict(b2n=_ZS_YAML, xd=_ZS_YAML, fewshot=_ZS_YAML), eval_only=True)
 class ZeroshotCLIP2(ZeroshotCLIP):
     """Prompt ensemble: mean of normalised features over 7 templates (+ the dataset's own)."""
 

@@ -1,7 +1,29 @@
 """Name → object registries for trainers, datasets and evaluators, keyed by Dassl's names.
 
-A registry entry may carry metadata (for trainers: the ``add_config`` function that defines the method's config node,
-and ``test_overrides`` used by the registry-driven test matrix). Unknown names fail with a "did you mean" suggestion.
+A registry entry may carry metadata. Unknown names fail with a "did you mean" suggestion. A trainer's registration
+carries everything the rest of vltune needs to know about the method, so adding one is one file plus one import line:
+
+* ``add_config``: the function that creates the method's config node(s); the nodes it creates belong to the method
+  (``TrainerRegistry``).
+* ``family``: ``"prompt"``, ``"adapter"``, ``"finetune"``, ``"restuning"``, ``"zero-shot"``, … (tables group by it).
+* ``test_overrides``: ``dict(trainable_params=N, opts={...}, ...)``, read by the registry-driven test matrix
+  (``tests/test_trainers.py``); ``trainable_params`` is the count on the tiny test CLIP.
+* ``presets``: the paper preset's yaml per protocol (``vltune/runner/presets.py`` derives its table from it), keyed by
+  ``PRESET_PROTOCOLS`` (``b2n``, ``xd``, ``fewshot``; ``dg`` evaluates the ``xd`` training, so it uses ``xd``'s
+  entry). A value is a yaml name under ``configs/trainers/<Method>/`` (without ``.yaml``), a path to a ``.yaml``
+  file (absolute, or relative to the repository root: a plugin's own yaml, or another method's), or, where the
+  schedule depends on the shots, ``{shots: config}``.
+* ``no_preset``: ``{protocol: reason}`` for each protocol without a preset, saying why (what the papers and
+  repositories define, where that is written down). The presets print the reason when they leave the method out.
+  A protocol may be in ``presets`` or in ``no_preset``, not both.
+* ``eval_only``: ``True`` for a method that never trains (zero-shot); its preset jobs are evaluations.
+
+Example::
+
+    @TRAINERS.register("ProGrad", add_config=add_config, family="prompt",
+                       test_overrides=dict(trainable_params=16 * 64),
+                       presets=dict(b2n="vit_b16_ep100_ctx", xd="vit_b16_ep100_ctx"),
+                       no_preset=dict(fewshot="ProGrad's official few-shot runs use RN50 ..."))
 """
 
 from __future__ import annotations
@@ -9,7 +31,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from vltune.plugins import HINT
@@ -115,12 +137,49 @@ def mirror_into_dassl(registry: Registry, module: str, attr: str) -> bool:
     return True
 
 
+#: the protocols a trainer's registration gives a preset entry or a reason for (``dg`` uses ``xd``'s entry: it
+#: evaluates the cross-dataset ImageNet training on the ImageNet variants)
+PRESET_PROTOCOLS = ("b2n", "xd", "fewshot")
+
+
+def check_presets(name: str, meta: Mapping[str, Any]) -> None:
+    """Validate the ``presets``, ``no_preset`` and ``eval_only`` metadata of trainer ``name`` (see the module
+    docstring); raises ``RegistryError`` naming the trainer and the entry."""
+    presets, reasons = meta.get("presets") or {}, meta.get("no_preset") or {}
+    where = f"trainer {name!r}"
+    for key, value in (("presets", presets), ("no_preset", reasons)):
+        if not isinstance(value, Mapping):
+            raise RegistryError(f"{where}: {key} must be a dict keyed by protocol, got {type(value).__name__}")
+        unknown = [p for p in value if p not in PRESET_PROTOCOLS]
+        if unknown:
+            hint = "; dg uses xd's entry" if "dg" in unknown else ""
+            raise RegistryError(f"{where}: {key} has unknown protocol(s) {unknown}; choose from "
+                                f"{', '.join(PRESET_PROTOCOLS)}{hint}")
+    both = [p for p in presets if p in reasons]
+    if both:
+        raise RegistryError(f"{where}: {both} in both presets and no_preset; give a config or a reason, not both")
+    for protocol, config in presets.items():
+        configs = config.values() if isinstance(config, Mapping) else [config]
+        shots_ok = not isinstance(config, Mapping) or (config and all(
+            isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in config))
+        if not shots_ok or not all(isinstance(c, str) and c.strip() for c in configs):
+            raise RegistryError(f"{where}: presets[{protocol!r}] must be a yaml name or path, or a non-empty "
+                                f"{{shots: yaml}} dict with positive int shots, got {config!r}")
+    for protocol, reason in reasons.items():
+        if not isinstance(reason, str) or not reason.strip():
+            raise RegistryError(f"{where}: no_preset[{protocol!r}] must say why there is no {protocol} preset, got "
+                                f"{reason!r}")
+    if not isinstance(meta.get("eval_only", False), bool):
+        raise RegistryError(f"{where}: eval_only must be True or False, got {meta['eval_only']!r}")
+
+
 class ConfigOwnershipError(RegistryError):
     """A trainer's ``add_config`` creates or alters a config node that another trainer (or vltune) owns."""
 
 
 class TrainerRegistry(Registry):
-    """Trainers, and the config nodes each one owns.
+    """Trainers, and the config nodes each one owns; registration also validates the preset metadata
+    (``check_presets``).
 
     A trainer's ``add_config`` (registration metadata) creates its nodes: every node or key it adds to the defaults is
     owned by that trainer (trainers registered with the same ``add_config`` function share it). Registration fails when
@@ -134,6 +193,7 @@ class TrainerRegistry(Registry):
         self._owned: dict[str, tuple[str, ...]] = {}
 
     def _add(self, name: str, obj: Any, aliases: tuple[str, ...], force: bool, meta: dict[str, Any]) -> Any:
+        check_presets(name, meta)
         add_config = meta.get("add_config")
         units = self._claims(name, add_config) if add_config is not None else ()
         obj = super()._add(name, obj, aliases, force, meta)

@@ -1,9 +1,16 @@
 """Paper presets: the experiments of the papers as runner tasks (``presets/*.py`` are thin experiment files over this).
 
-``METHODS`` says which ``configs/trainers/<Method>/`` yaml each registered method uses per protocol, following
-methods.md §15 (the configs' own headers cite their sources); ``None`` where the method's papers define no such
-experiment, so the preset leaves it out and says so. ``experiment(protocol)`` builds the ``base``, the tasks and the
-``pipeline`` of one benchmark from environment variables, which the ``scripts/*.sh`` wrappers set:
+Which yaml each method uses per protocol is part of its registration (``vltune/registry.py``): ``presets`` gives the
+configs (following methods.md §15; the configs' own headers cite their sources), ``no_preset`` the reason where a
+protocol has none (what the papers and repositories define), ``eval_only`` marks the methods that never train. For
+example ``TRAINERS.register("ProGrad", ..., presets=dict(b2n="vit_b16_ep100_ctx", xd="vit_b16_ep100_ctx"),
+no_preset=dict(fewshot="ProGrad's official few-shot runs use RN50 ..."))``. ``methods()`` (also read as ``METHODS``),
+``reasons()`` and ``eval_only_methods()`` (``EVAL_ONLY``) derive the table from the registry, so they see the
+methods of every plugin package loaded (``vltune.plugins.load_builtins()``, ``VLTUNE_PLUGINS``). A preset leaves a
+method out of a protocol it has no config for and prints the reason on stderr.
+
+``experiment(protocol)`` builds the ``base``, the tasks and the ``pipeline`` of one benchmark from environment
+variables, which the ``scripts/*.sh`` wrappers set:
 
 =====================  ======================================================  =========================
 variable               meaning                                                 default
@@ -33,6 +40,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from vltune.plugins import HINT
+from vltune.registry import PRESET_PROTOCOLS, TRAINERS
+
 #: the 11 base-to-new / few-shot datasets (configs/datasets/<name>.yaml), in the papers' table order
 BENCHMARK_DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                       "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101"]
@@ -43,40 +53,65 @@ SEEDS = [1, 2, 3]
 FEWSHOT_SHOTS = [1, 2, 4, 8, 16]
 PROTOCOLS = ("b2n", "fewshot", "xd", "dg", "ablation")
 
-#: method → {protocol: config} (few-shot: {shots: config} where the epochs depend on K); None: not defined upstream
-_ZS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                   "trainers", "ZeroshotCLIP", "vit_b16.yaml")  # ZeroshotCLIP2 (the ensemble) shares it
-METHODS: dict[str, dict[str, Any]] = {
-    "ZeroshotCLIP": {"b2n": "vit_b16", "fewshot": "vit_b16", "xd": "vit_b16"},
-    "ZeroshotCLIP2": {"b2n": _ZS, "fewshot": _ZS, "xd": _ZS},
-    "CoOp": {"b2n": "vit_b16_ep100", "xd": "vit_b16_ep50",
-             "fewshot": {1: "vit_b16_ep50", 2: "vit_b16_ep100", 4: "vit_b16_ep100", 8: "vit_b16", 16: "vit_b16"}},
-    "CoCoOp": {"b2n": "vit_b16_c4_ep10_batch1_ctxv1", "xd": "vit_b16_c4_ep10_batch1_ctxv1",
-               "fewshot": "vit_b16_c4_ep10_batch1_ctxv1"},
-    "ProGrad": {"b2n": "vit_b16_ep100_ctx", "xd": "vit_b16_ep100_ctx", "fewshot": None},
-    "KgCoOp": {"b2n": "vit_b16_ep100_ctxv1", "xd": "vit_b16_ep100_ctxv1", "fewshot": None},
-    "MaPLe": {"b2n": "vit_b16_c2_ep5_batch4_2ctx", "xd": "vit_b16_c2_ep5_batch4_2ctx_cross_datasets",
-              "fewshot": "vit_b16_c2_ep5_batch4_2ctx_few_shot"},
-    "PromptSRC": {"b2n": "vit_b16_c2_ep20_batch4_4+4ctx", "xd": "vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets",
-                  "fewshot": "vit_b16_c2_ep50_batch4_4+4ctx_few_shot"},
-    "TCP": {"b2n": "vit_b16_ep100_ctxv1", "xd": "vit_b16_ep100_ctxv1_cross_datasets", "fewshot": None},
-    "ExtrasLinearProbeCoOp": {"b2n": "vit_b16_ep10_bs4_lr35", "xd": None, "fewshot": None},
-    "ExtrasLinearProbeCoCoOp": {"b2n": "vit_b16_c4_ep10_batch1_ctxv1", "xd": None, "fewshot": None},
-    "ExtrasLinearProbeKgCoOp": {"b2n": "vit_b16_ep10_ctxv1_bs4_lr35", "xd": None, "fewshot": None},
-    "ExtrasLinearProbeMaPLe": {"b2n": "vit_b16_c2_ep10_batch4_2ctx", "xd": None, "fewshot": None},
-    "CoPrompt": {"b2n": "vit_b16_c2_ep5_batch4_2ctx_randaug", "xd": None, "fewshot": None},
-    "CLIPAdapter": {"b2n": "vit_b16_ep10_bs4", "xd": "vit_b16_ep10_bs4", "fewshot": None},
-    "OriginCLIPAdapter": {"b2n": "vit_b16_ep10_bs4", "xd": "vit_b16_ep10_bs4", "fewshot": None},
-    "FinetuneCLIP": {"b2n": "vit_b16_ep10_bs4", "xd": "vit_b16_ep10_bs4_cross_datasets", "fewshot": None},
-    "SkipTuning": {"b2n": "vit_b16_bs4", "xd": "vit_b16_bs4_cross_datasets", "fewshot": "vit_b16_bs4_few_shot"},
-    **{name: {"b2n": "vit_b16_b2n", "xd": "vit_b16_cross_datasets", "fewshot": "vit_b16_few_shot"}
-       for name in ("ResAdapter", "ResPrefix", "ResPrompt", "ResTuningBypass")},
-}
-EVAL_ONLY = {"ZeroshotCLIP", "ZeroshotCLIP2"}
 #: the Skip Tuning ablations (base-to-new grid searches, methods.md §13.6)
 ABLATIONS = {"start_layer": ("TRAINER.SKIP.START_LAYER", "VLTUNE_START_LAYERS", [2, 4, 6, 8, 10]),
              "top_ratio": ("TRAINER.SKIP.TOP_RATIO", "VLTUNE_TOP_RATIOS", [1.0, 0.9, 0.7, 0.5, 0.3, 0.1]),
              "lambda": ("TRAINER.SKIP.LAMBDA", "VLTUNE_LAMBDAS", [0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0])}
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _config_path(config: str) -> str:
+    """A registered preset value as the runner takes it: a yaml name stays a name; a relative ``.yaml`` path is made
+    absolute from the repository root (e.g. ZeroshotCLIP2 sharing ZeroshotCLIP's yaml)."""
+    if config.endswith((".yaml", ".yml")):
+        return os.path.join(_REPO, os.path.expanduser(config))  # an absolute path stays as it is
+    return config
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """method → {protocol: config, or {shots: config} where the epochs depend on K; None: no preset (``reasons()``
+    says why)}, for every registered trainer, from its registration's ``presets``. Order: the eval-only methods (the
+    zero-shot baselines) first, as in the papers' tables, then registration order."""
+    table: dict[str, dict[str, Any]] = {}
+    eval_only = eval_only_methods()
+    for name in sorted(TRAINERS.registered_names(), key=lambda n: n not in eval_only):
+        given = TRAINERS.meta(name).get("presets") or {}
+        table[name] = {}
+        for protocol in PRESET_PROTOCOLS:
+            entry = given.get(protocol)
+            if isinstance(entry, Mapping):
+                entry = {int(k): _config_path(v) for k, v in entry.items()}
+            elif entry is not None:
+                entry = _config_path(entry)
+            table[name][protocol] = entry
+    return table
+
+
+def reasons() -> dict[str, dict[str, str]]:
+    """method → {protocol: why the presets leave it out} for each protocol without a preset: the registration's
+    ``no_preset`` reason, or a line saying the registration gives neither."""
+    table: dict[str, dict[str, str]] = {}
+    for name in TRAINERS.registered_names():
+        meta = TRAINERS.meta(name)
+        given, why = meta.get("presets") or {}, meta.get("no_preset") or {}
+        table[name] = {p: why.get(p) or f"its registration gives neither presets[{p!r}] nor no_preset[{p!r}]"
+                       for p in PRESET_PROTOCOLS if p not in given}
+    return table
+
+
+def eval_only_methods() -> set[str]:
+    """The registered methods that never train (``eval_only=True``): their preset jobs are evaluations."""
+    return {name for name in TRAINERS.registered_names() if TRAINERS.meta(name).get("eval_only")}
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS`` and ``EVAL_ONLY``, derived from the registry when read (it fills when the plugins load)."""
+    if name == "METHODS":
+        return methods()
+    if name == "EVAL_ONLY":
+        return eval_only_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _words(env: Mapping[str, str], key: str) -> list[str] | None:
@@ -91,10 +126,12 @@ def _numbers(words: list[str], key: str) -> list[float]:
         raise ValueError(f"{key} takes numbers separated by spaces, got {' '.join(words)!r}") from None
 
 
-def config_for(method: str, protocol: str, shots: int = 16) -> str | None:
-    """The yaml name (under configs/trainers/<method>/) a method uses for ``protocol`` (``dg`` uses ``xd``'s)."""
-    entry = METHODS[method].get("xd" if protocol == "dg" else protocol)
-    return entry.get(shots) if isinstance(entry, dict) else entry
+def config_for(method: str, protocol: str, shots: int = 16,
+               table: Mapping[str, Mapping[str, Any]] | None = None) -> str | None:
+    """The yaml name (under configs/trainers/<method>/) or path a method uses for ``protocol`` (``dg`` uses
+    ``xd``'s); None where it has none."""
+    entry = (methods() if table is None else table)[method].get("xd" if protocol == "dg" else protocol)
+    return entry.get(shots) if isinstance(entry, Mapping) else entry
 
 
 def _gpus(env: Mapping[str, str]) -> list[int]:
@@ -122,32 +159,38 @@ def experiment(protocol: str, env: Mapping[str, str] | None = None) -> dict[str,
                                       "VLTUNE_SHOTS")]
     opts = _words(env, "VLTUNE_OPTS") or []
     only = _words(env, "VLTUNE_DATASETS")
-    methods = _words(env, "VLTUNE_METHODS") or (["SkipTuning"] if protocol == "ablation" else list(METHODS))
-    unknown = [m for m in methods if m not in METHODS]
+    table, why, eval_only_set = methods(), reasons(), eval_only_methods()
+    if not table:
+        raise ValueError(f"no method is registered; {HINT}")
+    chosen = _words(env, "VLTUNE_METHODS") or (["SkipTuning"] if protocol == "ablation" else list(table))
+    unknown = [m for m in chosen if m not in table]
     if unknown:
-        raise ValueError(f"VLTUNE_METHODS: no preset for {unknown}; methods: {', '.join(METHODS)}")
+        raise ValueError(f"VLTUNE_METHODS: no preset for {unknown}; methods: {', '.join(table)}")
 
     def pick(names: list[str]) -> list[str]:
         return [d for d in names if d in only] if only else names
 
     common = dict(seeds=seeds, opts=list(opts))
     tasks: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        eval_only = method in EVAL_ONLY
+    for method in chosen:
+        eval_only = method in eval_only_set
         if protocol == "ablation":
             for name, (key, env_key, default) in ABLATIONS.items():
                 values = _numbers(_words(env, env_key) or [str(v) for v in default], env_key)
                 tasks[f"{method.lower()}_ablation_{name}"] = dict(
-                    trainer=method, config=config_for(method, "b2n"), protocol="b2n",
+                    trainer=method, config=config_for(method, "b2n", table=table), protocol="b2n",
                     datasets=pick(BENCHMARK_DATASETS), shots=shots[:1], grid=dict(params={key: values}), **common)
             continue
         groups: dict[str, list[int]] = {}
         for k in shots:
-            config = config_for(method, protocol, k)
+            config = config_for(method, protocol, k, table)
             if config is not None:
                 groups.setdefault(config, []).append(k)
         if not groups:
-            print(f"preset {protocol}: {method} has no {protocol} config upstream; left out", file=sys.stderr)
+            entry = "xd" if protocol == "dg" else protocol
+            reason = why[method].get(entry) or f"no {entry} config for shots {' '.join(map(str, shots))}"
+            via = " (dg evaluates the xd training)" if protocol == "dg" else ""
+            print(f"preset {protocol}: {method} left out{via}: {reason}", file=sys.stderr)
             continue
         for config, ks in groups.items():
             name = f"{method.lower()}_{protocol}" + (f"_{os.path.basename(config)}" if len(groups) > 1 else "")
