@@ -115,10 +115,10 @@ class ToyProbe(TrainerX):
             features = self.model.clip.encode_image(images)
         return self.model.probe(features, self.text_weights())
 
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.inference(batch["img"])
-        acc = (logits.argmax(dim=-1) == batch["label"]).float().mean().item() * 100
-        return F.cross_entropy(logits, batch["label"]), {"acc": acc}
+        self.log_metric("acc", (logits.argmax(dim=-1) == batch["label"]).float().mean().item() * 100)
+        return {"ce": F.cross_entropy(logits, batch["label"])}
 '''
 YAML = """\
 # ToyProbe on the offline tiny CLIP (vltune-tiny, 32 px): CPU-friendly, fp32, no workers.
