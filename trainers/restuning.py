@@ -141,7 +141,7 @@ class ResTuningTrainer(PromptTrainer):
         return self.model["clip"]
 
     def _tower_tuners(self, clip: nn.Module, tower: str, c: CN) -> nn.Module:
-        blocks = (clip.model.transformer if tower == "text" else clip.model.visual.transformer).resblocks
+        blocks = clip.blocks(tower)
         dim = clip.width_text if tower == "text" else clip.width_image
         where = f"TRAINER.RESTUNING ({tower} tower)"
 
@@ -167,7 +167,7 @@ class ResTuningTrainer(PromptTrainer):
 
     def _image_bypass(self, images: torch.Tensor) -> torch.Tensor:
         clip = self.backbone
-        pooled_by_cls = clip.model.visual.pool_type == "tok" and clip.model.visual.attn_pool is None
+        pooled_by_cls = clip.pools_cls_token
         with torch.no_grad():  # the backbone never enters the autograd graph
             x = clip.embed_image(images)
             keep = slice(0, 1) if pooled_by_cls else slice(None)  # per-token tuners: the head reads CLS only

@@ -166,6 +166,17 @@ class CLIPBackbone(nn.Module):
         block-0 prompt tokens it writes over the hand-written phrase."""
         return self.model.positional_embedding[start:start + n]
 
+    def blocks(self, tower: str) -> nn.ModuleList:
+        """The residual blocks of ``tower`` ("text" or "image"), for methods that attach modules per block
+        (Res-Tuning's tuners borrow each block's frozen attention and ``ln_1``)."""
+        return (self.model.transformer if tower == "text" else self._vit("blocks").transformer).resblocks
+
+    @property
+    def pools_cls_token(self) -> bool:
+        """Whether the image head reads the CLS token alone (OpenAI ViTs), not a pooling over all tokens."""
+        visual = self._vit("pools_cls_token")
+        return visual.pool_type == "tok" and visual.attn_pool is None
+
     @property
     def ln_pre(self) -> nn.Module:
         """The image tower's LayerNorm after the patch embedding (the block-0 input's last step): VPT-style methods
