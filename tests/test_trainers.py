@@ -23,8 +23,7 @@ from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.registry import TRAINERS
 
-get_cfg()  # imports trainers/ so the registry is complete at collection time
-NAMES = TRAINERS.registered_names()
+NAMES = TRAINERS.registered_names()  # conftest loaded the plugin packages (and VLTUNE_PLUGINS's) at import
 
 
 def _overrides(name: str) -> dict:
@@ -189,3 +188,29 @@ def test_class_text_is_encoded_once_per_evaluation_not_per_batch(name, built, mo
         assert per_batch >= len(trainer.test_loader), "instance-conditioned text should run for every batch"
     else:
         assert per_batch == 0, f"{per_batch} text encoder runs inside evaluation batches; cache them before the loop"
+
+
+#: the methods whose papers define them on CoOp: the only CoOp subclasses besides DePT's combinations
+ON_COOP = {"KgCoOp", "ProGrad", "CoCoOp"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inheritance_is_honest_and_shallow(name):
+    """A CLIP method sits at most two classes below the prompt base (DePT's mixin adds one over its base, as a plugin);
+    only methods defined on CoOp subclass CoOp."""
+    from trainers.coop import CoOp
+    from trainers.dept import DePTMixin
+    from vltune.tuners.prompting import PromptTrainer
+
+    cls = TRAINERS.get(name)
+    if issubclass(cls, DePTMixin):
+        assert cls.__bases__[0] is DePTMixin and len(cls.__bases__) == 2
+        cls = cls.__bases__[1]  # the base method the plugin combines with
+    if issubclass(cls, CoOp) and cls is not CoOp:
+        assert cls.__name__ in ON_COOP, f"{cls.__name__} subclasses CoOp but is not a CoOp-derived method"
+    if issubclass(cls, PromptTrainer):
+        chain = cls.__mro__[: cls.__mro__.index(PromptTrainer)]
+        below = [c for c in chain if issubclass(c, PromptTrainer)]
+        assert 1 <= len(below) <= 2, f"{name}: {[c.__name__ for c in below]} below PromptTrainer"
+    else:
+        assert cls.__mro__[1].__name__ in ("TrainerX", "ZeroshotCLIP"), cls.__mro__
