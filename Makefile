@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-ray demo test lint
+.PHONY: setup setup-ray demo test test-fast lint
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup-ray
 	$(PY) -m pytest -q
+
+# The developer loop: every test not marked slow (pyproject.toml lists the markers); `make test` and CI run them all.
+# Needs Ray too: test_runner_ray.py imports it at collection, even when its tests are deselected.
+test-fast: setup-ray
+	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
 	$(PY) -m pip install --quiet ruff

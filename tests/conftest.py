@@ -83,6 +83,53 @@ def tiny_opts(root: str, weights: str, **extra: object) -> list[str]:
     return [x for kv in opts.items() for x in kv]
 
 
+WEIGHTS = {"random": "random_clip_weights", "pretrained": "tiny_clip_weights"}
+
+
+@pytest.fixture(scope="session")
+def make_cfg(request, tmp_path_factory, digits_root):
+    """``make_cfg(name, out=None, *, weights="random", opts=None, test_overrides=False, **settings)``: a frozen cfg
+    that runs trainer ``name`` on the digits dataset with a tiny CLIP (:func:`tiny_opts`).
+
+    ``weights``: ``"random"`` (:func:`random_clip_weights`), ``"pretrained"`` (:func:`tiny_clip_weights`) or a path.
+    ``out`` (``OUTPUT_DIR``) defaults to a fresh temporary folder. Config keys come from ``opts`` (a dict, e.g. a
+    test file's defaults), then with ``test_overrides`` from the opts the trainer registered for the tiny CLIP
+    (``TRAINERS.register(..., test_overrides=dict(opts={...}))``), then from ``settings``, which win:
+    ``make_cfg("CoOp", opts=BASE, **{"SEED": 7})``.
+    """
+    from vltune.config import get_cfg
+    from vltune.registry import TRAINERS
+
+    def make(name: str, out: str | Path | None = None, *, weights: str = "random", opts: dict | None = None,
+             test_overrides: bool = False, **settings: object):
+        path = request.getfixturevalue(WEIGHTS[weights]) if weights in WEIGHTS else weights
+        out = tmp_path_factory.mktemp(name) if out is None else out
+        keys = {"TRAINER.NAME": name, "OUTPUT_DIR": str(out), **(opts or {})}
+        if test_overrides:
+            keys.update((TRAINERS.meta(name).get("test_overrides") or {}).get("opts", {}))
+        keys.update(settings)
+        return get_cfg(opts=tiny_opts(digits_root, path, **keys))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_trainer(make_cfg):
+    """``make_trainer(name, out=None, *, eval_only=False, seed=None, **kwargs)``: the trainer built from
+    ``make_cfg(name, out, **kwargs)`` (``weights``, ``opts``, ``test_overrides`` and config keys). ``seed``: seed
+    python, numpy and torch first, as train.py does before building (for trainers that draw their initial
+    parameters)."""
+    from vltune.engine import build_trainer, set_random_seed
+
+    def make(name: str, out: str | Path | None = None, *, eval_only: bool = False, seed: int | None = None,
+             **kwargs: object):
+        if seed is not None:
+            set_random_seed(seed)
+        return build_trainer(make_cfg(name, out, **kwargs), eval_only=eval_only)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def minibench(tmp_path_factory):
     """(data root, mini CLIP weights), generated and pretrained once, cached by the code that makes them."""

@@ -19,7 +19,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # end-to-end runs (train.py / the runner in subprocesses)
 
 TOY = "ToyProbe"
 INIT = "import toy_methods.toy\n"

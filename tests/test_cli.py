@@ -137,6 +137,7 @@ def test_failure_writes_exceptions_and_a_failed_record(runs, tmp_path):
     assert "Traceback" in open(os.path.join(out, "exceptions.txt")).read()
 
 
+@pytest.mark.slow  # kills a train.py subprocess, then resumes
 def test_killed_run_resumes_from_its_last_checkpoint(runs, tmp_path):
     epochs = 6
     reference = str(tmp_path / "reference")
@@ -171,6 +172,7 @@ def test_best_val_model_is_deployed_and_reloaded_by_default(runs, tmp_path):
     assert _record(again)["metrics"]["accuracy"] == _record(out)["metrics"]["accuracy"]
 
 
+@pytest.mark.slow  # signals a train.py subprocess, then resumes
 def test_sigterm_records_a_cancelled_run_that_a_rerun_resumes(runs, tmp_path):
     out = str(tmp_path / "terminated")
     argv = _argv("CoOp", COOP_CFG, runs["root"], out, runs["weights"], opts=_coop_opts(4))

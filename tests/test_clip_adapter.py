@@ -6,19 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_opts
 
 from vltune.clip import CLIPBackbone
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 
-
-def _trainer(name, root, weights, out, eval_only=False, **extra):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.1, "OPTIM.MAX_EPOCH": 1,
-            "OPTIM.LR_SCHEDULER": "constant", "SEED": 1}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)), eval_only=eval_only)
+ADAPTER = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 8,
+           "OPTIM.NAME": "sgd", "OPTIM.LR": 0.1, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1}
 
 
 def _images(trainer, n=8):
@@ -48,28 +40,26 @@ def _count_text_encodings(trainer) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["CLIPAdapter", "OriginCLIPAdapter"])
-def test_ratio_zero_gives_the_zero_shot_logits_and_the_default_ratio_does_not(name, digits_root, tiny_clip_weights,
-                                                                              tmp_path):
-    zs = _trainer("ZeroshotCLIP", digits_root, tiny_clip_weights, str(tmp_path / "zs"), eval_only=True)
+def test_ratio_zero_gives_the_zero_shot_logits_and_the_default_ratio_does_not(name, make_trainer):
+    zs = make_trainer("ZeroshotCLIP", eval_only=True, weights="pretrained", opts=ADAPTER)
     images = _images(zs)
     expected = _eval_logits(zs, images)
-    plain = _trainer(name, digits_root, tiny_clip_weights, str(tmp_path / "r0"), eval_only=True,
-                     **{"TRAINER.CLIP_ADAPTER.RATIO": 0.0})
+    plain = make_trainer(name, eval_only=True, weights="pretrained", opts=ADAPTER,
+                         **{"TRAINER.CLIP_ADAPTER.RATIO": 0.0})
     torch.testing.assert_close(_eval_logits(plain, images), expected, rtol=0, atol=1e-5)
-    adapted = _trainer(name, digits_root, tiny_clip_weights, str(tmp_path / "r2"), eval_only=True)
+    adapted = make_trainer(name, eval_only=True, weights="pretrained", opts=ADAPTER)
     assert adapted.model.ratio == 0.2
     assert not torch.allclose(_eval_logits(adapted, images), expected, atol=1e-3)
 
 
-def test_clip_adapter_encodes_text_once_and_the_origin_variant_every_training_forward(digits_root,
-                                                                                      random_clip_weights, tmp_path):
+def test_clip_adapter_encodes_text_once_and_the_origin_variant_every_training_forward(make_trainer):
     counts, at_build = {}, {}
     for name in ("CLIPAdapter", "OriginCLIPAdapter"):
         built = []
         with pytest.MonkeyPatch.context() as mp:  # count the encodings of building the trainer (its teachers) too
             original = CLIPBackbone.encode_text
             mp.setattr(CLIPBackbone, "encode_text", lambda self, *a, **k: built.append(1) or original(self, *a, **k))
-            trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path / name))
+            trainer = make_trainer(name, opts=ADAPTER)
         at_build[name] = len(built)
         calls = _count_text_encodings(trainer)
         trainer.set_model_mode("train")
@@ -87,10 +77,9 @@ def test_clip_adapter_encodes_text_once_and_the_origin_variant_every_training_fo
     assert counts["OriginCLIPAdapter"] == (3, 4, 5)  # every training forward; once per evaluation
 
 
-def test_both_variants_give_identical_logits_losses_and_gradients_for_the_same_weights(digits_root,
-                                                                                       random_clip_weights, tmp_path):
-    cached = _trainer("CLIPAdapter", digits_root, random_clip_weights, str(tmp_path / "a"))
-    origin = _trainer("OriginCLIPAdapter", digits_root, random_clip_weights, str(tmp_path / "b"))
+def test_both_variants_give_identical_logits_losses_and_gradients_for_the_same_weights(make_trainer):
+    cached = make_trainer("CLIPAdapter", opts=ADAPTER)
+    origin = make_trainer("OriginCLIPAdapter", opts=ADAPTER)
     with torch.no_grad():
         for p in cached.model.adapter.parameters():
             p.normal_(std=0.3)  # away from the initialisation, so a wiring difference would show
@@ -111,18 +100,15 @@ def test_both_variants_give_identical_logits_losses_and_gradients_for_the_same_w
 
 
 @pytest.mark.parametrize("reduction, expected", [(2, 2 * 64 * 32), (4, 2 * 64 * 16), (8, 2 * 64 * 8)])
-def test_reduction_is_a_config_key_that_sets_the_bottleneck(reduction, expected, digits_root, random_clip_weights,
-                                                           tmp_path):
-    trainer = _trainer("CLIPAdapter", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.CLIP_ADAPTER.REDUCTION": reduction})
+def test_reduction_is_a_config_key_that_sets_the_bottleneck(reduction, expected, make_trainer):
+    trainer = make_trainer("CLIPAdapter", opts=ADAPTER, **{"TRAINER.CLIP_ADAPTER.REDUCTION": reduction})
     assert trainer.n_trainable == expected
     first, last = trainer.model.adapter.fc[0], trainer.model.adapter.fc[2]
     assert first.weight.shape == (64 // reduction, 64) and first.bias is None and last.bias is None
 
 
-def test_ratio_is_a_config_key_that_mixes_adapted_and_original_features(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("CLIPAdapter", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.CLIP_ADAPTER.RATIO": 0.7})
+def test_ratio_is_a_config_key_that_mixes_adapted_and_original_features(make_trainer):
+    trainer = make_trainer("CLIPAdapter", opts=ADAPTER, **{"TRAINER.CLIP_ADAPTER.RATIO": 0.7})
     images = _images(trainer, 4)
     with torch.no_grad():
         f = trainer.model.clip.encode_image(images)
@@ -134,7 +120,6 @@ def test_ratio_is_a_config_key_that_mixes_adapted_and_original_features(digits_r
 
 
 @pytest.mark.parametrize("key, value", [("RATIO", 1.5), ("RATIO", -0.1), ("REDUCTION", 0)])
-def test_bad_settings_are_rejected(key, value, digits_root, random_clip_weights, tmp_path):
+def test_bad_settings_are_rejected(key, value, make_trainer):
     with pytest.raises(ValueError, match=key):
-        _trainer("CLIPAdapter", digits_root, random_clip_weights, str(tmp_path),
-                 **{f"TRAINER.CLIP_ADAPTER.{key}": value})
+        make_trainer("CLIPAdapter", opts=ADAPTER, **{f"TRAINER.CLIP_ADAPTER.{key}": value})

@@ -6,28 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import eval_logits, tiny_opts
+from conftest import eval_logits
 
-from vltune.config import ConfigError, get_cfg
-from vltune.engine import build_trainer, set_random_seed
+from vltune.config import ConfigError
 from vltune.engine.checkpoint import atomic_torch_save
 
 META_KEYS = ["meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight", "meta_net.linear2.bias"]
-
-
-def _cfg(root, weights, out, **extra):
-    opts = {"TRAINER.NAME": "CoCoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 16, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "TRAINER.COCOOP.N_CTX": 4, "SEED": 1}
-    opts.update(extra)
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
-
-
-def _trainer(root, weights, out, eval_only=True, **extra):
-    set_random_seed(1)  # the Meta-Net's init (as train.py seeds before building); tiny CLIP: only 4 hidden units
-    return build_trainer(_cfg(root, weights, out, **extra), eval_only=eval_only)
-
-
+# Built with seed=1: the Meta-Net's init (as train.py seeds before building); tiny CLIP: only 4 hidden units.
+COCOOP = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 16,
+          "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "TRAINER.COCOOP.N_CTX": 4, "SEED": 1}
 
 
 def _test_batches(trainer, n=2):
@@ -36,8 +23,8 @@ def _test_batches(trainer, n=2):
 
 
 @pytest.fixture()
-def cocoop(digits_root, random_clip_weights, tmp_path):
-    return _trainer(digits_root, random_clip_weights, str(tmp_path))
+def cocoop(make_trainer):
+    return make_trainer("CoCoOp", eval_only=True, seed=1, opts=COCOOP)
 
 
 def _count_text_calls(monkeypatch, clip):
@@ -101,10 +88,9 @@ def test_one_text_encoder_call_per_forward_not_one_per_image(cocoop, monkeypatch
     torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_with_the_meta_net_output_zeroed_cocoop_is_coop(digits_root, random_clip_weights, tmp_path):
-    cocoop = _trainer(digits_root, random_clip_weights, str(tmp_path / "cocoop"))
-    coop = _trainer(digits_root, random_clip_weights, str(tmp_path / "coop"),
-                    **{"TRAINER.NAME": "CoOp", "TRAINER.COOP.N_CTX": 4})
+def test_with_the_meta_net_output_zeroed_cocoop_is_coop(make_trainer):
+    cocoop = make_trainer("CoCoOp", eval_only=True, seed=1, opts=COCOOP)
+    coop = make_trainer("CoOp", eval_only=True, seed=1, opts=COCOOP, **{"TRAINER.COOP.N_CTX": 4})
     with torch.no_grad():
         coop.model.prompt_learner.ctx.copy_(cocoop.model.prompt_learner.ctx)
     images = _test_batches(cocoop, 1)[0]
@@ -132,10 +118,9 @@ def test_checkpoint_holds_ctx_and_meta_net_and_upstream_files_load(cocoop, tmp_p
         cocoop.load_model(str(tmp_path / "bad"), epoch=10)
 
 
-def test_ctx_init_sets_the_context_length_and_amp_trains_float_master_weights(digits_root, random_clip_weights,
-                                                                                tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=False,
-                       **{"TRAINER.COCOOP.CTX_INIT": "a photo of a", "TRAINER.COCOOP.PREC": "amp"})
+def test_ctx_init_sets_the_context_length_and_amp_trains_float_master_weights(make_trainer):
+    trainer = make_trainer("CoCoOp", seed=1, opts=COCOOP,
+                           **{"TRAINER.COCOOP.CTX_INIT": "a photo of a", "TRAINER.COCOOP.PREC": "amp"})
     learner = trainer.model.prompt_learner
     assert learner.ctx.shape == (4, 64) and trainer.precision.dtype == torch.bfloat16
     before = {k: p.detach().clone() for k, p in learner.named_parameters()}
@@ -152,6 +137,6 @@ def test_ctx_init_sets_the_context_length_and_amp_trains_float_master_weights(di
 @pytest.mark.parametrize("key,value,error", [("TRAINER.COCOOP.CSC", "True", ConfigError),
                                              ("TRAINER.COCOOP.N_CTX", "0", ValueError),
                                              ("TRAINER.COCOOP.TEXT_BATCH_SIZE", "-1", ValueError)])
-def test_invalid_settings_are_rejected(digits_root, random_clip_weights, tmp_path, key, value, error):
+def test_invalid_settings_are_rejected(key, value, error, make_trainer):
     with pytest.raises(error, match=key.split(".")[-1]):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), **{key: value})
+        make_trainer("CoCoOp", eval_only=True, seed=1, opts=COCOOP, **{key: value})

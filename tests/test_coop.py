@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_opts
 
 from vltune.clip import build_backbone
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.engine.checkpoint import atomic_torch_save
 from vltune.tuners.prompting import PromptLearner
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
+COOP = {"DATASET.NUM_SHOTS": 1, "OPTIM.MAX_EPOCH": 1}  # eval-only trainers
+TRAIN = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 1.0,
+         "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant",
+         "SEED": 1}
 
 
 @pytest.fixture(scope="module")
@@ -60,36 +61,30 @@ def test_class_specific_context_has_one_context_per_class(clip):
     torch.testing.assert_close(prompts[:, 1:5], pl.ctx, rtol=0, atol=0)
 
 
-def _trainer(root, weights, out, **extra):
-    opts = {"TRAINER.NAME": "CoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 1, "OPTIM.MAX_EPOCH": 1}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)), eval_only=True)
-
-
-def test_csc_with_ctx_init_is_rejected(digits_root, random_clip_weights, tmp_path):
+def test_csc_with_ctx_init_is_rejected(make_trainer):
     with pytest.raises(ValueError, match="CSC needs random init"):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.COOP.CSC": True,
-                                                                     "TRAINER.COOP.CTX_INIT": "a_photo"})
+        make_trainer("CoOp", eval_only=True, opts=COOP, **{"TRAINER.COOP.CSC": True,
+                                                           "TRAINER.COOP.CTX_INIT": "a_photo"})
 
 
-def test_generic_context_transfers_to_another_class_set_and_csc_does_not(digits_root, random_clip_weights, tmp_path):
-    base = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **{"DATASET.SUBSAMPLE_CLASSES": "base"})
+def test_generic_context_transfers_to_another_class_set_and_csc_does_not(tmp_path, make_trainer):
+    base = make_trainer("CoOp", tmp_path / "a", eval_only=True, opts=COOP, **{"DATASET.SUBSAMPLE_CLASSES": "base"})
     base.save_model(0, str(tmp_path / "a"))
-    new = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **{"DATASET.SUBSAMPLE_CLASSES": "new"})
+    new = make_trainer("CoOp", tmp_path / "b", eval_only=True, opts=COOP, **{"DATASET.SUBSAMPLE_CLASSES": "new"})
     new.load_model(str(tmp_path / "a"), epoch=1)
     assert torch.equal(new.model.prompt_learner.ctx, base.model.prompt_learner.ctx)
 
-    csc = _trainer(digits_root, random_clip_weights, str(tmp_path / "c"),
-                   **{"DATASET.SUBSAMPLE_CLASSES": "base", "TRAINER.COOP.CSC": True})
+    csc = make_trainer("CoOp", tmp_path / "c", eval_only=True, opts=COOP,
+                       **{"DATASET.SUBSAMPLE_CLASSES": "base", "TRAINER.COOP.CSC": True})
     csc.save_model(0, str(tmp_path / "c"))
-    csc_new = _trainer(digits_root, random_clip_weights, str(tmp_path / "d"),
-                       **{"DATASET.SUBSAMPLE_CLASSES": "all", "TRAINER.COOP.CSC": True})
+    csc_new = make_trainer("CoOp", tmp_path / "d", eval_only=True, opts=COOP,
+                           **{"DATASET.SUBSAMPLE_CLASSES": "all", "TRAINER.COOP.CSC": True})
     with pytest.raises(ValueError, match=r"key 'ctx' has shape \(5, 16, 64\).*expects \(10, 16, 64\)"):
         csc_new.load_model(str(tmp_path / "c"), epoch=1)
 
 
-def test_upstream_checkpoint_with_prompt_buffers_and_fp16_ctx_loads(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "run"))
+def test_upstream_checkpoint_with_prompt_buffers_and_fp16_ctx_loads(tmp_path, make_trainer):
+    trainer = make_trainer("CoOp", tmp_path / "run", eval_only=True, opts=COOP)
     ctx = torch.randn(16, 64).half()
     state = {"state_dict": {"ctx": ctx, "token_prefix": torch.zeros(10, 1, 64).half(),
                             "token_suffix": torch.zeros(10, 60, 64).half()},
@@ -103,19 +98,10 @@ def test_upstream_checkpoint_with_prompt_buffers_and_fp16_ctx_loads(digits_root,
         trainer.load_model(str(tmp_path / "bad"), epoch=50)
 
 
-def _train_cfg(root, weights, out, **extra):
-    opts = {"TRAINER.NAME": "CoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "OPTIM.NAME": "sgd", "OPTIM.LR": 1.0, "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0,
-            "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1}
-    opts.update(extra)
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
-
-
-def test_engine_clips_the_gradient_norm(digits_root, random_clip_weights, tmp_path):
+def test_engine_clips_the_gradient_norm(make_trainer):
     steps = {}
     for max_norm in (0.0, 1e-3):
-        trainer = build_trainer(_train_cfg(digits_root, random_clip_weights, str(tmp_path / str(max_norm)),
-                                           **{"OPTIM.MAX_GRAD_NORM": max_norm}))
+        trainer = make_trainer("CoOp", opts=TRAIN, **{"OPTIM.MAX_GRAD_NORM": max_norm})
         before = trainer.model.prompt_learner.ctx.detach().clone()
         trainer.set_model_mode("train")
         trainer.forward_backward(trainer.to_device(next(iter(trainer.train_loader_x))))
@@ -124,9 +110,8 @@ def test_engine_clips_the_gradient_norm(digits_root, random_clip_weights, tmp_pa
     assert steps[0.0] > 10 * steps[1e-3]
 
 
-def test_amp_trains_in_bf16_on_cpu_with_float_master_weights(digits_root, random_clip_weights, tmp_path):
-    trainer = build_trainer(_train_cfg(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.PREC": "amp",
-                                                                                          "OPTIM.LR": 0.01}))
+def test_amp_trains_in_bf16_on_cpu_with_float_master_weights(make_trainer):
+    trainer = make_trainer("CoOp", opts=TRAIN, **{"TRAINER.PREC": "amp", "OPTIM.LR": 0.01})
     assert trainer.precision.dtype == torch.bfloat16
     before = trainer.model.prompt_learner.ctx.detach().clone()
     trainer.set_model_mode("train")
@@ -137,21 +122,18 @@ def test_amp_trains_in_bf16_on_cpu_with_float_master_weights(digits_root, random
     assert trainer.test() > 0
 
 
-def test_init_weights_loads_a_checkpoint_into_the_prompt_learner(digits_root, random_clip_weights, tmp_path):
-    first = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
+def test_init_weights_loads_a_checkpoint_into_the_prompt_learner(tmp_path, make_trainer):
+    first = make_trainer("CoOp", tmp_path / "a", eval_only=True, opts=COOP)
     first.save_model(0, str(tmp_path / "a"))
     path = str(tmp_path / "a" / "prompt_learner" / "model.pth.tar-1")
-    second = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **{"MODEL.INIT_WEIGHTS": path,
-                                                                                 "SEED": 7})
+    second = make_trainer("CoOp", tmp_path / "b", eval_only=True, opts=COOP, **{"MODEL.INIT_WEIGHTS": path, "SEED": 7})
     assert torch.equal(second.model.prompt_learner.ctx, first.model.prompt_learner.ctx)
 
 
 @pytest.mark.parametrize("name,path,encoder", [("ZeroshotCLIP", "", "encode_text"),
                                                 ("CoOp", "clip", "encode_text_from_embeddings")])
-def test_class_text_features_are_computed_once_per_evaluation(name, path, encoder, digits_root, random_clip_weights,
-                                                              tmp_path, monkeypatch):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.NAME": name,
-                                                                           "DATALOADER.TEST.BATCH_SIZE": 16})
+def test_class_text_features_are_computed_once_per_evaluation(name, path, encoder, monkeypatch, make_trainer):
+    trainer = make_trainer(name, eval_only=True, opts=COOP, **{"DATALOADER.TEST.BATCH_SIZE": 16})
     clip = trainer.model.get_submodule(path)
     original, calls = getattr(clip, encoder), []
 

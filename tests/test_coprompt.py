@@ -15,13 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip_fixtures import make_deep_backbone
-from conftest import REPO, tiny_opts
+from conftest import REPO
 
 import train
 from trainers.coprompt import read_descriptions
 from vltune.clip import BlockHooks
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.results.record import read_record
 from vltune.tuners.deep_prompts import CoupledPrompts
 
@@ -30,10 +28,8 @@ build_descriptions = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_descriptions)
 
 
-def _trainer(root: str, weights: str, out: str, **opts):
-    base = {"TRAINER.NAME": "CoPrompt", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "SEED": 1,
-            "TRAINER.CoPrompt.DESCRIPTIONS_FALLBACK": "dataset", "TRAINER.CoPrompt.PROMPT_DEPTH": 2}
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **{**base, **opts})))
+COPROMPT = {"DATASET.NUM_SHOTS": 2, "SEED": 1, "TRAINER.CoPrompt.DESCRIPTIONS_FALLBACK": "dataset",
+            "TRAINER.CoPrompt.PROMPT_DEPTH": 2}
 
 
 def _images(trainer, n: int = 6) -> torch.Tensor:
@@ -41,8 +37,8 @@ def _images(trainer, n: int = 6) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_disabled_prompts_and_adapters_equal_zero_shot_clip(digits_root, tiny_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, tiny_clip_weights, str(tmp_path), **{
+def test_disabled_prompts_and_adapters_equal_zero_shot_clip(make_trainer):
+    trainer = make_trainer("CoPrompt", weights="pretrained", opts=COPROMPT, **{
         "TRAINER.CoPrompt.PROMPT_DEPTH": 0, "TRAINER.CoPrompt.IMAGE_ADAPTER_RATIO": 0.0,
         "TRAINER.CoPrompt.TEXT_ADAPTER_RATIO": 0.0, "TRAINER.CoPrompt.CTX_INIT": "a photo of a"})
     clip, images = trainer.model.clip, _images(trainer)
@@ -72,8 +68,8 @@ class Spy(BlockHooks):
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
 @torch.no_grad()
-def test_depth_d_prompts_exactly_the_first_d_blocks(depth, digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.CoPrompt.PROMPT_DEPTH": depth})
+def test_depth_d_prompts_exactly_the_first_d_blocks(depth, make_trainer):
+    trainer = make_trainer("CoPrompt", opts=COPROMPT, **{"TRAINER.CoPrompt.PROMPT_DEPTH": depth})
     model, n = trainer.model, trainer.cfg.TRAINER.CoPrompt.N_CTX
     learner, clip = model.prompt_learner, model.clip
     spy = Spy(model.text_hooks(), model.image_hooks())
@@ -114,21 +110,21 @@ def _digits_descriptions(classnames: list[str]) -> dict[str, list[str]]:
             for i, c in enumerate(classnames)}
 
 
-def _with_descriptions(digits_root, weights, tmp_path, **opts):
+def _with_descriptions(make_trainer, tmp_path, **opts):
     """(trainer on a descriptions file, its descriptions per class in class order)."""
-    probe = _trainer(digits_root, weights, str(tmp_path / "probe"))
+    probe = make_trainer("CoPrompt", tmp_path / "probe", opts=COPROMPT)
     descriptions = _digits_descriptions(probe.classnames)
     path = tmp_path / "desc.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(descriptions))
-    trainer = _trainer(digits_root, weights, str(tmp_path / "run"), **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path),
-                                                                         **opts})
+    trainer = make_trainer("CoPrompt", tmp_path / "run", opts=COPROMPT,
+                           **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path), **opts})
     return trainer, [descriptions[c] for c in trainer.classnames]
 
 
 @torch.no_grad()
-def test_the_teacher_is_one_drawn_description_per_class_and_step(digits_root, random_clip_weights, tmp_path):
-    trainer, descriptions = _with_descriptions(digits_root, random_clip_weights, tmp_path)
+def test_the_teacher_is_one_drawn_description_per_class_and_step(tmp_path, make_trainer):
+    trainer, descriptions = _with_descriptions(make_trainer, tmp_path)
     assert trainer.cfg.TRAINER.CoPrompt.TEACHER == "draw"  # upstream's teacher is the default
     clip, counts = trainer.model.clip, [len(s) for s in descriptions]
     # with the draw fixed, g_c is the frozen feature of class c's drawn sentence
@@ -157,10 +153,10 @@ def test_the_teacher_is_one_drawn_description_per_class_and_step(digits_root, ra
     assert len(losses) == 3
 
 
-def test_draws_depend_only_on_the_seed_and_epoch(digits_root, random_clip_weights, tmp_path):
-    a, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "a")
-    b, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "b")
-    c, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "c", SEED=2)
+def test_draws_depend_only_on_the_seed_and_epoch(tmp_path, make_trainer):
+    a, _ = _with_descriptions(make_trainer, tmp_path / "a")
+    b, _ = _with_descriptions(make_trainer, tmp_path / "b")
+    c, _ = _with_descriptions(make_trainer, tmp_path / "c", SEED=2)
 
     def epoch_draws(trainer, epoch: int) -> list[list[int]]:
         trainer.epoch = epoch
@@ -204,40 +200,39 @@ def _train_recording_draws(trainer, stop_after: int | None = None) -> dict[int, 
     return draws
 
 
-def test_a_resumed_run_draws_what_an_uninterrupted_one_did(digits_root, random_clip_weights, tmp_path):
-    full, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "full", **RESUME)
+def test_a_resumed_run_draws_what_an_uninterrupted_one_did(tmp_path, make_trainer):
+    full, _ = _with_descriptions(make_trainer, tmp_path / "full", **RESUME)
     want = _train_recording_draws(full)
     assert sorted(want) == [0, 1, 2] and len({str(d) for d in want.values()}) == 3
-    killed, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "cut", **RESUME)
+    killed, _ = _with_descriptions(make_trainer, tmp_path / "cut", **RESUME)
     assert _train_recording_draws(killed, stop_after=2) == {e: want[e] for e in (0, 1)}
-    resumed, _ = _with_descriptions(digits_root, random_clip_weights, tmp_path / "cut", **RESUME)
+    resumed, _ = _with_descriptions(make_trainer, tmp_path / "cut", **RESUME)
     got = _train_recording_draws(resumed)
     assert resumed.resumed_from == 2 and got == {2: want[2]}
 
 
 @torch.no_grad()
-def test_the_mean_option_averages_the_descriptions(digits_root, random_clip_weights, tmp_path):
-    trainer, descriptions = _with_descriptions(digits_root, random_clip_weights, tmp_path,
-                                               **{"TRAINER.CoPrompt.TEACHER": "mean"})
+def test_the_mean_option_averages_the_descriptions(tmp_path, make_trainer):
+    trainer, descriptions = _with_descriptions(make_trainer, tmp_path, **{"TRAINER.CoPrompt.TEACHER": "mean"})
     clip = trainer.model.clip
     rows = [F.normalize(clip.encode_text(clip.tokenize(s), normalize=True).mean(0), dim=-1) for s in descriptions]
     torch.testing.assert_close(trainer.step_text_teacher(), torch.stack(rows), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(trainer.step_text_teacher(), torch.stack(rows), atol=1e-5, rtol=1e-5)  # fixed
-    probe = _trainer(digits_root, random_clip_weights, str(tmp_path / "templates"))
+    probe = make_trainer("CoPrompt", tmp_path / "templates", opts=COPROMPT)
     assert not torch.allclose(trainer.step_text_teacher(), probe.step_text_teacher(), atol=1e-3)
     assert trainer.method_record() == {"descriptions": f"file: {tmp_path / 'desc.json'}"}
 
 
-def test_missing_class_fails_naming_file_and_class(digits_root, random_clip_weights, tmp_path):
-    probe = _trainer(digits_root, random_clip_weights, str(tmp_path / "probe"))
+def test_missing_class_fails_naming_file_and_class(tmp_path, make_trainer):
+    probe = make_trainer("CoPrompt", tmp_path / "probe", opts=COPROMPT)
     descriptions = _digits_descriptions(probe.classnames)
     gone = probe.classnames[-1]
     del descriptions[gone]
     path = tmp_path / "desc.json"
     path.write_text(json.dumps(descriptions))
     with pytest.raises(ValueError, match=rf"{path}.*'{gone}'.*build_descriptions"):
-        _trainer(digits_root, random_clip_weights, str(tmp_path / "run"),
-                 **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path)})
+        make_trainer("CoPrompt", tmp_path / "run", opts=COPROMPT,
+                     **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(path)})
 
 
 def test_no_file_falls_back_to_templates_recorded_and_logged_once(digits_root, random_clip_weights, tmp_path,
@@ -255,8 +250,8 @@ def test_no_file_falls_back_to_templates_recorded_and_logged_once(digits_root, r
     assert len(lines) == 1 and "template" in lines[0], lines
 
 
-def test_build_descriptions_round_trip(digits_root, random_clip_weights, tmp_path, capsys):
-    probe = _trainer(digits_root, random_clip_weights, str(tmp_path / "probe"))
+def test_build_descriptions_round_trip(tmp_path, capsys, make_trainer):
+    probe = make_trainer("CoPrompt", tmp_path / "probe", opts=COPROMPT)
     expected = _digits_descriptions(probe.classnames)
     lines = ["# digits, one sentence a line", ""] + [f"{c}: {s}" for c, ss in expected.items() for s in ss]
     lines.append(f"{probe.classnames[0]}: {expected[probe.classnames[0]][0]}")  # a duplicate is dropped
@@ -265,8 +260,8 @@ def test_build_descriptions_round_trip(digits_root, random_clip_weights, tmp_pat
     assert build_descriptions.main([str(tmp_path / "desc.txt"), "-o", str(out), "--classes", *probe.classnames]) == 0
     assert json.loads(out.read_text()) == expected
     assert read_descriptions(str(out), probe.classnames) == [expected[c] for c in probe.classnames]
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "run"),
-                       **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(out)})
+    trainer = make_trainer("CoPrompt", tmp_path / "run", opts=COPROMPT,
+                           **{"TRAINER.CoPrompt.DESCRIPTIONS_FILE": str(out)})
     assert trainer.method_record()["descriptions"] == f"file: {out}"
 
 
@@ -280,8 +275,8 @@ def test_build_descriptions_malformed_line_names_its_number(tmp_path, capsys):
     assert not (tmp_path / "out.json").exists()
 
 
-def test_second_view_is_the_loaders_second_transform_else_a_flip(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_second_view_is_the_loaders_second_transform_else_a_flip(make_trainer):
+    trainer = make_trainer("CoPrompt", opts=COPROMPT)
     a, b = torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32)
     x1, x2 = trainer.views({"img": [a, b]})
     assert x1 is a and x2 is b

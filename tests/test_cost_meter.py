@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_opts
 
 from vltune.engine import cost as cost_mod
 from vltune.engine.cost import CostMeter, live_tensor_bytes
@@ -97,24 +96,17 @@ def test_cuda_train_and_eval_peaks_keep_out_of_each_other(monkeypatch):
     assert meter.notes == []
 
 
-def _trainer(digits_root: str, weights: str, out: str, *, eval_only: bool = False, **opts: object):
-    from vltune.config import get_cfg
-    from vltune.engine import build_trainer
-
-    cfg = get_cfg(opts=tiny_opts(digits_root, weights, **{"OUTPUT_DIR": out, "SEED": 1,
-                                                          "DATALOADER.TEST.BATCH_SIZE": 100, **opts}))
-    return build_trainer(cfg, eval_only=eval_only)
+COST = {"SEED": 1, "DATALOADER.TEST.BATCH_SIZE": 100}
 
 
 def _params_mb(trainer) -> float:
     return sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20
 
 
-def test_a_run_with_one_batch_per_epoch_samples_its_second_epoch(digits_root, random_clip_weights, tmp_path):
+def test_a_run_with_one_batch_per_epoch_samples_its_second_epoch(make_trainer):
     # 10 classes × 1 shot < batch 16: every epoch is a single batch, so the run's second step is epoch 2's.
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{
-        "TRAINER.NAME": "CoOp", "DATASET.NUM_SHOTS": 1, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 3,
-        "TEST.NO_TEST": True})
+    trainer = make_trainer("CoOp", opts=COST, **{
+        "DATASET.NUM_SHOTS": 1, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 3, "TEST.NO_TEST": True})
     assert len(trainer.train_loader_x) == 1
     trainer.train()
     cost = trainer.cost_record()
@@ -125,11 +117,10 @@ def test_a_run_with_one_batch_per_epoch_samples_its_second_epoch(digits_root, ra
     assert cost["meter_notes"] == ["eval peak: no test evaluation ran"]
 
 
-def test_a_one_step_run_samples_its_only_step_and_counts_it_as_training(digits_root, random_clip_weights,
-                                                                        tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{
-        "TRAINER.NAME": "CoOp", "DATASET.NUM_SHOTS": 1, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 1,
-        "TEST.NO_TEST": True, "TEST.FINAL_MODEL": "best_val"})
+def test_a_one_step_run_samples_its_only_step_and_counts_it_as_training(make_trainer):
+    trainer = make_trainer("CoOp", opts=COST, **{
+        "DATASET.NUM_SHOTS": 1, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 1, "TEST.NO_TEST": True,
+        "TEST.FINAL_MODEL": "best_val"})
     trainer.train()
     cost = trainer.cost_record()
     assert cost["train_peak_method"] == CPU_METHOD and cost["train_peak_mb"] > _params_mb(trainer)
@@ -139,9 +130,8 @@ def test_a_one_step_run_samples_its_only_step_and_counts_it_as_training(digits_r
     assert cost["eval_peak_mb"] is None and "eval_meter_time_s" in cost and cost["eval_meter_time_s"] == 0
 
 
-def test_an_eval_only_zero_shot_run_meters_its_evaluation(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=True,
-                       **{"TRAINER.NAME": "ZeroshotCLIP"})
+def test_an_eval_only_zero_shot_run_meters_its_evaluation(make_trainer):
+    trainer = make_trainer("ZeroshotCLIP", eval_only=True, opts=COST)
     trainer.test()
     cost = trainer.cost_record()
     assert cost["eval_peak_method"] == CPU_METHOD, cost
@@ -157,9 +147,9 @@ def test_an_eval_only_zero_shot_run_meters_its_evaluation(digits_root, random_cl
     assert trainer.last_metrics["total"] == total  # every image is still evaluated
 
 
-def test_a_trained_run_has_both_peaks_from_one_meter(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{
-        "TRAINER.NAME": "CoOp", "DATASET.NUM_SHOTS": 4, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 1})
+def test_a_trained_run_has_both_peaks_from_one_meter(make_trainer):
+    trainer = make_trainer("CoOp", opts=COST, **{
+        "DATASET.NUM_SHOTS": 4, "DATALOADER.TRAIN_X.BATCH_SIZE": 16, "OPTIM.MAX_EPOCH": 1})
     trainer.train()
     cost = trainer.cost_record()
     assert cost["train_peak_method"] == cost["eval_peak_method"] == CPU_METHOD, cost

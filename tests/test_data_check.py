@@ -84,6 +84,7 @@ def test_an_absent_dataset_and_an_unknown_name(tmp_path, capsys):
         main(["--root", str(tmp_path), "--dataset", "OxfordPet"])
 
 
+@pytest.mark.slow  # two `python -m vltune.data` subprocesses
 def test_module_entry_point(full_root):
     run = subprocess.run([sys.executable, "-m", "vltune.data", "check", "--root", str(full_root), "--dataset",
                           "OxfordPets", "--images", "sample"], capture_output=True, text=True, cwd=REPO)

@@ -14,14 +14,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_opts
+from conftest import REPO
 
 import trainers  # noqa: F401  (fills the registry: every DePT variant, MaPLe's included)
 import trainers.dept as dept
 from trainers.coop import CoOp
 from trainers.dept import DePTHead, DePTMixin, register_dept, resolve_settings, with_dept
 from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.registry import TRAINERS, Registry
 from vltune.tuners.prompting import SimParts
 
@@ -30,14 +29,10 @@ COOP = "ExtrasLinearProbeCoOp"
 VARIANTS = [n for n in TRAINERS.registered_names() if issubclass(TRAINERS.get(n), DePTMixin)]
 
 
-def _cfg(root: str, weights: str, out: str, **extra):
-    name = extra.get("TRAINER.NAME", COOP)
-    opts = {"TRAINER.NAME": COOP, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "OPTIM.LR_SCHEDULER": "cosine", "TRAINER.COOP.N_CTX": 4, "SEED": 1,
-            **(TRAINERS.meta(name).get("test_overrides") or {}).get("opts", {})}  # MaPLe: a depth the tiny CLIP has
-    opts.update(extra)
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
+# Built with test_overrides=True: the variant's registered tiny-CLIP opts (MaPLe: a depth the tiny CLIP has).
+DEPT = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 8,
+        "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "cosine",
+        "TRAINER.COOP.N_CTX": 4, "SEED": 1}
 
 
 def _train(trainer, steps: int = 3):
@@ -76,15 +71,15 @@ def _images(trainer, n: int = 8) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, digits_root, random_clip_weights):
+def runs(tmp_path_factory, make_trainer):
     """subsample → (trainer after 3 steps, folder with its epoch-1 checkpoint)."""
     cache = {}
 
     def get(subsample: str):
         if subsample not in cache:
             out = str(tmp_path_factory.mktemp(f"dept-{subsample}"))
-            trainer = _train(build_trainer(_cfg(digits_root, random_clip_weights, out,
-                                                **{"DATASET.SUBSAMPLE_CLASSES": subsample})))
+            trainer = _train(make_trainer(COOP, out, opts=DEPT, test_overrides=True,
+                                          **{"DATASET.SUBSAMPLE_CLASSES": subsample}))
             trainer.save_model(0, out)
             cache[subsample] = trainer, out
         return cache[subsample]
@@ -92,18 +87,18 @@ def runs(tmp_path_factory, digits_root, random_clip_weights):
     return get
 
 
-def _eval_only(root, weights, out, source: str | None, **extra):
-    trainer = build_trainer(_cfg(root, weights, out, **extra), eval_only=True)
+def _eval_only(make_trainer, source: str | None, **extra):
+    trainer = make_trainer(COOP, eval_only=True, opts=DEPT, test_overrides=True, **extra)
     if source:
         trainer.load_model(source, epoch=1)
     return trainer
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
-def test_film_and_head_train_at_lr_times_lr_exp_after_a_shared_warmup(digits_root, random_clip_weights, tmp_path):
-    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
+def test_film_and_head_train_at_lr_times_lr_exp_after_a_shared_warmup(make_trainer):
+    trainer = make_trainer(COOP, opts=DEPT, test_overrides=True, **{
         "OPTIM.MAX_EPOCH": 3, "OPTIM.WARMUP_EPOCH": 1, "OPTIM.WARMUP_TYPE": "constant",
-        "OPTIM.WARMUP_CONS_LR": 1e-5, "TRAINER.DEPT.LR_EXP": 4.0}))
+        "OPTIM.WARMUP_CONS_LR": 1e-5, "TRAINER.DEPT.LR_EXP": 4.0})
     dept_params = {id(p) for p in trainer.dept.parameters()}
     assert {id(p) for g in trainer._optims["dept"].param_groups for p in g["params"]} == dept_params
     assert len(dept_params) == 6  # FiLM scale/bias ×2, head weight/bias
@@ -120,9 +115,9 @@ def test_film_and_head_train_at_lr_times_lr_exp_after_a_shared_warmup(digits_roo
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_loss_is_the_weighted_sum_plus_the_base_regularizers(name, digits_root, random_clip_weights, tmp_path):
-    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
-        "TRAINER.NAME": name, "TRAINER.DEPT.SIM_WEIGHT": 0.4, "TRAINER.DEPT.CLS_WEIGHT": 0.5}))
+def test_loss_is_the_weighted_sum_plus_the_base_regularizers(name, make_trainer):
+    trainer = make_trainer(name, opts=DEPT, test_overrides=True,
+                           **{"TRAINER.DEPT.SIM_WEIGHT": 0.4, "TRAINER.DEPT.CLS_WEIGHT": 0.5})
     _train(trainer, 2)  # FiLM away from the identity
     batch = trainer.to_device(next(iter(trainer.train_loader_x)))
     y = batch["label"]
@@ -150,8 +145,8 @@ def test_loss_is_the_weighted_sum_plus_the_base_regularizers(name, digits_root, 
         torch.testing.assert_close(trainer.loss(batch)[0], expected - extra + 2.5)
 
 
-def test_per_image_text_features_use_each_images_own_true_class(digits_root, random_clip_weights, tmp_path):
-    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+def test_per_image_text_features_use_each_images_own_true_class(make_trainer):
+    trainer = make_trainer(COOP, opts=DEPT, test_overrides=True)
     g = torch.Generator().manual_seed(0)
     raw_image = 3 * torch.randn(4, 64, generator=g)
     raw_text = 3 * torch.randn(4, 10, 64, generator=g)  # (B, C, E), as CoCoOp's
@@ -167,21 +162,20 @@ def test_per_image_text_features_use_each_images_own_true_class(digits_root, ran
     torch.testing.assert_close(loss, expected)
 
 
-def test_a_base_without_raw_features_fails_naming_the_contract(digits_root, random_clip_weights, tmp_path):
-    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+def test_a_base_without_raw_features_fails_naming_the_contract(make_trainer):
+    trainer = make_trainer(COOP, opts=DEPT, test_overrides=True)
     parts = SimParts(torch.zeros(2, 64), torch.zeros(10, 64), torch.zeros(2, 10))  # normalised features only
     trainer.forward_parts = lambda images, text_=None, raw=True: parts
     with pytest.raises(RuntimeError, match="raw_text"):
         trainer.loss({"img": None, "label": torch.tensor([0, 1])})
 
 
-def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(digits_root, random_clip_weights,
-                                                                         tmp_path):
+def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(make_cfg):
     class CtxOnly(CoOp):
         def trainable_parameters(self):
             return [self.model.prompt_learner.ctx]
 
-    trainer = with_dept(CtxOnly)(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    trainer = with_dept(CtxOnly)(make_cfg(COOP, opts=DEPT, test_overrides=True))
     declared = {id(p) for p in trainer.trainable_parameters()}
     assert {id(p) for p in trainer.dept.parameters()} <= declared
     assert all(p.requires_grad for p in trainer.dept.parameters())
@@ -190,12 +184,10 @@ def test_a_base_with_a_narrower_trainable_set_still_trains_film_and_head(digits_
 
 # ---- test-time fusion ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", VARIANTS)
-def test_fused_logits_apply_film_and_head_to_the_raw_image_features(name, digits_root, random_clip_weights,
-                                                                    tmp_path):
+def test_fused_logits_apply_film_and_head_to_the_raw_image_features(name, make_trainer):
     """Upstream (Koorye/DePT ``elp_*.py``, every base) feeds the encoder outputs before normalisation to FiLM and the
     head; only z_sim normalises. Written out from the base model's own raw image features, for each variant."""
-    trainer = _train(build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.NAME": name})),
-                     2)  # FiLM and the head away from their init
+    trainer = _train(make_trainer(name, opts=DEPT, test_overrides=True), 2)  # FiLM and the head away from their init
     images = _images(trainer)
     trainer.set_model_mode("eval")
     with torch.no_grad():
@@ -218,9 +210,9 @@ def test_training_classes_fuse_by_the_formula(runs):
     assert not torch.allclose(logits, z_sim, atol=1e-2)
 
 
-def test_a_subset_of_the_training_classes_fuses_with_its_rows(runs, digits_root, random_clip_weights, tmp_path):
+def test_a_subset_of_the_training_classes_fuses_with_its_rows(runs, make_trainer):
     trainer, source = runs("all")
-    new = _eval_only(digits_root, random_clip_weights, str(tmp_path), source, **{"DATASET.SUBSAMPLE_CLASSES": "new"})
+    new = _eval_only(make_trainer, source, **{"DATASET.SUBSAMPLE_CLASSES": "new"})
     assert new.classnames == trainer.classnames[5:] and new.dept.head.weight.shape[0] == 10
     logits, z_sim, image = _eval(new, _images(new))
     torch.testing.assert_close(logits, 0.3 * z_sim + 0.7 * _head(new, image)[:, 5:], rtol=1e-5, atol=1e-5)
@@ -243,10 +235,9 @@ def test_rows_follow_the_evaluated_names_and_order():
 
 
 @pytest.mark.parametrize("key", ["TRAINER.DEPT.TEST_TIME_FUSION", "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION"])
-def test_fusion_off_gives_the_heads_logits_on_its_classes_as_upstream(key, runs, digits_root, random_clip_weights,
-                                                                       tmp_path):
+def test_fusion_off_gives_the_heads_logits_on_its_classes_as_upstream(key, runs, make_trainer):
     _, source = runs("all")
-    off = _eval_only(digits_root, random_clip_weights, str(tmp_path), source, **{key: False})
+    off = _eval_only(make_trainer, source, **{key: False})
     logits, z_sim, raw = _eval(off, _images(off))
     torch.testing.assert_close(logits, _head(off, raw), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits, z_sim, atol=1e-3)
@@ -254,11 +245,10 @@ def test_fusion_off_gives_the_heads_logits_on_its_classes_as_upstream(key, runs,
 
 # ---- checkpoints across class sets ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("subsample", ["new", "all"])
-def test_base_checkpoint_loads_strictly_elsewhere_and_gives_z_sim(subsample, runs, digits_root, random_clip_weights,
-                                                                   tmp_path):
+def test_base_checkpoint_loads_strictly_elsewhere_and_gives_z_sim(subsample, runs, make_trainer):
     base, source = runs("base")
-    other = _eval_only(digits_root, random_clip_weights, str(tmp_path), source,
-                       **{"DATASET.SUBSAMPLE_CLASSES": subsample})  # raises on any missing/unexpected/misshaped key
+    # loading raises on any missing/unexpected/misshaped key
+    other = _eval_only(make_trainer, source, **{"DATASET.SUBSAMPLE_CLASSES": subsample})
     assert other.dept.trained_classnames() == base.classnames != other.classnames
     for k, v in base.dept.state_dict().items():
         assert torch.equal(other.dept.state_dict()[k], v), k
@@ -266,17 +256,16 @@ def test_base_checkpoint_loads_strictly_elsewhere_and_gives_z_sim(subsample, run
     assert logits.shape == (8, other.num_classes) and torch.equal(logits, z_sim)
 
 
-def test_same_classes_reload_reproduces_the_fused_logits(runs, digits_root, random_clip_weights, tmp_path):
+def test_same_classes_reload_reproduces_the_fused_logits(runs, make_trainer):
     base, source = runs("base")
-    again = _eval_only(digits_root, random_clip_weights, str(tmp_path), source,
-                       **{"DATASET.SUBSAMPLE_CLASSES": "base"})
+    again = _eval_only(make_trainer, source, **{"DATASET.SUBSAMPLE_CLASSES": "base"})
     images = _images(base)
     expected, z_sim, _ = _eval(base, images)
     torch.testing.assert_close(_eval(again, images)[0], expected, rtol=0, atol=1e-6)
     assert not torch.allclose(expected, z_sim, atol=1e-2)
 
 
-def test_loading_stays_strict_on_the_dept_keys(runs, digits_root, random_clip_weights, tmp_path):
+def test_loading_stays_strict_on_the_dept_keys(runs, tmp_path, make_trainer):
     _, source = runs("base")
     path = os.path.join(source, "dept", "model.pth.tar-1")
     ckpt = torch.load(path, weights_only=True)
@@ -293,12 +282,12 @@ def test_loading_stays_strict_on_the_dept_keys(runs, digits_root, random_clip_we
     film = write("film", {**state, "film_img.scale": torch.ones(32)})
     opts = {"DATASET.SUBSAMPLE_CLASSES": "new"}
     with pytest.raises(KeyError, match=r"unexpected \['linear_probe.weight'\]"):
-        _eval_only(digits_root, random_clip_weights, str(tmp_path / "a"), extra, **opts)
+        _eval_only(make_trainer, extra, **opts)
     with pytest.raises(KeyError, match=r"missing \['classnames'\]"):
-        _eval_only(digits_root, random_clip_weights, str(tmp_path / "b"), missing, **opts)
+        _eval_only(make_trainer, missing, **opts)
     with pytest.raises(ValueError, match="film_img.scale"):
-        _eval_only(digits_root, random_clip_weights, str(tmp_path / "c"), film, **opts)
-    training = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "d")))  # 10 classes, optimizer
+        _eval_only(make_trainer, film, **opts)
+    training = make_trainer(COOP, tmp_path / "d", opts=DEPT, test_overrides=True)  # 10 classes, optimizer
     with pytest.raises(ValueError, match="another class set"):  # the head's names or rows: 5 vs 10 classes
         training.load_model(source, epoch=1)
 
@@ -308,15 +297,15 @@ def _settings(**opts):
     return resolve_settings(get_cfg(opts=[x for kv in opts.items() for x in (kv[0], str(kv[1]))]))
 
 
-def test_defaults_and_the_linear_probe_alias(digits_root, random_clip_weights, tmp_path):
+def test_defaults_and_the_linear_probe_alias(make_trainer):
     assert _settings() == dept.Settings(0.3, 0.7, 6.5, True)
     assert _settings(**{"TRAINER.LINEAR_PROBE.WEIGHT": 0.6}) == dept.Settings(pytest.approx(0.4), 0.6, 6.5, True)
     assert _settings(**{"TRAINER.LINEAR_PROBE.WEIGHT": 0.6, "TRAINER.DEPT.CLS_WEIGHT": 0.6}).cls_weight == 0.6
     assert _settings(**{"OPTIM.LR_EXP": 3.0}).lr_exp == 3.0
     assert _settings(**{"TRAINER.DEPT.SIM_WEIGHT": 0.5, "TRAINER.DEPT.CLS_WEIGHT": 0.5}) == dept.Settings(
         0.5, 0.5, 6.5, True)  # SkipTuning's independent weights
-    trainer = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **{
-        "TRAINER.LINEAR_PROBE.WEIGHT": 0.6}), eval_only=True)
+    trainer = make_trainer(COOP, eval_only=True, opts=DEPT, test_overrides=True,
+                           **{"TRAINER.LINEAR_PROBE.WEIGHT": 0.6})
     assert dataclasses.astuple(trainer.dept_settings) == pytest.approx((0.4, 0.6, 6.5, True))
 
 
@@ -329,12 +318,12 @@ def test_defaults_and_the_linear_probe_alias(digits_root, random_clip_weights, t
     ({"TRAINER.DEPT.TEST_TIME_FUSION": False, "TRAINER.LINEAR_PROBE.TEST_TIME_FUSION": False}, ()),
     ({"TRAINER.LINEAR_PROBE.TYPE": "mlp"}, ("TRAINER.LINEAR_PROBE.TYPE",)),
 ])
-def test_disagreeing_spellings_fail_naming_both_keys(opts, keys, digits_root, random_clip_weights, tmp_path):
+def test_disagreeing_spellings_fail_naming_both_keys(opts, keys, make_trainer):
     if not keys:  # agreeing spellings are fine
         assert _settings(**opts).fusion is False
         return
     with pytest.raises(ValueError) as info:
-        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path), **opts), eval_only=True)
+        make_trainer(COOP, eval_only=True, opts=DEPT, test_overrides=True, **opts)
     assert all(k in str(info.value) for k in keys), info.value
 
 

@@ -22,6 +22,7 @@ def bench():
     return module
 
 
+# The benchmark run on seven variants takes ~20 s on 2 cores: the tests that read it are marked slow.
 @pytest.fixture(scope="module")
 def report(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -33,6 +34,7 @@ def report(bench, tmp_path_factory):
     return json.loads((out / "efficiency.json").read_text()), (out / "efficiency.md").read_text()
 
 
+@pytest.mark.slow
 def test_one_row_per_variant_with_its_class_count(report):
     data, table = report
     rows = {r["variant"]: r for r in data["rows"]}
@@ -49,6 +51,7 @@ def test_one_row_per_variant_with_its_class_count(report):
     assert rows["CoOp-upstream"]["step_peak_mb"] > rows["CoOp"]["step_peak_mb"]  # 77 positions hold more activations
 
 
+@pytest.mark.slow
 def test_the_eval_row_times_the_whole_test_and_the_encoder_on_the_same_images(report):
     data, table = report
     total, encoder = data["eval"]
@@ -58,6 +61,7 @@ def test_the_eval_row_times_the_whole_test_and_the_encoder_on_the_same_images(re
     assert "image encoder only" in table
 
 
+@pytest.mark.slow
 def test_targets_are_the_ratios_of_the_rows_they_name(bench, report):
     data, table = report
     rows = {r["variant"]: r for r in data["rows"] + data["eval"]}

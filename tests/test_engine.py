@@ -151,16 +151,9 @@ def test_cpu_step_meter_sees_a_known_allocation_within_ten_percent():
     del held
 
 
-def test_a_training_run_records_measured_memory_and_keeps_the_metered_step_out_of_train_time(
-        digits_root, random_clip_weights, tmp_path):
-    from conftest import tiny_opts
-
-    from vltune.config import get_cfg
-    from vltune.engine import build_trainer
-
-    trainer = build_trainer(get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{
-        "TRAINER.NAME": "CoOp", "OUTPUT_DIR": str(tmp_path), "DATASET.NUM_SHOTS": 4,
-        "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.MAX_EPOCH": 1, "SEED": 1, "TEST.NO_TEST": True})))
+def test_a_training_run_records_measured_memory_and_keeps_the_metered_step_out_of_train_time(make_trainer):
+    trainer = make_trainer("CoOp", **{"DATASET.NUM_SHOTS": 4, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
+                                      "OPTIM.MAX_EPOCH": 1, "SEED": 1, "TEST.NO_TEST": True})
     trainer.train()
     cost = trainer.cost_record()
     params_mb = sum(p.numel() * p.element_size() for p in trainer.model.parameters()) / 2**20

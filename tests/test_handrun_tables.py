@@ -32,6 +32,7 @@ def _run(trainer: str, root: str, weights: str, out: str, seed: int, subsample: 
     assert train.main(argv, console=False) == 0
 
 
+# Six real train.py runs: every test that reads them is marked slow.
 @pytest.fixture(scope="module")
 def handrun(tmp_path_factory, digits_root, tiny_clip_weights):
     """``output/base2new/{train_base,test_new}/digits/shots_4/<trainer>/<config>/seed<S>``, as CoOp's scripts lay
@@ -49,6 +50,7 @@ def handrun(tmp_path_factory, digits_root, tiny_clip_weights):
     return str(root), folders
 
 
+@pytest.mark.slow
 def test_records_say_what_a_hand_run_job_was(handrun):
     _, folders = handrun
     train_dir, test_dir = folders["CoOp", 1]
@@ -59,6 +61,7 @@ def test_records_say_what_a_hand_run_job_was(handrun):
     assert not os.path.exists(os.path.join(train_dir, "job.json"))
 
 
+@pytest.mark.slow
 def test_results_cli_writes_the_b2n_comparison_of_hand_run_jobs(handrun, capsys):
     root, folders = handrun
     assert results_main([root, "--no-plots"]) == 0
@@ -82,6 +85,7 @@ def test_results_cli_writes_the_b2n_comparison_of_hand_run_jobs(handrun, capsys)
     assert cost["ZeroshotCLIP (b2n)"][meter] and cost["CoOp (b2n)"][meter]  # one meter for zero-shot and trained
 
 
+@pytest.mark.slow
 def test_readme_script_pastes_the_generated_blocks_between_their_markers(handrun, tmp_path):
     import importlib.util
 
@@ -120,6 +124,7 @@ def test_the_readme_shows_a_generated_comparison_and_demo_overview():
     assert "FinetuneCLIP / SkipTuning: training time ×" in demo and "ResAdapter / ResTuningBypass:" in demo
 
 
+@pytest.mark.slow
 def test_malformed_records_are_named_skipped_and_the_report_is_still_written(handrun, tmp_path, capsys):
     root, folders = handrun
     copy = tmp_path / "runs"
@@ -144,6 +149,7 @@ def test_malformed_records_are_named_skipped_and_the_report_is_still_written(han
     assert {p: p.read_bytes() for p in copy.rglob("result.json")} == untouched  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_overview_and_cost_ratios_restate_the_methods_numbers(handrun):
     from vltune.results.compare import compare_overview, cost_numbers, cost_ratios, find_methods
     from vltune.results.record import find_records

@@ -77,16 +77,13 @@ class _Reads:
                 setattr(CN, name, value)
 
 
-def _trainer_cfg(name: str, root: str, weights: str, out: str):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.MAX_EPOCH": 1, "SEED": 1, "DATASET.SUBSAMPLE_CLASSES": "base"}
-    opts.update((TRAINERS.meta(name).get("test_overrides") or {}).get("opts", {}))
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
+RUN = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 8,
+       "OPTIM.MAX_EPOCH": 1, "SEED": 1, "DATASET.SUBSAMPLE_CLASSES": "base"}
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_config_node_a_trainer_reads_is_in_its_identity(name, tmp_path, digits_root, random_clip_weights):
-    cfg = _trainer_cfg(name, digits_root, random_clip_weights, str(tmp_path))
+def test_every_config_node_a_trainer_reads_is_in_its_identity(name, make_cfg):
+    cfg = make_cfg(name, opts=RUN, test_overrides=True)
     owned_elsewhere = set(TRAINERS.owners())
     with _Reads(cfg) as reads:
         trainer = build_trainer(cfg)

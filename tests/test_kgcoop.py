@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_opts
 
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.tuners.prompting import knowledge_loss
 
 DIGITS_PHRASE = "a photo of the number"  # the generated digits dataset's template is "a photo of the number {}."
-
-
-def _trainer(root, weights, out, **extra):
-    opts = {"TRAINER.NAME": "KgCoOp", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "OPTIM.NAME": "sgd", "OPTIM.LR": 0.1, "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0,
-            "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1,
-            "TRAINER.COOP.CTX_INIT": "a photo of a"}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+KGCOOP = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.1,
+          "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant",
+          "SEED": 1, "TRAINER.COOP.CTX_INIT": "a photo of a"}
 
 
 def _batch(trainer):
@@ -36,23 +27,21 @@ def test_knowledge_loss_is_one_minus_mean_cosine_of_unit_vectors():
     torch.testing.assert_close(knowledge_loss(per_image, b), expected)
 
 
-def test_kg_term_is_exactly_zero_at_the_hand_crafted_prompt_and_positive_elsewhere(digits_root, random_clip_weights,
-                                                                                     tmp_path):
-    same = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **{"TRAINER.COOP.CTX_INIT": DIGITS_PHRASE})
+def test_kg_term_is_exactly_zero_at_the_hand_crafted_prompt_and_positive_elsewhere(make_trainer):
+    same = make_trainer("KgCoOp", opts=KGCOOP, **{"TRAINER.COOP.CTX_INIT": DIGITS_PHRASE})
     assert same.kg_template == "a photo of the number {}."
     parts = same.forward_parts(_batch(same)["img"])
     assert same.regularizers({}, parts)["kg"].item() == 0.0  # learned prompt == hand-crafted prompt, bit for bit
 
-    other = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"))  # "a photo of a <name>."
+    other = make_trainer("KgCoOp", opts=KGCOOP)  # "a photo of a <name>."
     parts = other.forward_parts(_batch(other)["img"])
     kg = knowledge_loss(parts.text, other.teacher("hand_crafted"))
     assert kg.item() > 0
     torch.testing.assert_close(other.regularizers({}, parts)["kg"], 8.0 * kg)  # W = TRAINER.COOP.W (default 8.0)
 
 
-def test_a_step_on_the_knowledge_loss_alone_pulls_the_features_toward_the_hand_crafted_ones(
-        digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_a_step_on_the_knowledge_loss_alone_pulls_the_features_toward_the_hand_crafted_ones(make_trainer):
+    trainer = make_trainer("KgCoOp", opts=KGCOOP)
     hand_crafted = trainer.teacher("hand_crafted")
     ctx = trainer.model.prompt_learner.ctx
 
@@ -69,28 +58,25 @@ def test_a_step_on_the_knowledge_loss_alone_pulls_the_features_toward_the_hand_c
     assert after.mean() > before.mean()
 
 
-def test_w_zero_gives_coops_loss_and_w_adds_the_weighted_knowledge_loss(digits_root, random_clip_weights, tmp_path):
-    coop = _trainer(digits_root, random_clip_weights, str(tmp_path / "coop"), **{"TRAINER.NAME": "CoOp"})
+def test_w_zero_gives_coops_loss_and_w_adds_the_weighted_knowledge_loss(make_trainer):
+    coop = make_trainer("CoOp", opts=KGCOOP)
     batch = _batch(coop)
     coop_loss, _ = coop.loss(batch)
-    kg0 = _trainer(digits_root, random_clip_weights, str(tmp_path / "w0"), **{"TRAINER.COOP.W": 0.0})
+    kg0 = make_trainer("KgCoOp", opts=KGCOOP, **{"TRAINER.COOP.W": 0.0})
     assert torch.equal(kg0.loss(batch)[0], coop_loss)
-    kg2 = _trainer(digits_root, random_clip_weights, str(tmp_path / "w2"), **{"TRAINER.COOP.W": 2.0})
+    kg2 = make_trainer("KgCoOp", opts=KGCOOP, **{"TRAINER.COOP.W": 2.0})
     parts = kg2.forward_parts(batch["img"])
     expected = coop_loss + 2.0 * knowledge_loss(parts.text, kg2.teacher("hand_crafted"))
     torch.testing.assert_close(kg2.loss(batch)[0], expected)
     assert kg2.loss(batch)[0] > coop_loss
 
 
-def test_only_the_context_is_saved_and_eval_only_skips_the_hand_crafted_features(digits_root, random_clip_weights,
-                                                                                tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
+def test_only_the_context_is_saved_and_eval_only_skips_the_hand_crafted_features(make_trainer):
+    trainer = make_trainer("KgCoOp", opts=KGCOOP)
     assert set(trainer.trainable_state("prompt_learner")) == {"ctx"}
-    cfg = get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{"TRAINER.NAME": "KgCoOp",
-                                                                      "OUTPUT_DIR": str(tmp_path / "b")}))
-    assert "hand_crafted" not in build_trainer(cfg, eval_only=True).teachers
+    assert "hand_crafted" not in make_trainer("KgCoOp", eval_only=True).teachers
 
 
-def test_negative_w_is_rejected(digits_root, random_clip_weights, tmp_path):
+def test_negative_w_is_rejected(make_trainer):
     with pytest.raises(ValueError, match="TRAINER.COOP.W"):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.COOP.W": -1.0})
+        make_trainer("KgCoOp", opts=KGCOOP, **{"TRAINER.COOP.W": -1.0})

@@ -13,6 +13,8 @@ from conftest import REPO
 import train
 from vltune.results.record import read_record
 
+pytestmark = pytest.mark.slow  # end-to-end runs (train.py / the runner in subprocesses)
+
 #: the loss terms each method logs (``loss_<term>``), from its ``losses``/``regularizers``
 TERMS = {
     "CoOp": {"ce"},

@@ -6,27 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 from clip_fixtures import make_deep_backbone
-from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
 
 from vltune.clip import CLIPBackbone
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.tuners.deep_prompts import CoupledPrompts, DeepPromptModel, DeepPrompts
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
 M = 2
-
-
-def _cfg(root, weights, out, name="MaPLe", **extra):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 16, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "SEED": 1, "TRAINER.MAPLE.PROMPT_DEPTH": 2}
-    opts.update(extra)
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
+MAPLE = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 16,
+         "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "SEED": 1, "TRAINER.MAPLE.PROMPT_DEPTH": 2}
 
 
 _CLIPS: dict[int, CLIPBackbone] = {}
@@ -47,12 +38,12 @@ def _model(clip, depth, ctx_init="a photo of a"):
 
 # ---------------------------------------------------------------- no prompts = zero-shot CLIP
 @torch.no_grad()
-def test_no_prompts_gives_zero_shot_clip_logits(digits_root, tiny_clip_weights, tmp_path):
-    zs = build_trainer(_cfg(digits_root, tiny_clip_weights, str(tmp_path / "zs"), "ZeroshotCLIP"), eval_only=True)
+def test_no_prompts_gives_zero_shot_clip_logits(make_trainer):
+    zs = make_trainer("ZeroshotCLIP", eval_only=True, weights="pretrained", opts=MAPLE)
     phrase = zs.template.split("{}")[0].strip()  # digits: "a photo of the number {}."
     assert f"{phrase} {{}}." == zs.template
-    maple = build_trainer(_cfg(digits_root, tiny_clip_weights, str(tmp_path / "m"), **{
-        "TRAINER.MAPLE.PROMPT_DEPTH": 0, "TRAINER.MAPLE.CTX_INIT": phrase}), eval_only=True)
+    maple = make_trainer("MaPLe", eval_only=True, weights="pretrained", opts=MAPLE, **{
+        "TRAINER.MAPLE.PROMPT_DEPTH": 0, "TRAINER.MAPLE.CTX_INIT": phrase})
     assert maple.n_trainable == 0
     images = next(iter(zs.test_loader))["img"][:8]
     expected = []
@@ -71,26 +62,24 @@ def test_no_prompts_gives_zero_shot_clip_logits(digits_root, tiny_clip_weights, 
     assert not torch.allclose(model.image_features(images), maple.model.image_features(images), atol=1e-4)
 
 
-def test_the_image_path_trains_so_it_is_never_cached_as_frozen(digits_root, random_clip_weights, tmp_path):
+def test_the_image_path_trains_so_it_is_never_cached_as_frozen(make_trainer):
     """MaPLe's image features carry the coupled prompts: the trainer must not claim a frozen image path (the Skip
     plugin's cache would then freeze them)."""
-    maple = build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path)))
+    maple = make_trainer("MaPLe", opts=MAPLE)
     assert not maple.image_is_frozen()
     images = next(iter(maple.train_loader_x))["img"][:2]
-    feats = maple.image_features(images)
-    assert feats.requires_grad  # the prompts' gradient reaches the image features
+    assert maple.image_features(images).requires_grad  # the prompts' gradient reaches the image features
     with pytest.raises(NotImplementedError, match="image path trains"):
         maple.frozen_image_features(images)
 
 
-def test_depth_zero_is_eval_only_and_depth_must_fit_the_towers(digits_root, random_clip_weights, tmp_path):
+def test_depth_zero_is_eval_only_and_depth_must_fit_the_towers(make_trainer):
     with pytest.raises(ValueError, match="PROMPT_DEPTH"):
-        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "a"), **{"TRAINER.MAPLE.PROMPT_DEPTH": 0}))
+        make_trainer("MaPLe", opts=MAPLE, **{"TRAINER.MAPLE.PROMPT_DEPTH": 0})
     with pytest.raises(ValueError, match="exceeds the 2 blocks"):
-        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "b"), **{"TRAINER.MAPLE.PROMPT_DEPTH": 3}))
+        make_trainer("MaPLe", opts=MAPLE, **{"TRAINER.MAPLE.PROMPT_DEPTH": 3})
     with pytest.raises(ValueError, match="fewer than N_CTX"):
-        build_trainer(_cfg(digits_root, random_clip_weights, str(tmp_path / "c"), **{
-            "TRAINER.MAPLE.CTX_INIT": "a", "TRAINER.MAPLE.N_CTX": 2}))
+        make_trainer("MaPLe", opts=MAPLE, **{"TRAINER.MAPLE.CTX_INIT": "a", "TRAINER.MAPLE.N_CTX": 2})
 
 
 # ---------------------------------------------------------------- depth J = exactly blocks 0..J-1

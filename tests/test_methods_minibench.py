@@ -44,6 +44,7 @@ def test_every_learning_method_ships_a_minibench_config():
     assert not missing, f"add configs/trainers/<Name>/mini.yaml for {missing}"
 
 
+@pytest.mark.slow  # one MiniBench training run per method: minutes in all
 @pytest.mark.parametrize("name", [n for n in LEARNERS if (REPO / "configs" / "trainers" / n / "mini.yaml").is_file()])
 def test_method_beats_zero_shot_on_minibench_base_classes(name, minibench, zero_shot, tmp_path):
     root, weights = minibench

@@ -28,6 +28,7 @@ FAMILIES = {"ZeroshotCLIP", "CoOp", "CLIPAdapter", "FinetuneCLIP", "SkipTuning",
 PROTOCOLS = ("b2n", "fewshot", "xd")
 
 
+# The suite run takes about 10 minutes on 2 cores: every test that reads it is marked slow (`make test-fast` skips it).
 @pytest.fixture(scope="module")
 def suite(minibench, tmp_path_factory):
     """The shipped configs.py suite, run by ``parallel_runner.py`` into a temporary output folder, as ``make demo``
@@ -68,6 +69,7 @@ def test_the_default_suite_covers_every_family_on_every_protocol():
     assert all(t.variants for t in xd)  # domain generalisation rides on every cross-dataset task
 
 
+@pytest.mark.slow
 def test_every_job_of_the_default_suite_succeeds(suite):
     rows, _ = suite
     failed = [(r.job.task, r.job.role, r.job.dataset) for r in rows if r.status != "success"]
@@ -75,6 +77,7 @@ def test_every_job_of_the_default_suite_succeeds(suite):
     assert len(rows) == len(expand(SHIPPED, str(REPO), hashes=False))  # every job left a record
 
 
+@pytest.mark.slow
 def test_mini_clip_zero_shot_is_well_above_chance_where_it_knows_the_rendition(suite):
     """The pretraining renditions (MiniUnion, its new sample V2, Digits, MiniTextures); MiniShapes and MiniObjects
     are drawn otherwise on purpose (see vltune.data.minibench)."""
@@ -87,6 +90,7 @@ def test_mini_clip_zero_shot_is_well_above_chance_where_it_knows_the_rendition(s
         assert r.metrics["accuracy"] > 100 / len(r.metrics["per_class"]) + 20, (r.job.dataset, r.metrics["accuracy"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", LEARNERS)
 def test_every_trained_method_beats_zero_shot_on_the_base_classes(suite, trainer):
     rows, _ = suite
@@ -95,6 +99,7 @@ def test_every_trained_method_beats_zero_shot_on_the_base_classes(suite, trainer
     assert mean(learned) > mean(zs) + 1, (trainer, learned, zs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["CoOp", "SkipTuning"])
 def test_few_shot_accuracy_rises_strictly_from_1_to_16_shots(suite, trainer):
     rows, _ = suite
@@ -105,6 +110,7 @@ def test_few_shot_accuracy_rises_strictly_from_1_to_16_shots(suite, trainer):
     assert curve[0] > mean(_acc(rows, "ZeroshotCLIP", "fewshot")), curve  # one shot already beats zero-shot
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lighter, heavier", [("SkipTuning", "FinetuneCLIP"), ("ResTuningBypass", "ResAdapter")])
 def test_training_peak_memory_orders_as_the_papers_claim(suite, lighter, heavier):
     rows, _ = suite
@@ -116,6 +122,7 @@ def test_training_peak_memory_orders_as_the_papers_claim(suite, lighter, heavier
     assert peaks[lighter] < peaks[heavier], peaks
 
 
+@pytest.mark.slow
 def test_report_names_every_method_in_every_protocol_and_the_cost_table(suite):
     rows, out = suite
     report = render_report(rows)

@@ -42,6 +42,7 @@ EXPECTED = {
     "MiniUnionInverted": (UNION, "a photo of a {}."),
 }
 VARIANTS = ["MiniUnionV2", "MiniUnionSketch", "MiniUnionNoise", "MiniUnionInverted"]
+pytestmark = pytest.mark.slow  # generates MiniBench (twice for the byte-identity check), trains a pixel classifier
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_opts
 
 from trainers.prograd import distill_loss, project_gradient
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 
-
-def _trainer(root, weights, out, eval_only=False, **extra):
-    opts = {"TRAINER.NAME": "ProGrad", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 8, "OPTIM.NAME": "sgd", "OPTIM.LR": 1.0, "OPTIM.MOMENTUM": 0.0,
-            "OPTIM.WEIGHT_DECAY": 0.0, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1,
-            "TRAINER.COOP.CTX_INIT": "a photo of a"}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)), eval_only=eval_only)
+PROGRAD = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 8,
+           "OPTIM.NAME": "sgd", "OPTIM.LR": 1.0, "OPTIM.MOMENTUM": 0.0, "OPTIM.WEIGHT_DECAY": 0.0,
+           "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "constant", "SEED": 1, "TRAINER.COOP.CTX_INIT": "a photo of a"}
 
 
 def _batch(trainer):
@@ -94,9 +86,9 @@ def test_a_non_finite_gradient_stays_non_finite_so_the_grad_scaler_skips_the_ste
 
 # ---- inside the trainer ---------------------------------------------------------------------------------------------
 @pytest.fixture
-def conflicting(digits_root, random_clip_weights, tmp_path):
+def conflicting(make_trainer):
     """A trainer whose teacher disagrees with the labels, and a batch on which CE and KL gradients conflict."""
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+    trainer = make_trainer("ProGrad", opts=PROGRAD)
     batch = _batch(trainer)
     _teacher(trainer, batch["label"], -1.0)
     return trainer, batch
@@ -115,8 +107,8 @@ def test_the_update_never_conflicts_with_the_zero_shot_direction(conflicting):
     torch.testing.assert_close(step, -g)  # SGD, lr 1, no momentum: the step is the projected gradient
 
 
-def test_without_a_conflict_the_update_is_the_ce_gradient(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_without_a_conflict_the_update_is_the_ce_gradient(make_trainer):
+    trainer = make_trainer("ProGrad", opts=PROGRAD)
     batch = _batch(trainer)
     _teacher(trainer, batch["label"], +1.0)
     g_ce, g_kl = _gradients(trainer, batch)
@@ -126,18 +118,18 @@ def test_without_a_conflict_the_update_is_the_ce_gradient(digits_root, random_cl
     torch.testing.assert_close(step, -g_ce)
 
 
-def test_lambda_zero_updates_exactly_like_coop(digits_root, random_clip_weights, tmp_path):
-    coop = _trainer(digits_root, random_clip_weights, str(tmp_path / "coop"), **{"TRAINER.NAME": "CoOp"})
+def test_lambda_zero_updates_exactly_like_coop(make_trainer):
+    coop = make_trainer("CoOp", opts=PROGRAD)
     batch = _batch(coop)
-    prograd = _trainer(digits_root, random_clip_weights, str(tmp_path / "pg"), **{"LOSS.LAMBDA": 0.0})
+    prograd = make_trainer("ProGrad", opts=PROGRAD, **{"LOSS.LAMBDA": 0.0})
     _teacher(prograd, batch["label"], -1.0)
     g_ce, g_kl = _gradients(prograd, batch)
     assert torch.sum(g_ce * g_kl) < 0
     torch.testing.assert_close(_step(prograd, batch), _step(coop, batch), rtol=0, atol=0)
 
 
-def test_one_optimizer_step_per_batch(digits_root, random_clip_weights, tmp_path, monkeypatch):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_one_optimizer_step_per_batch(monkeypatch, make_trainer):
+    trainer = make_trainer("ProGrad", opts=PROGRAD)
     optim, calls = trainer._optims["prompt_learner"], []
     step = optim.step
     monkeypatch.setattr(optim, "step", lambda *a, **k: (calls.append(1), step(*a, **k))[1])
@@ -148,27 +140,27 @@ def test_one_optimizer_step_per_batch(digits_root, random_clip_weights, tmp_path
     assert len(calls) == 3
 
 
-def test_grad_scaler_and_clipping_go_through_the_engine(digits_root, random_clip_weights, tmp_path):
-    plain = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
+def test_grad_scaler_and_clipping_go_through_the_engine(make_trainer):
+    plain = make_trainer("ProGrad", opts=PROGRAD)
     batch = _batch(plain)
     _teacher(plain, batch["label"], -1.0)  # a conflict, so the projection is part of what is compared
     expected = _step(plain, batch)
-    scaled = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"))
+    scaled = make_trainer("ProGrad", opts=PROGRAD)
     _teacher(scaled, batch["label"], -1.0)
     # CUDA fp16/amp's GradScaler, on CPU: the gradients arrive multiplied by 2**12 and the engine unscales them
     scaled.precision.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     torch.testing.assert_close(_step(scaled, batch), expected, rtol=0, atol=0)
     assert scaled.precision.scaler.get_scale() == 2.0**12  # finite gradients: no skipped step, no back-off
 
-    clipped = _trainer(digits_root, random_clip_weights, str(tmp_path / "c"), **{"OPTIM.MAX_GRAD_NORM": 1e-3})
+    clipped = make_trainer("ProGrad", opts=PROGRAD, **{"OPTIM.MAX_GRAD_NORM": 1e-3})
     _teacher(clipped, batch["label"], -1.0)
     step = _step(clipped, batch)
     assert float(step.norm()) == pytest.approx(1e-3, rel=1e-3)
     torch.testing.assert_close(step / step.norm(), expected / expected.norm())  # the projected direction, clipped
 
 
-def test_amp_on_cpu_trains_in_bf16_with_float_master_weights(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.PREC": "amp", "OPTIM.LR": 0.01})
+def test_amp_on_cpu_trains_in_bf16_with_float_master_weights(make_trainer):
+    trainer = make_trainer("ProGrad", opts=PROGRAD, **{"TRAINER.PREC": "amp", "OPTIM.LR": 0.01})
     assert trainer.precision.dtype == torch.bfloat16 and trainer.precision.scaler is None
     step = _step(trainer, _batch(trainer))
     assert trainer.model.prompt_learner.ctx.dtype == torch.float32
@@ -176,10 +168,9 @@ def test_amp_on_cpu_trains_in_bf16_with_float_master_weights(digits_root, random
 
 
 # ---- teacher and losses ---------------------------------------------------------------------------------------------
-def test_the_teacher_is_zero_shot_clip_with_the_dataset_template(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"))
-    zs = build_trainer(get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{
-        "TRAINER.NAME": "ZeroshotCLIP", "OUTPUT_DIR": str(tmp_path / "b")})), eval_only=True)
+def test_the_teacher_is_zero_shot_clip_with_the_dataset_template(make_trainer):
+    trainer = make_trainer("ProGrad", opts=PROGRAD)
+    zs = make_trainer("ZeroshotCLIP", eval_only=True)
     images = _batch(trainer)["img"]
     with torch.no_grad():
         torch.testing.assert_close(trainer.teacher_logits(trainer.forward_parts(images)), zs.inference(images))
@@ -194,9 +185,8 @@ def test_distill_loss_is_t_squared_kl_plus_the_teacher_entropy():
     torch.testing.assert_close(distill_loss(s, z, T), T * T * (kl + entropy))
 
 
-def test_kd_is_an_ordinary_backward_of_the_mixed_loss(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"LOSS.NAME": "kd", "LOSS.ALPHA": 0.3,
-                                                                          "LOSS.T": 2.0})
+def test_kd_is_an_ordinary_backward_of_the_mixed_loss(make_trainer):
+    trainer = make_trainer("ProGrad", opts=PROGRAD, **{"LOSS.NAME": "kd", "LOSS.ALPHA": 0.3, "LOSS.T": 2.0})
     batch = _batch(trainer)
     ce, kl, parts = trainer.prograd_losses(batch)
     torch.testing.assert_close(kl, distill_loss(parts.logits, trainer.teacher_logits(parts), 2.0))
@@ -208,8 +198,8 @@ def test_kd_is_an_ordinary_backward_of_the_mixed_loss(digits_root, random_clip_w
 
 
 # ---- configuration --------------------------------------------------------------------------------------------------
-def test_template_init_right_aligns_the_template_phrase_after_zero_vectors(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=True, **{
+def test_template_init_right_aligns_the_template_phrase_after_zero_vectors(make_trainer):
+    trainer = make_trainer("ProGrad", eval_only=True, opts=PROGRAD, **{
         "TRAINER.COOP.CTX_INIT": "", "TRAINER.COOP.N_CTX": 8, "TRAINER.PROGRAD.TEMPLATE_INIT": True})
     clip, ctx = trainer.model.clip, trainer.model.prompt_learner.ctx
     ids = clip.tokenize(["a photo of the number"])  # the digits template minus " {}."
@@ -225,6 +215,6 @@ def test_template_init_right_aligns_the_template_phrase_after_zero_vectors(digit
     ({"TRAINER.PROGRAD.TEMPLATE_INIT": True}, "TEMPLATE_INIT replaces TRAINER.COOP.CTX_INIT"),
     ({"TRAINER.PROGRAD.TEMPLATE_INIT": True, "TRAINER.COOP.CTX_INIT": "", "TRAINER.COOP.N_CTX": 4}, "raise N_CTX"),
 ])
-def test_bad_settings_are_rejected(opts, match, digits_root, random_clip_weights, tmp_path):
+def test_bad_settings_are_rejected(opts, match, make_trainer):
     with pytest.raises(ValueError, match=match):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=True, **opts)
+        make_trainer("ProGrad", eval_only=True, opts=PROGRAD, **opts)

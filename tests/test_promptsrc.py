@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip_fixtures import make_deep_backbone
-from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
@@ -18,21 +17,13 @@ import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 from trainers.promptsrc import KL_TEMPERATURE, SRCPromptLearner, ensemble_text_features, gpa_weights, kl_to_zero_shot
 from vltune.clip import IMAGENET_TEMPLATES, PROMPTSRC_TEMPLATES
-from vltune.config import get_cfg
-from vltune.engine import build_trainer, set_random_seed
 from vltune.tuners.deep_prompts import DeepPromptModel
 
 OFF = {"TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 0, "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 0}
-
-
-def _trainer(root, weights, out, eval_only=False, **extra):
-    opts = {"TRAINER.NAME": "PromptSRC", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 16, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "SEED": 1, "TRAINER.PROMPTSRC.PREC": "fp32", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 2,
-            "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 2}
-    opts.update(extra)
-    set_random_seed(1)  # as train.py does before building: the deep prompts' random init
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)), eval_only=eval_only)
+# Built with seed=1, as train.py seeds before building: the deep prompts' random init.
+PROMPTSRC = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 16,
+             "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "SEED": 1, "TRAINER.PROMPTSRC.PREC": "fp32",
+             "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT": 2, "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION": 2}
 
 
 def _prompts(trainer) -> dict[str, torch.Tensor]:
@@ -68,9 +59,9 @@ def _train_recording(trainer, stop_after: int | None = None) -> dict[int, dict[s
 
 
 @pytest.fixture(scope="module")
-def gpa_run(digits_root, random_clip_weights, tmp_path_factory):
+def gpa_run(tmp_path_factory, make_trainer):
     out = str(tmp_path_factory.mktemp("gpa"))
-    trainer = _trainer(digits_root, random_clip_weights, out, **GPA)
+    trainer = make_trainer("PromptSRC", out, seed=1, opts=PROMPTSRC, **GPA)
     return trainer, _train_recording(trainer), out
 
 
@@ -86,19 +77,19 @@ def test_gpa_prompts_are_the_gaussian_weighted_average_of_the_epoch_snapshots(gp
         assert not torch.allclose(value, snapshots[2][name], atol=1e-6), "GPA changed nothing"
 
 
-def test_the_last_checkpoint_holds_the_gpa_prompts(gpa_run, digits_root, random_clip_weights, tmp_path):
+def test_the_last_checkpoint_holds_the_gpa_prompts(gpa_run, make_trainer):
     trainer, _, out = gpa_run
-    fresh = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=True, **GPA)
+    fresh = make_trainer("PromptSRC", eval_only=True, seed=1, opts=PROMPTSRC, **GPA)
     fresh.load_model(out, epoch=3)
     for name, value in _prompts(fresh).items():
         torch.testing.assert_close(value, _prompts(trainer)[name], rtol=0, atol=0)
 
 
-def test_gpa_survives_a_resume(gpa_run, digits_root, random_clip_weights, tmp_path):
+def test_gpa_survives_a_resume(gpa_run, tmp_path, make_trainer):
     trainer, _, _ = gpa_run
-    killed = _trainer(digits_root, random_clip_weights, str(tmp_path), **GPA)
+    killed = make_trainer("PromptSRC", tmp_path, seed=1, opts=PROMPTSRC, **GPA)
     _train_recording(killed, stop_after=2)  # epochs 1 and 2 done and checkpointed, killed during epoch 3
-    resumed = _trainer(digits_root, random_clip_weights, str(tmp_path), **GPA)
+    resumed = make_trainer("PromptSRC", tmp_path, seed=1, opts=PROMPTSRC, **GPA)
     resumed.train()
     assert resumed.resumed_from == 2
     for name, value in _prompts(resumed).items():
@@ -155,9 +146,8 @@ def test_depth_d_puts_fresh_prompts_into_exactly_blocks_0_to_d_minus_1(deep_clip
     assert learner.text_prompts.shape[0] == depth_text - 1 and learner.visual_prompts.shape[0] == depth_vision
 
 
-def test_without_prompts_logits_equal_zero_shot_clip_with_the_same_template(digits_root, random_clip_weights,
-                                                                           tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=True, **OFF)
+def test_without_prompts_logits_equal_zero_shot_clip_with_the_same_template(make_trainer):
+    trainer = make_trainer("PromptSRC", eval_only=True, seed=1, opts=PROMPTSRC, **OFF)
     assert trainer.n_trainable == 0
     images = next(iter(trainer.test_loader))["img"][:8]
     trainer.before_evaluate()
@@ -167,7 +157,7 @@ def test_without_prompts_logits_equal_zero_shot_clip_with_the_same_template(digi
         w = clip.zero_shot_classifier(trainer.classnames, ["a photo of a {}."])
         expected = clip.logit_scale * clip.encode_image(images, normalize=True) @ w.t()
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
-    prompted = _trainer(digits_root, random_clip_weights, str(tmp_path / "on"), eval_only=True)
+    prompted = make_trainer("PromptSRC", eval_only=True, seed=1, opts=PROMPTSRC)
     prompted.before_evaluate()
     with torch.no_grad():
         assert not torch.allclose(prompted.inference(images), expected, atol=1e-2)
@@ -184,8 +174,8 @@ def test_the_text_teacher_is_the_renormalised_mean_of_raw_features_over_upstream
     torch.testing.assert_close(ensemble_text_features(deep_clip, names, batch_size=37), expected)
 
 
-def test_regularising_losses_vanish_when_the_prompts_are_disabled(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **OFF)
+def test_regularising_losses_vanish_when_the_prompts_are_disabled(make_trainer):
+    trainer = make_trainer("PromptSRC", seed=1, opts=PROMPTSRC, **OFF)
     images = next(iter(trainer.train_loader_x))["img"]
     with torch.no_grad():
         parts = trainer.forward_parts(images)
@@ -209,11 +199,10 @@ def test_kl_is_upstreams_at_temperature_1_summed_then_divided_by_b_times_c():
 
 
 @pytest.mark.parametrize("weights", [None, (3, 7)])
-def test_loss_is_ce_plus_weighted_l1s_plus_kl_with_weights_from_config(digits_root, random_clip_weights, tmp_path,
-                                                                       weights):
+def test_loss_is_ce_plus_weighted_l1s_plus_kl_with_weights_from_config(weights, make_trainer):
     extra = {} if weights is None else {"TRAINER.PROMPTSRC.TEXT_LOSS_WEIGHT": weights[0],
                                         "TRAINER.PROMPTSRC.IMAGE_LOSS_WEIGHT": weights[1]}
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **extra)
+    trainer = make_trainer("PromptSRC", seed=1, opts=PROMPTSRC, **extra)
     w_text, w_image = weights or (25, 10)
     batch = trainer.to_device(next(iter(trainer.train_loader_x)))
     with torch.no_grad():

@@ -4,10 +4,6 @@ loader workers, which is what makes a resumed run end where an uninterrupted one
 from __future__ import annotations
 
 import torch
-from conftest import tiny_opts
-
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 
 
 def _first_batch(trainer, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,11 +13,10 @@ def _first_batch(trainer, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["img"], batch["index"]
 
 
-def test_epoch_batches_depend_only_on_seed_and_epoch_with_workers(digits_root, random_clip_weights, tmp_path):
-    opts = {"TRAINER.NAME": "CoOp", "OUTPUT_DIR": str(tmp_path), "DATASET.NUM_SHOTS": 4, "SEED": 3,
-            "DATALOADER.NUM_WORKERS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 8,
-            "INPUT.TRANSFORMS": "('random_resized_crop', 'random_flip', 'normalize')"}
-    trainer = build_trainer(get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **opts)))
+def test_epoch_batches_depend_only_on_seed_and_epoch_with_workers(make_trainer):
+    trainer = make_trainer("CoOp", **{"DATASET.NUM_SHOTS": 4, "SEED": 3, "DATALOADER.NUM_WORKERS": 2,
+                                      "DATALOADER.TRAIN_X.BATCH_SIZE": 8,
+                                      "INPUT.TRANSFORMS": "('random_resized_crop', 'random_flip', 'normalize')"})
     img_a, idx_a = _first_batch(trainer, 2)
     for epoch in (0, 1):  # consume other epochs in between, as an uninterrupted run would
         trainer.epoch = epoch

@@ -7,25 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import eval_logits, tiny_opts
+from conftest import eval_logits
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 # isort: split
 from open_clip.model import CLIP
 
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.tuners.res_tuners import FrozenAttention, build_tuner
 
 NAMES = ["ResAdapter", "ResPrefix", "ResPrompt", "ResTuningBypass"]
-
-
-def _trainer(name, root, weights, out, **extra):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "OPTIM.NAME": "sgd", "OPTIM.LR": 0.5, "OPTIM.MAX_EPOCH": 1, "SEED": 1}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+RESTUNING = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.5,
+             "OPTIM.MAX_EPOCH": 1, "SEED": 1}
 
 
 def _frozen_logits(trainer, images):
@@ -44,9 +37,8 @@ def _steps(trainer, n=2):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("towers", ["('image',)", "('image', 'text')"])
-def test_step_zero_is_exactly_frozen_clip_and_training_moves_away(name, towers, digits_root, random_clip_weights,
-                                                                  tmp_path):
-    trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.RESTUNING.TOWERS": towers})
+def test_step_zero_is_exactly_frozen_clip_and_training_moves_away(name, towers, make_trainer):
+    trainer = make_trainer(name, opts=RESTUNING, **{"TRAINER.RESTUNING.TOWERS": towers})
     images = next(iter(trainer.test_loader))["img"][:6]
     frozen = _frozen_logits(trainer, images)
     torch.testing.assert_close(eval_logits(trainer, images), frozen, rtol=1e-5, atol=1e-5)
@@ -55,9 +47,8 @@ def test_step_zero_is_exactly_frozen_clip_and_training_moves_away(name, towers, 
 
 
 @pytest.mark.parametrize("recurrence", ["paper", "swift"])
-def test_paper_and_swift_recurrences_replace_the_features(recurrence, digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.RESTUNING.RECURRENCE": recurrence})
+def test_paper_and_swift_recurrences_replace_the_features(recurrence, make_trainer):
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING, **{"TRAINER.RESTUNING.RECURRENCE": recurrence})
     images = next(iter(trainer.test_loader))["img"][:6]
     assert not torch.allclose(eval_logits(trainer, images), _frozen_logits(trainer, images), atol=1e-3)
 
@@ -70,9 +61,8 @@ def _block_outputs(trainer):
     return outputs, handles
 
 
-def test_bypass_keeps_backbone_activations_out_of_the_graph(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.RESTUNING.TOWERS": "('image', 'text')"})
+def test_bypass_keeps_backbone_activations_out_of_the_graph(make_trainer):
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING, **{"TRAINER.RESTUNING.TOWERS": "('image', 'text')"})
     outputs, handles = _block_outputs(trainer)
     batch = trainer.to_device(next(iter(trainer.train_loader_x)))
     trainer.set_model_mode("train")
@@ -85,8 +75,8 @@ def test_bypass_keeps_backbone_activations_out_of_the_graph(digits_root, random_
     assert all(p.grad is not None for p in trainer.model["tuners"].parameters())
 
 
-def test_in_block_adapter_trains_through_the_frozen_blocks(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("ResAdapter", digits_root, random_clip_weights, str(tmp_path))
+def test_in_block_adapter_trains_through_the_frozen_blocks(make_trainer):
+    trainer = make_trainer("ResAdapter", opts=RESTUNING)
     outputs, handles = _block_outputs(trainer)
     trainer.set_model_mode("train")
     trainer.loss(trainer.to_device(next(iter(trainer.train_loader_x))))
@@ -95,8 +85,8 @@ def test_in_block_adapter_trains_through_the_frozen_blocks(digits_root, random_c
     assert any(o.grad_fn is not None for o in outputs)  # the contrast: in-backbone tuners need the backbone's graph
 
 
-def test_bypass_on_the_cls_token_equals_the_bypass_on_every_token(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path))
+def test_bypass_on_the_cls_token_equals_the_bypass_on_every_token(make_trainer):
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING)
     _steps(trainer)  # non-zero tuners
     clip, chain = trainer.backbone, trainer.model["tuners"]["image"]
     images = next(iter(trainer.test_loader))["img"][:4]
@@ -110,9 +100,8 @@ def test_bypass_on_the_cls_token_equals_the_bypass_on_every_token(digits_root, r
         torch.testing.assert_close(trainer._image_bypass(images), every_token, rtol=1e-5, atol=1e-6)
 
 
-def test_text_bypass_runs_the_frozen_text_tower_once_per_class_set(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.RESTUNING.TOWERS": "('text',)"})
+def test_text_bypass_runs_the_frozen_text_tower_once_per_class_set(make_trainer):
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING, **{"TRAINER.RESTUNING.TOWERS": "('text',)"})
     calls = []
     handle = trainer.backbone.model.transformer.resblocks[0].register_forward_hook(lambda *_: calls.append(1))
     _steps(trainer, 3)
@@ -120,20 +109,17 @@ def test_text_bypass_runs_the_frozen_text_tower_once_per_class_set(digits_root, 
     assert len(calls) == 1
 
 
-def test_bad_settings_fail_naming_the_key(digits_root, random_clip_weights, tmp_path):
+def test_bad_settings_fail_naming_the_key(make_trainer):
     with pytest.raises(ValueError, match=r"TRAINER.RESTUNING.TOWERS \['image', 'audio'\]: choose from image, text"):
-        _trainer("ResAdapter", digits_root, random_clip_weights, str(tmp_path),
-                 **{"TRAINER.RESTUNING.TOWERS": "('image', 'audio')"})
+        make_trainer("ResAdapter", opts=RESTUNING, **{"TRAINER.RESTUNING.TOWERS": "('image', 'audio')"})
     with pytest.raises(ValueError, match="TRAINER.RESTUNING.LATERAL"):
-        _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
-                 **{"TRAINER.RESTUNING.LATERAL": "lora"})
+        make_trainer("ResTuningBypass", opts=RESTUNING, **{"TRAINER.RESTUNING.LATERAL": "lora"})
 
 
 @pytest.mark.parametrize(("lateral", "vertical"), [("res_prefix", "res_prompt"), ("res_prompt", "zero")])
-def test_prefix_and_prompt_tuners_also_serve_in_the_bypass(lateral, vertical, digits_root, random_clip_weights,
-                                                           tmp_path):
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.RESTUNING.LATERAL": lateral, "TRAINER.RESTUNING.VERTICAL": vertical})
+def test_prefix_and_prompt_tuners_also_serve_in_the_bypass(lateral, vertical, make_trainer):
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING,
+                           **{"TRAINER.RESTUNING.LATERAL": lateral, "TRAINER.RESTUNING.VERTICAL": vertical})
     images = next(iter(trainer.test_loader))["img"][:6]
     frozen = _frozen_logits(trainer, images)
     torch.testing.assert_close(eval_logits(trainer, images), frozen, rtol=1e-5, atol=1e-5)
@@ -160,10 +146,9 @@ def _paper_prompt_branch(block, prompts, h):
     return torch.cat(out, dim=-1) @ attn.out_proj.weight.T
 
 
-def test_ungated_res_prompt_is_the_papers_branch(digits_root, random_clip_weights, tmp_path):
-    gated = _trainer("ResPrompt", digits_root, random_clip_weights, str(tmp_path / "g"))
-    paper = _trainer("ResPrompt", digits_root, random_clip_weights, str(tmp_path / "p"),
-                     **{"TRAINER.RESTUNING.PROMPT_GATE": False})
+def test_ungated_res_prompt_is_the_papers_branch(make_trainer):
+    gated = make_trainer("ResPrompt", opts=RESTUNING)
+    paper = make_trainer("ResPrompt", opts=RESTUNING, **{"TRAINER.RESTUNING.PROMPT_GATE": False})
     assert gated.n_trainable == 2 * (10 * 64 + 64) and paper.n_trainable == 2 * 10 * 64  # nD + D vs nD per block
     block = paper.backbone.model.visual.transformer.resblocks[1]
     tuner = paper.model["tuners"]["image"]["attn"][1]
@@ -194,14 +179,14 @@ def test_ungated_res_prompt_splits_heads_like_the_paper():
         torch.testing.assert_close(tuner(h), _paper_prompt_branch(block, tuner.prompts, h), rtol=1e-5, atol=1e-6)
 
 
-def test_ungated_res_prompt_in_the_bypass_needs_a_replacing_recurrence(digits_root, random_clip_weights, tmp_path):
+def test_ungated_res_prompt_in_the_bypass_needs_a_replacing_recurrence(make_trainer):
     with pytest.raises(ValueError, match=r"TRAINER\.RESTUNING\.VERTICAL 'res_prompt' \(PROMPT_GATE False\) is refused "
                                          r"with RECURRENCE identity: .*set TRAINER\.RESTUNING\.PROMPT_GATE True"):
-        _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path / "a"),
-                 **{"TRAINER.RESTUNING.VERTICAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False})
-    trainer = _trainer("ResTuningBypass", digits_root, random_clip_weights, str(tmp_path / "b"),
-                       **{"TRAINER.RESTUNING.LATERAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False,
-                          "TRAINER.RESTUNING.RECURRENCE": "paper"})
+        make_trainer("ResTuningBypass", opts=RESTUNING,
+                     **{"TRAINER.RESTUNING.VERTICAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False})
+    trainer = make_trainer("ResTuningBypass", opts=RESTUNING,
+                           **{"TRAINER.RESTUNING.LATERAL": "res_prompt", "TRAINER.RESTUNING.PROMPT_GATE": False,
+                              "TRAINER.RESTUNING.RECURRENCE": "paper"})
     assert all(t.gate is None for t in trainer.model["tuners"]["image"].lateral)
     _steps(trainer)
     assert all(p.grad is None for p in trainer.backbone.parameters())

@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clip_fixtures import make_deep_backbone
-from conftest import eval_logits, tiny_opts
+from conftest import eval_logits
 
-from vltune.config import get_cfg
 from vltune.engine import build_trainer
 from vltune.tuners.res_tuners import ADAPTER_WEIGHTS, TUNERS
 from vltune.tuners.restuning import ResTuningConfig, prepare_model
@@ -128,11 +127,9 @@ def _trainer_refused(lateral: str, vertical: str, gate: bool) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def frozen_logits(digits_root, random_clip_weights, tmp_path_factory):
+def frozen_logits(make_trainer):
     """The images and frozen CLIP's logits for them with the dataset template: the reference of every pair."""
-    out = str(tmp_path_factory.mktemp("frozen"))
-    trainer = build_trainer(get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **{
-        "TRAINER.NAME": "ResTuningBypass", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "SEED": 1})))
+    trainer = make_trainer("ResTuningBypass", **{"DATASET.NUM_SHOTS": 2, "SEED": 1})
     images = next(iter(trainer.test_loader))["img"][:6]
     clip = trainer.backbone  # frozen by the engine; only its own forward is used here
     with torch.no_grad():
@@ -144,11 +141,10 @@ def frozen_logits(digits_root, random_clip_weights, tmp_path_factory):
 @pytest.mark.parametrize(("lateral", "vertical", "gate"), TRAINER_PAIRS,
                          ids=[f"{a}|{b}|gate={g}" for a, b, g in TRAINER_PAIRS])
 def test_trainer_identity_recurrence_is_frozen_clip_or_refused(lateral, vertical, gate, towers, frozen_logits,
-                                                               digits_root, random_clip_weights, tmp_path):
-    opts = {"TRAINER.NAME": "ResTuningBypass", "OUTPUT_DIR": str(tmp_path), "DATASET.NUM_SHOTS": 2, "SEED": 1,
-            "TRAINER.RESTUNING.TOWERS": towers, "TRAINER.RESTUNING.LATERAL": lateral,
-            "TRAINER.RESTUNING.VERTICAL": vertical, "TRAINER.RESTUNING.PROMPT_GATE": gate}
-    cfg = get_cfg(opts=tiny_opts(digits_root, random_clip_weights, **opts))
+                                                               make_cfg):
+    cfg = make_cfg("ResTuningBypass", **{"DATASET.NUM_SHOTS": 2, "SEED": 1, "TRAINER.RESTUNING.TOWERS": towers,
+                                         "TRAINER.RESTUNING.LATERAL": lateral, "TRAINER.RESTUNING.VERTICAL": vertical,
+                                         "TRAINER.RESTUNING.PROMPT_GATE": gate})
     assert cfg.TRAINER.RESTUNING.RECURRENCE == "identity"  # the default
     refused = _trainer_refused(lateral, vertical, gate)
     if refused:

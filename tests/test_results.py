@@ -298,6 +298,7 @@ def _write_output_folder(rows, root) -> None:
         write_json_atomic(str(folder / "result.json"), data)
 
 
+@pytest.mark.slow  # a `python -m vltune.results` subprocess
 def test_rebuild_command_writes_report_tables_and_plots(rows, tmp_path):
     _write_output_folder(rows, tmp_path / "out")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -46,6 +46,7 @@ def _stamps(out: str) -> dict[str, str]:
     return {r.path: r.created_at + str(r.runner.get("started_at")) for r in find_records(out)}
 
 
+# A real parallel_runner.py suite, rerun by most tests: every test that reads it is marked slow.
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory, digits_root, tiny_clip_weights):
     folder = tmp_path_factory.mktemp("suite")
@@ -68,6 +69,7 @@ def _assert_all_done(config: str, out: str, capsys) -> None:
     assert _stamps(out) == before  # nothing ran again
 
 
+@pytest.mark.slow
 def test_a_new_trainer_leaves_every_finished_job_done(suite, capsys):
     _, config, out, _, _ = suite
 
@@ -82,6 +84,7 @@ def test_a_new_trainer_leaves_every_finished_job_done(suite, capsys):
         TRAINERS.unregister("ToyMethod")
 
 
+@pytest.mark.slow
 def test_a_new_key_at_its_default_in_a_trainers_node_leaves_every_job_done(suite, capsys):
     _, config, out, _, _ = suite
     add_config = TRAINERS.meta("CoOp")["add_config"]
@@ -99,6 +102,7 @@ def test_a_new_key_at_its_default_in_a_trainers_node_leaves_every_job_done(suite
         identity_module._defaults_of.cache_clear()
 
 
+@pytest.mark.slow
 def test_moving_the_weights_file_leaves_every_job_done(suite, tmp_path, capsys):
     folder, _, out, root, weights = suite
     moved = tmp_path / "moved" / "clip.pt"
@@ -107,6 +111,7 @@ def test_moving_the_weights_file_leaves_every_job_done(suite, tmp_path, capsys):
     _assert_all_done(_write(tmp_path, root, str(moved), out), out, capsys)
 
 
+@pytest.mark.slow
 def test_a_copied_output_folder_in_a_fresh_checkout_is_done(suite, tmp_path, monkeypatch, capsys):
     _, _, out, root, weights = suite
     monkeypatch.setenv("VLTUNE_CACHE_DIR", str(tmp_path / "fresh-cache"))  # a fresh machine: no digest cached
@@ -116,6 +121,7 @@ def test_a_copied_output_folder_in_a_fresh_checkout_is_done(suite, tmp_path, mon
     _assert_all_done(_write(tmp_path / "clone", root, weights, copy), copy, capsys)
 
 
+@pytest.mark.slow
 def test_changing_a_key_marks_exactly_that_tasks_jobs_stale_and_the_rest_runs(suite, tmp_path, capsys):
     _, _, out, root, weights = suite
     copy = str(tmp_path / "output")

@@ -47,7 +47,9 @@ class WarmScripts(WarmExecutor):
         return handle
 
 
-@pytest.fixture(params=["local", "warm"])
+# The warm runs are slow: each starts a warm worker (torch imported) for one scenario; test_runner_warm.py covers
+# the warm executor itself in the fast loop.
+@pytest.fixture(params=["local", pytest.param("warm", marks=pytest.mark.slow)])
 def executor(request, tmp_path):
     """Each local executor in turn (the warm one is closed, its worker reaped, at the end of the test)."""
     if request.param == "local":
@@ -85,6 +87,7 @@ def _alive(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow  # timed fake jobs, overlap measured
 def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path), events=events, lanes=[dict(devices=[0, 1], slots=2, tasks=["t"])],
@@ -103,6 +106,7 @@ def test_concurrency_never_exceeds_gpus_times_slots_and_each_job_sees_its_gpu(tm
         assert record["runner"]["device"] == spans[f"j{j}"][2]["cuda"]
 
 
+@pytest.mark.slow  # timed fake jobs on two lanes
 def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     spec = dict(root=str(tmp_path), events=events,
@@ -121,6 +125,7 @@ def test_jobs_stay_on_their_lane_and_cpu_jobs_see_no_gpu(tmp_path, executor):
     assert _max_overlap([(s, e) for s, e, _ in spans.values()]) >= 3
 
 
+@pytest.mark.slow  # timed fake jobs
 def test_evaluation_starts_when_its_own_train_job_ends_while_other_trains_run(tmp_path, executor):
     events = str(tmp_path / "events.jsonl")
     jobs = [dict(name="train_fast", sleep=0.2), dict(name="train_slow", sleep=2.5),
@@ -254,6 +259,7 @@ def _successes(root) -> list[str]:
         "status") == "success")
 
 
+@pytest.mark.slow  # a runner subprocess killed, then rerun
 def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_path, executor):
     kind = _kind(executor)
     jobs = [dict(name=f"j{i}", sleep=1.0) for i in range(6)]
@@ -285,6 +291,7 @@ def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_pat
     assert sum(s.previous for s in result.states) == len(done)
 
 
+@pytest.mark.slow  # signals a runner subprocess
 def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(tmp_path, executor):
     jobs = [dict(name=f"j{i}", sleep=60, grandchild=True) for i in range(3)] + [dict(name="later", sleep=0)]
     proc, events = _driver(tmp_path, jobs, slots=3, kind=_kind(executor))
@@ -304,6 +311,7 @@ def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(t
     assert not os.path.exists(tmp_path / "jobs" / "later" / "result.json")
 
 
+@pytest.mark.slow  # signals a runner subprocess
 def test_sigterm_to_the_runner_cancels_like_ctrl_c(tmp_path, executor):
     proc, events = _driver(tmp_path, [dict(name="long", sleep=60)], kind=_kind(executor))
     _wait_for(lambda: any(e["event"] == "start" for e in read_events(events)))

@@ -109,6 +109,7 @@ def trickle():
         server.close()
 
 
+@pytest.mark.slow  # waits out a trickling SMTP server
 def test_a_trickling_mail_server_holds_up_no_job_and_the_end_wait_is_bounded(tmp_path, trickle):
     deadline_s, final_wait_s = 4.0, 1.0
     proc, out, events = _start_runner(tmp_path, _mail(trickle.port, deadline_s, final_wait_s))
@@ -133,6 +134,7 @@ def test_a_trickling_mail_server_holds_up_no_job_and_the_end_wait_is_bounded(tmp
     assert all(read_record(os.path.join(out, t, n, "result.json"))["status"] == "success" for t, n in JOBS)
 
 
+@pytest.mark.slow  # signals a runner subprocess
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_end_wait_exits_at_once_and_keeps_the_suites_exit_code(tmp_path, trickle, sig):
     proc, out, _ = _start_runner(tmp_path, _mail(trickle.port, deadline_s=30, final_wait_s=60))

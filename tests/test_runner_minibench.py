@@ -34,6 +34,7 @@ coop_xd = dict(trainer="CoOp", config="mini", protocol="xd", source="mini_union"
 pipeline = [dict(gpu_ids=[], tasks=["zs_b2n", "coop_b2n"]), dict(gpu_ids=[], tasks=["coop_fewshot", "coop_xd"])]
 """
 N_JOBS = 4 + 8 + 2 + 5
+pytestmark = pytest.mark.slow  # every test reads one parallel_runner.py run of 19 train.py jobs
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from vltune.runner.executor import CPU
 from vltune.runner.ray_executor import RAY_DEVICE, RayExecutor, import_ray
 
 ray = import_ray()  # CI installs requirements-ray.txt; a missing Ray is an error here, not a skip
+pytestmark = pytest.mark.ray  # the Ray executor's tests: -m ray selects them; those on the cluster are also slow
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -79,6 +80,7 @@ SUITE = [dict(name="train_a", sleep=0.5), dict(name="eval_a", depends_on="train_
          dict(name="train_b", fail=3), dict(name="eval_b", depends_on="train_b"), dict(name="c", sleep=0.2)]
 
 
+@pytest.mark.slow
 def test_the_cluster_has_two_nodes_and_temp_files_where_chosen(cluster, executor):
     c, tmp = cluster
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
@@ -88,6 +90,7 @@ def test_the_cluster_has_two_nodes_and_temp_files_where_chosen(cluster, executor
     assert executor.gpus_per_job == 0 and executor.cluster_slots() == 3
 
 
+@pytest.mark.slow
 def test_a_fake_suite_gives_the_same_results_as_the_local_executor(tmp_path, executor):
     local = run_spec(_spec(tmp_path / "local", SUITE, dict(devices=[CPU], slots=2, tasks=["t"])))
     remote = run_spec(_spec(tmp_path / "ray", SUITE, dict(devices=[RAY_DEVICE], slots=3, tasks=["t"])),
@@ -120,6 +123,7 @@ def _kill_worker_once(events: str, name: str):
     return tick, killed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [2, 0])
 def test_a_job_whose_worker_dies_is_retried_then_recorded_failed(retries, cluster, tmp_path):
     c, _ = cluster
@@ -138,6 +142,7 @@ def test_a_job_whose_worker_dies_is_retried_then_recorded_failed(retries, cluste
         assert "did not finish" in (tmp_path / "victim" / "stderr.log").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_only_this_runs_tasks(executor, tmp_path):
     marker = tmp_path / "other_driver_done"
 
@@ -160,6 +165,7 @@ def test_ctrl_c_cancels_only_this_runs_tasks(executor, tmp_path):
     assert ray.get(other, timeout=30) == "done" and marker.read_text() == "done"
 
 
+@pytest.mark.slow
 def test_a_tiny_minibench_task_gives_the_same_tables_as_local(cluster, digits_root, tiny_clip_weights, tmp_path):
     c, _ = cluster
     configs = tmp_path / "configs.py"

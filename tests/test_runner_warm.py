@@ -151,6 +151,7 @@ def test_jobs_that_are_not_python_scripts_of_this_interpreter_start_cold_and_say
     assert "is not 'python script.py args…'" in caplog.text and "is not this runner's interpreter" in caplog.text
 
 
+@pytest.mark.slow  # starts warm workers that refuse
 @pytest.mark.parametrize("hazard, why", [
     ("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n",
      "an import started threads"),
@@ -167,6 +168,7 @@ def test_a_worker_that_could_not_fork_safely_refuses_and_jobs_start_cold(tmp_pat
     assert f"warm worker: could not start ({why}" in caplog.text and "start as new processes" in caplog.text
 
 
+@pytest.mark.slow  # kills a warm worker mid-job
 def test_a_dead_worker_takes_its_jobs_along_and_the_rest_start_cold(tmp_path, caplog):
     caplog.set_level(logging.INFO, "vltune.runner.warm")
     with WarmExecutor(preload=()) as executor:
@@ -203,6 +205,7 @@ def _train_job(out: str, root: str, weights: str, trainer: str = "ZeroshotCLIP")
     return Job(task="t", out=out, argv=argv)
 
 
+@pytest.mark.slow  # real train.py, cold and warm
 def test_a_train_py_job_gives_the_cold_result_sooner_from_a_worker_that_never_touched_cuda(tmp_path, digits_root,
                                                                                            random_clip_weights):
     env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import eval_logits, tiny_opts
+from conftest import eval_logits
 
 from vltune.config import get_cfg
 from vltune.data.loader import DatasetWrapper
-from vltune.engine import build_trainer
 from vltune.registry import TRAINERS
 from vltune.tuners.prompting import knowledge_loss
 
@@ -19,13 +18,8 @@ get_cfg()
 SUPPORTING = [n for n in TRAINERS.registered_names() if TRAINERS.get(n).__dict__.get("skip_plugin")]
 CSKIP = {"TRAINER.SKIP_PLUGIN.CSKIP": True, "TRAINER.SKIP.TOP_RATIO": 0.2, "TRAINER.SKIP.MAX_TOP": 2,
          "TRAINER.SKIP.LAMBDA": 0.01}  # 10 digits: a head of 2 classes, a tail that almost never survives
-
-
-def _trainer(name, root, weights, out, **extra):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 4, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "cosine", "SEED": 1}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+SKIP = {"DATASET.NUM_SHOTS": 4, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05,
+        "OPTIM.MAX_EPOCH": 1, "OPTIM.LR_SCHEDULER": "cosine", "SEED": 1}
 
 
 def _batch(trainer):
@@ -37,8 +31,8 @@ def test_the_contract_holders_are_the_documented_trainers():
 
 
 @pytest.mark.parametrize("name", SUPPORTING)
-def test_cskip_step_computes_logits_over_the_kept_classes_only(name, digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path), **CSKIP)
+def test_cskip_step_computes_logits_over_the_kept_classes_only(name, make_trainer):
+    trainer = make_trainer(name, opts=SKIP, **CSKIP)
     batch = _batch(trainer)
     trainer.set_model_mode("train")
     parts, seen = trainer._skip_parts(batch)
@@ -50,10 +44,8 @@ def test_cskip_step_computes_logits_over_the_kept_classes_only(name, digits_root
     assert torch.isfinite(torch.tensor(metrics["loss"]))
 
 
-def test_coop_cskip_runs_the_text_encoder_on_kept_prompts_and_only_their_context_learns(
-        digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("CoOp", digits_root, random_clip_weights, str(tmp_path), **CSKIP,
-                       **{"TRAINER.COOP.CSC": True})
+def test_coop_cskip_runs_the_text_encoder_on_kept_prompts_and_only_their_context_learns(make_trainer):
+    trainer = make_trainer("CoOp", opts=SKIP, **CSKIP, **{"TRAINER.COOP.CSC": True})
     sizes = []
     hook = trainer.model.clip.model.transformer.resblocks[0].register_forward_hook(
         lambda m, args, out: sizes.append(args[0].shape[0]))
@@ -72,9 +64,9 @@ def test_coop_cskip_runs_the_text_encoder_on_kept_prompts_and_only_their_context
     assert touched == set(kept.tolist())
 
 
-def test_coop_with_cskip_evaluates_exactly_like_coop(digits_root, random_clip_weights, tmp_path):
-    plain = _trainer("CoOp", digits_root, random_clip_weights, str(tmp_path / "a"))
-    skip = _trainer("CoOp", digits_root, random_clip_weights, str(tmp_path / "b"), **CSKIP)
+def test_coop_with_cskip_evaluates_exactly_like_coop(make_trainer):
+    plain = make_trainer("CoOp", opts=SKIP)
+    skip = make_trainer("CoOp", opts=SKIP, **CSKIP)
     skip.set_model_mode("train")
     skip.forward_backward(_batch(skip))  # a trained context, copied into plain CoOp
     plain.model.prompt_learner.load_state_dict(skip.model.prompt_learner.state_dict())
@@ -84,8 +76,8 @@ def test_coop_with_cskip_evaluates_exactly_like_coop(digits_root, random_clip_we
     torch.testing.assert_close(logits, eval_logits(plain, images), rtol=0, atol=0)
 
 
-def test_kgcoop_knowledge_loss_uses_the_kept_classes(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer("KgCoOp", digits_root, random_clip_weights, str(tmp_path), **CSKIP)
+def test_kgcoop_knowledge_loss_uses_the_kept_classes(make_trainer):
+    trainer = make_trainer("KgCoOp", opts=SKIP, **CSKIP)
     batch = _batch(trainer)
     loss, _ = trainer.loss(batch)
     parts, seen = trainer._skip_parts(batch)  # the same draw: the per-run mask is fixed
@@ -95,10 +87,8 @@ def test_kgcoop_knowledge_loss_uses_the_kept_classes(digits_root, random_clip_we
 
 
 @pytest.mark.parametrize("name", ["CoOp", "CLIPAdapter"])
-def test_cached_frozen_image_features_give_the_same_step_without_the_image_tower(
-        name, digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(name, digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True})
+def test_cached_frozen_image_features_give_the_same_step_without_the_image_tower(name, make_trainer):
+    trainer = make_trainer(name, opts=SKIP, **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True})
     trainer.before_train()
     batch = _batch(trainer)
     assert batch["cached"] and batch["img"].shape == (4, trainer.backbone.embed_dim)
@@ -117,17 +107,15 @@ def test_cached_frozen_image_features_give_the_same_step_without_the_image_tower
 
 
 @pytest.mark.parametrize("name", ["MaPLe", "TCP", "CoCoOp", "ProGrad", "ExtrasLinearProbeCoOp", "SkipTuning"])
-def test_trainers_outside_the_contract_refuse_the_plugin(name, digits_root, random_clip_weights, tmp_path):
+def test_trainers_outside_the_contract_refuse_the_plugin(name, make_trainer):
     with pytest.raises(ValueError, match=f"TRAINER.SKIP_PLUGIN is not supported by {name}"):
-        _trainer(name, digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.SKIP_PLUGIN.CSKIP": True})
+        make_trainer(name, opts=SKIP, **{"TRAINER.SKIP_PLUGIN.CSKIP": True})
 
 
-def test_image_cache_needs_deterministic_transforms_and_a_frozen_image_path(
-        digits_root, random_clip_weights, tmp_path):
+def test_image_cache_needs_deterministic_transforms_and_a_frozen_image_path(make_trainer):
     with pytest.raises(ValueError, match=r"INPUT.TRANSFORMS has random \['random_flip'\]"):
-        _trainer("CoOp", digits_root, random_clip_weights, str(tmp_path),
-                 **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True, "INPUT.TRANSFORMS": "('random_flip', 'normalize')"})
-    trainer = _trainer("FinetuneCLIP", digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True})
+        make_trainer("CoOp", opts=SKIP,
+                     **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True, "INPUT.TRANSFORMS": "('random_flip', 'normalize')"})
+    trainer = make_trainer("FinetuneCLIP", opts=SKIP, **{"TRAINER.SKIP_PLUGIN.CACHE_IMAGE": True})
     with pytest.raises(ValueError, match="image path trains here"):
         trainer.before_train()

@@ -9,11 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, eval_logits, tiny_opts
+from conftest import REPO, eval_logits
 
 from vltune.config import get_cfg
 from vltune.data.loader import DatasetWrapper
-from vltune.engine import build_trainer
 from vltune.tuners.skip import (
     ClassSelector,
     class_batches,
@@ -23,14 +22,9 @@ from vltune.tuners.skip import (
     tail_keep_probability,
 )
 
-
-def _trainer(root, weights, out, **extra):
-    opts = {"TRAINER.NAME": "SkipTuning", "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 8,
-            "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 2,
-            "OPTIM.LR_SCHEDULER": "cosine", "SEED": 1,
-            "TRAINER.SKIP.START_LAYER": 1, "TRAINER.SKIP.CACHE_DTYPE": "fp32", "TRAINER.SKIP.QUICK_BATCH_SIZE": 32}
-    opts.update(extra)
-    return build_trainer(get_cfg(opts=tiny_opts(root, weights, **opts)))
+SKIP = {"DATASET.NUM_SHOTS": 8, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05,
+        "OPTIM.MAX_EPOCH": 2, "OPTIM.LR_SCHEDULER": "cosine", "SEED": 1, "TRAINER.SKIP.START_LAYER": 1,
+        "TRAINER.SKIP.CACHE_DTYPE": "fp32", "TRAINER.SKIP.QUICK_BATCH_SIZE": 32}
 
 
 class Calls:
@@ -65,9 +59,8 @@ def _grads(trainer) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-def test_cached_step_equals_the_full_forward_step_and_never_runs_the_frozen_prefix(
-        digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_cached_step_equals_the_full_forward_step_and_never_runs_the_frozen_prefix(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP)
     batch = _cached_batch(trainer)
     assert batch["cached"] and batch["img"].shape[1:] == (17, 64)  # block-0 tokens, 1 + 16 patches, width 64
     calls = Calls(trainer)
@@ -99,16 +92,16 @@ def test_cached_step_equals_the_full_forward_step_and_never_runs_the_frozen_pref
         torch.testing.assert_close(skipped[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_pixel_batches_give_the_same_step_as_cached_ones(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_pixel_batches_give_the_same_step_as_cached_ones(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP)
     batch = _cached_batch(trainer)
     dataset = DatasetWrapper(trainer.dm.dataset.train_x, trainer.dm.tfm_train)
     pixels = {**batch, "cached": False, "img": torch.stack([dataset[i]["img"] for i in batch["index"].tolist()])}
     torch.testing.assert_close(trainer.loss(pixels)[0], trainer.loss(batch)[0])
 
 
-def test_training_epochs_cache_text_once_and_images_once_per_epoch(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TEST.NO_TEST": True})
+def test_training_epochs_cache_text_once_and_images_once_per_epoch(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP, **{"TEST.NO_TEST": True})
     calls = Calls(trainer)
     trainer.train()
     calls.remove()
@@ -120,8 +113,8 @@ def test_training_epochs_cache_text_once_and_images_once_per_epoch(digits_root, 
     assert trainer.train_loader_x is trainer.dm.train_loader_x  # the cache is dropped after training
 
 
-def test_inference_is_a_full_clip_forward_over_all_classes(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TEST.NO_TEST": True})
+def test_inference_is_a_full_clip_forward_over_all_classes(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP, **{"TEST.NO_TEST": True})
     trainer.train()
     images = next(iter(trainer.test_loader))["img"][:6]
     clip = trainer.model
@@ -132,9 +125,9 @@ def test_inference_is_a_full_clip_forward_over_all_classes(digits_root, random_c
     torch.testing.assert_close(eval_logits(trainer, images), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_staged_lr_puts_image_tower_and_text_side_in_their_groups(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path),
-                       **{"TRAINER.FINETUNE.TEXT_LR": 0.02, "TRAINER.FINETUNE.IMAGE_LR": 0.005})
+def test_staged_lr_puts_image_tower_and_text_side_in_their_groups(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP,
+                           **{"TRAINER.FINETUNE.TEXT_LR": 0.02, "TRAINER.FINETUNE.IMAGE_LR": 0.005})
     groups = {g["name"]: g for g in trainer._optims["clip"].param_groups}
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert groups["image"]["lr"] == 0.005 and groups["text"]["lr"] == 0.02
@@ -142,8 +135,8 @@ def test_staged_lr_puts_image_tower_and_text_side_in_their_groups(digits_root, r
     assert not any(names[id(p)].startswith("model.visual.") for p in groups["text"]["params"])
 
 
-def test_drop_ratio_keeps_the_cls_token(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), **{"TRAINER.SKIP.DROP_RATIO": 0.5})
+def test_drop_ratio_keeps_the_cls_token(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP, **{"TRAINER.SKIP.DROP_RATIO": 0.5})
     x = torch.randn(2, 17, 8)
     out = trainer._drop_tokens(x)
     assert out.shape == (2, 9, 8) and torch.equal(out[:, 0], x[:, 0])
@@ -158,9 +151,9 @@ def test_drop_ratio_keeps_the_cls_token(digits_root, random_clip_weights, tmp_pa
     ("TRAINER.SKIP.MASK_POLICY", "per_step", "choose from per_run, per_epoch, per_batch"),
     ("TRAINER.SKIP.SAMPLER", "classwise", "choose from auto, single_class, random"),
 ])
-def test_bad_settings_fail_naming_the_key(digits_root, random_clip_weights, tmp_path, key, value, match):
+def test_bad_settings_fail_naming_the_key(key, value, match, make_trainer):
     with pytest.raises(ValueError, match=match):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), **{key: value})
+        make_trainer("SkipTuning", opts=SKIP, **{key: value})
 
 
 def test_the_quarter_epoch_rule_is_a_per_dataset_config_block():
@@ -264,17 +257,16 @@ def test_sampler_choice_and_fallback_when_a_class_is_smaller_than_a_batch(caplog
     assert "classes [1] have fewer" in caplog.text
 
 
-def test_a_class_smaller_than_the_batch_trains_without_crashing(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path),
-                       **{"DATASET.NUM_SHOTS": 2, "TRAINER.SKIP.SAMPLER": "single_class", "TEST.NO_TEST": True})
+def test_a_class_smaller_than_the_batch_trains_without_crashing(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP,
+                           **{"DATASET.NUM_SHOTS": 2, "TRAINER.SKIP.SAMPLER": "single_class", "TEST.NO_TEST": True})
     assert trainer.sampler_mode == "random"
     trainer.train()
     assert trainer.method_record()["mean_kept_classes"] >= 1
 
 
-def test_each_epoch_recaches_fresh_augmentations_into_the_same_buffer(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path),
-                       **{"INPUT.TRANSFORMS": "('random_flip', 'normalize')"})
+def test_each_epoch_recaches_fresh_augmentations_into_the_same_buffer(make_trainer):
+    trainer = make_trainer("SkipTuning", opts=SKIP, **{"INPUT.TRANSFORMS": "('random_flip', 'normalize')"})
     trainer.before_train()
     trainer.epoch = 0
     trainer.before_epoch()

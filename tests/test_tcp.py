@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from clip_fixtures import make_deep_backbone
-from conftest import tiny_opts
 
 import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
@@ -14,25 +13,13 @@ import vltune  # noqa: F401  (compat shim: must precede open_clip/torchvision)
 
 from trainers.tcp import TCPModel, TCPPromptLearner, learnable_tail
 from vltune.clip import CLIPBackbone, create_clip, resolve_arch
-from vltune.config import get_cfg
-from vltune.engine import build_trainer
 from vltune.engine.checkpoint import atomic_torch_save
 from vltune.tuners.prompting import knowledge_loss
 
 NAMES = ["sea lion", "cat", "ice_cream cone"]
 TINY = {"TRAINER.COOP.N_CTX": 4, "TRAINER.TCP.INJECT_LAYER": 1}  # vltune-tiny has 2 text blocks
-
-
-def _cfg(root, weights, out, name="TCP", **extra):
-    opts = {"TRAINER.NAME": name, "OUTPUT_DIR": out, "DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4,
-            "DATALOADER.TEST.BATCH_SIZE": 16, "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1,
-            "SEED": 1, **TINY}
-    opts.update(extra)
-    return get_cfg(opts=tiny_opts(root, weights, **opts))
-
-
-def _trainer(root, weights, out, eval_only=True, **extra):
-    return build_trainer(_cfg(root, weights, out, **extra), eval_only=eval_only)
+TCP = {"DATASET.NUM_SHOTS": 2, "DATALOADER.TRAIN_X.BATCH_SIZE": 4, "DATALOADER.TEST.BATCH_SIZE": 16,
+       "OPTIM.NAME": "sgd", "OPTIM.LR": 0.05, "OPTIM.MAX_EPOCH": 1, "SEED": 1, **TINY}
 
 
 def _steps(trainer, n=3):
@@ -53,13 +40,11 @@ def _learner(clip, names=NAMES, ctx_init=""):
     return learner
 
 
-def test_without_injection_text_features_equal_coops_with_the_same_context(digits_root, random_clip_weights,
-                                                                          tmp_path):
-    coop = _trainer(digits_root, random_clip_weights, str(tmp_path / "coop"), name="CoOp")
+def test_without_injection_text_features_equal_coops_with_the_same_context(make_trainer):
+    coop = make_trainer("CoOp", eval_only=True, opts=TCP)
     features = {}
     for weight in (0.0, 1.0):
-        tcp = _trainer(digits_root, random_clip_weights, str(tmp_path / str(weight)),
-                       **{"TRAINER.TCP.MIX_WEIGHT": weight})
+        tcp = make_trainer("TCP", eval_only=True, opts=TCP, **{"TRAINER.TCP.MIX_WEIGHT": weight})
         with torch.no_grad():
             coop.model.prompt_learner.ctx.copy_(tcp.model.prompt_learner.ctx)
             features[weight] = tcp.model.text_features(), coop.model.text_features()
@@ -102,11 +87,10 @@ def test_class_aware_tokens_reach_exactly_the_injection_layer(deep_clip, layer, 
             assert not torch.allclose(seen[i], plain[i], atol=1e-4)
 
 
-def test_knowledge_loss_is_zero_when_the_prompt_is_the_hand_crafted_one(digits_root, random_clip_weights, tmp_path):
+def test_knowledge_loss_is_zero_when_the_prompt_is_the_hand_crafted_one(make_trainer):
     # Digits' template is "a photo of the number {}.": this context reproduces it token for token.
     hand = {"TRAINER.COOP.CTX_INIT": "a photo of the number", "TRAINER.COOP.W": 8.0}
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "a"), **hand,
-                       **{"TRAINER.TCP.MIX_WEIGHT": 0.0})
+    trainer = make_trainer("TCP", eval_only=True, opts=TCP, **hand, **{"TRAINER.TCP.MIX_WEIGHT": 0.0})
     batch = trainer.to_device(next(iter(trainer.test_loader)))
     with torch.no_grad():
         parts = trainer.forward_parts(batch["img"])
@@ -114,7 +98,7 @@ def test_knowledge_loss_is_zero_when_the_prompt_is_the_hand_crafted_one(digits_r
         torch.testing.assert_close(w, trainer.model.clip.zero_shot_classifier(trainer.classnames, [trainer.template]))
         torch.testing.assert_close(parts.text, w, rtol=0, atol=1e-5)
         assert abs(float(trainer.regularizers(batch, parts)["kg"])) < 1e-5
-        injected = _trainer(digits_root, random_clip_weights, str(tmp_path / "b"), **hand)
+        injected = make_trainer("TCP", eval_only=True, opts=TCP, **hand)
         parts = injected.forward_parts(batch["img"])
         kg = knowledge_loss(parts.text, injected.model.prompt_learner.class_text)
         assert 1e-3 < float(kg) <= 2.0  # 1 - mean cos lies in [0, 2]
@@ -122,12 +106,11 @@ def test_knowledge_loss_is_zero_when_the_prompt_is_the_hand_crafted_one(digits_r
     assert float(knowledge_loss(-w, w)) == pytest.approx(2.0, abs=1e-5)
 
 
-def test_unseen_classes_get_class_aware_tokens_from_their_own_embeddings(digits_root, random_clip_weights, tmp_path):
-    base = _trainer(digits_root, random_clip_weights, str(tmp_path / "base"), eval_only=False,
-                    **{"DATASET.SUBSAMPLE_CLASSES": "base"})
+def test_unseen_classes_get_class_aware_tokens_from_their_own_embeddings(tmp_path, make_trainer):
+    base = make_trainer("TCP", tmp_path / "base", opts=TCP, **{"DATASET.SUBSAMPLE_CLASSES": "base"})
     _steps(base, 2)
     base.save_model(0, str(tmp_path / "base"))
-    new = _trainer(digits_root, random_clip_weights, str(tmp_path / "new"), **{"DATASET.SUBSAMPLE_CLASSES": "new"})
+    new = make_trainer("TCP", tmp_path / "new", eval_only=True, opts=TCP, **{"DATASET.SUBSAMPLE_CLASSES": "new"})
     new.load_model(str(tmp_path / "base"), epoch=1)
     assert not set(new.classnames) & set(base.classnames)
     learner = new.model.prompt_learner
@@ -144,8 +127,8 @@ def test_unseen_classes_get_class_aware_tokens_from_their_own_embeddings(digits_
     assert new.test() >= 0.0 and new.last_metrics["accuracy"] >= 0.0
 
 
-def test_text_features_are_computed_once_per_evaluation(digits_root, random_clip_weights, tmp_path, monkeypatch):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path))
+def test_text_features_are_computed_once_per_evaluation(monkeypatch, make_trainer):
+    trainer = make_trainer("TCP", eval_only=True, opts=TCP)
     clip, calls = trainer.model.clip, []
     original = clip.encode_text_from_embeddings
     monkeypatch.setattr(clip, "encode_text_from_embeddings", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -153,9 +136,8 @@ def test_text_features_are_computed_once_per_evaluation(digits_root, random_clip
     assert len(trainer.test_loader) > 1 and len(calls) == 1
 
 
-def test_amp_trains_context_and_tke(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path), eval_only=False,
-                       **{"TRAINER.PREC": "amp", "OPTIM.NAME": "adam", "OPTIM.LR": 0.002})
+def test_amp_trains_context_and_tke(make_trainer):
+    trainer = make_trainer("TCP", opts=TCP, **{"TRAINER.PREC": "amp", "OPTIM.NAME": "adam", "OPTIM.LR": 0.002})
     learner = trainer.model.prompt_learner
     before = {k: v.detach().clone() for k, v in learner.named_parameters()}
     metrics = _steps(trainer, 2)
@@ -165,8 +147,8 @@ def test_amp_trains_context_and_tke(digits_root, random_clip_weights, tmp_path):
     assert trainer.test() > 0
 
 
-def test_checkpoint_keys_match_upstream_and_prompt_buffers_are_ignored(digits_root, random_clip_weights, tmp_path):
-    trainer = _trainer(digits_root, random_clip_weights, str(tmp_path / "run"))
+def test_checkpoint_keys_match_upstream_and_prompt_buffers_are_ignored(tmp_path, make_trainer):
+    trainer = make_trainer("TCP", tmp_path / "run", eval_only=True, opts=TCP)
     state = trainer.trainable_state("prompt_learner")
     assert set(state) == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
                           "meta_net.linear2.bias"}
@@ -202,9 +184,9 @@ def test_prompt_layout_puts_context_first_and_upstreams_ucf101_prompt_after_it(d
                                         ({"TRAINER.TCP.MIX_WEIGHT": 1.5}, r"MIX_WEIGHT must lie in \[0, 1\]"),
                                         ({"TRAINER.COOP.CSC": True}, "generic context"),
                                         ({"TRAINER.COOP.CLASS_TOKEN_POSITION": "middle"}, "must be 'end'")])
-def test_bad_settings_are_rejected(digits_root, random_clip_weights, tmp_path, opts, match):
+def test_bad_settings_are_rejected(opts, match, make_trainer):
     with pytest.raises(ValueError, match=match):
-        _trainer(digits_root, random_clip_weights, str(tmp_path), **opts)
+        make_trainer("TCP", eval_only=True, opts=TCP, **opts)
 
 
 def test_vit_b16_has_331904_trainable_parameters_and_injects_at_block_8():

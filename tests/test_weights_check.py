@@ -59,6 +59,7 @@ def test_backbone_fit_and_mismatch(tmp_path, capsys):
     assert "DOES NOT FIT" in out and "key(s) missing" in out
 
 
+@pytest.mark.slow  # two `python -m vltune.clip` subprocesses
 def test_unreadable_file_and_module_entry_point(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not weights")
