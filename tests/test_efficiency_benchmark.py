@@ -89,17 +89,10 @@ def test_variant_names_resolve_to_a_trainer_and_its_settings(bench):
         bench.parse_variant("CoOp@many", 100)
 
 
-def test_compile_variants_put_every_transformer_block_under_torch_compile(bench, digits_root, random_clip_weights,
-                                                                          tmp_path):
-    from conftest import tiny_opts
-
-    from vltune.config import get_cfg
-    from vltune.engine import build_trainer
-
+def test_compile_variants_put_every_transformer_block_under_torch_compile(bench, make_trainer):
     name, opts, patch = bench.resolve("CoOp-upstream+compile")
     assert name == "CoOp" and opts == {"MODEL.BACKBONE.TRUNCATE_TEXT": False}
-    trainer = build_trainer(get_cfg(opts=[*tiny_opts(digits_root, random_clip_weights), "TRAINER.NAME", name,
-                                          "OUTPUT_DIR", str(tmp_path)]))
+    trainer = make_trainer(name)
     clip = trainer.model.clip
     blocks = [*clip.model.transformer.resblocks, *clip.model.visual.transformer.resblocks]
     assert all(b._compiled_call_impl is None for b in blocks)
