@@ -255,8 +255,8 @@ class TrainerX(TrainerBase):
         if not terms:
             raise ValueError(f"{type(self).__name__}.losses() returned no loss term")
         total = sum(terms.values())
-        metrics = {f"loss_{name}": float(term.detach()) for name, term in terms.items()}
-        return total, {**metrics, **self._step_metrics}
+        values = torch.stack([term.detach().float().reshape(()) for term in terms.values()]).tolist()  # one sync
+        return total, {**{f"loss_{name}": v for name, v in zip(terms, values)}, **self._step_metrics}
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
