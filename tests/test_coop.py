@@ -110,37 +110,9 @@ def test_engine_clips_the_gradient_norm(make_trainer):
     assert steps[0.0] > 10 * steps[1e-3]
 
 
-def test_amp_trains_in_bf16_on_cpu_with_float_master_weights(make_trainer):
-    trainer = make_trainer("CoOp", opts=TRAIN, **{"TRAINER.PREC": "amp", "OPTIM.LR": 0.01})
-    assert trainer.precision.dtype == torch.bfloat16
-    before = trainer.model.prompt_learner.ctx.detach().clone()
-    trainer.set_model_mode("train")
-    metrics = trainer.forward_backward(trainer.to_device(next(iter(trainer.train_loader_x))))
-    ctx = trainer.model.prompt_learner.ctx
-    assert ctx.dtype == torch.float32 and not torch.equal(ctx.detach(), before)
-    assert torch.isfinite(torch.tensor(metrics["loss"]))
-    assert trainer.test() > 0
-
-
 def test_init_weights_loads_a_checkpoint_into_the_prompt_learner(tmp_path, make_trainer):
     first = make_trainer("CoOp", tmp_path / "a", eval_only=True, opts=COOP)
     first.save_model(0, str(tmp_path / "a"))
     path = str(tmp_path / "a" / "prompt_learner" / "model.pth.tar-1")
     second = make_trainer("CoOp", tmp_path / "b", eval_only=True, opts=COOP, **{"MODEL.INIT_WEIGHTS": path, "SEED": 7})
     assert torch.equal(second.model.prompt_learner.ctx, first.model.prompt_learner.ctx)
-
-
-@pytest.mark.parametrize("name,path,encoder", [("ZeroshotCLIP", "", "encode_text"),
-                                                ("CoOp", "clip", "encode_text_from_embeddings")])
-def test_class_text_features_are_computed_once_per_evaluation(name, path, encoder, monkeypatch, make_trainer):
-    trainer = make_trainer(name, eval_only=True, opts=COOP, **{"DATALOADER.TEST.BATCH_SIZE": 16})
-    clip = trainer.model.get_submodule(path)
-    original, calls = getattr(clip, encoder), []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(clip, encoder, counted)
-    trainer.test()
-    assert len(trainer.test_loader) > 1 and len(calls) == 1

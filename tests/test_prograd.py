@@ -159,14 +159,6 @@ def test_grad_scaler_and_clipping_go_through_the_engine(make_trainer):
     torch.testing.assert_close(step / step.norm(), expected / expected.norm())  # the projected direction, clipped
 
 
-def test_amp_on_cpu_trains_in_bf16_with_float_master_weights(make_trainer):
-    trainer = make_trainer("ProGrad", opts=PROGRAD, **{"TRAINER.PREC": "amp", "OPTIM.LR": 0.01})
-    assert trainer.precision.dtype == torch.bfloat16 and trainer.precision.scaler is None
-    step = _step(trainer, _batch(trainer))
-    assert trainer.model.prompt_learner.ctx.dtype == torch.float32
-    assert torch.isfinite(step).all() and step.abs().sum() > 0
-
-
 # ---- teacher and losses ---------------------------------------------------------------------------------------------
 def test_the_teacher_is_zero_shot_clip_with_the_dataset_template(make_trainer):
     trainer = make_trainer("ProGrad", opts=PROGRAD)

@@ -127,26 +127,6 @@ def test_unseen_classes_get_class_aware_tokens_from_their_own_embeddings(tmp_pat
     assert new.test() >= 0.0 and new.last_metrics["accuracy"] >= 0.0
 
 
-def test_text_features_are_computed_once_per_evaluation(monkeypatch, make_trainer):
-    trainer = make_trainer("TCP", eval_only=True, opts=TCP)
-    clip, calls = trainer.model.clip, []
-    original = clip.encode_text_from_embeddings
-    monkeypatch.setattr(clip, "encode_text_from_embeddings", lambda *a, **k: calls.append(1) or original(*a, **k))
-    trainer.test()
-    assert len(trainer.test_loader) > 1 and len(calls) == 1
-
-
-def test_amp_trains_context_and_tke(make_trainer):
-    trainer = make_trainer("TCP", opts=TCP, **{"TRAINER.PREC": "amp", "OPTIM.NAME": "adam", "OPTIM.LR": 0.002})
-    learner = trainer.model.prompt_learner
-    before = {k: v.detach().clone() for k, v in learner.named_parameters()}
-    metrics = _steps(trainer, 2)
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
-    assert all(not torch.equal(p.detach(), before[k]) and p.dtype == torch.float32
-               for k, p in learner.named_parameters())
-    assert trainer.test() > 0
-
-
 def test_checkpoint_keys_match_upstream_and_prompt_buffers_are_ignored(tmp_path, make_trainer):
     trainer = make_trainer("TCP", tmp_path / "run", eval_only=True, opts=TCP)
     state = trainer.trainable_state("prompt_learner")

@@ -188,6 +188,25 @@ def test_class_text_is_encoded_once_per_evaluation_not_per_batch(name, built, mo
         assert per_batch >= len(trainer.test_loader), "instance-conditioned text should run for every batch"
     else:
         assert per_batch == 0, f"{per_batch} text encoder runs inside evaluation batches; cache them before the loop"
+        assert len(calls) <= 1, f"{len(calls)} text encoder runs before the loop: encode the classes once"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _overrides(n).get("trainable", True)])
+def test_amp_trains_float_master_weights_under_bf16_autocast(name, digits_root, random_clip_weights, tmp_path):
+    """``amp`` on CPU: bf16 autocast, no scaler, and the trainable tensors stay float32 master weights that move."""
+    cfg = _cfg(name, digits_root, random_clip_weights, str(tmp_path))
+    cfg.defrost()
+    cfg.TRAINER.PREC = "amp"
+    node = TRAINERS.get(name).config_node
+    if node and "PREC" in cfg.TRAINER.get(node, {}):
+        cfg.TRAINER[node].PREC = "amp"  # a method's own PREC wins over TRAINER.PREC
+    trainer = build_trainer(cfg)
+    assert trainer.precision.dtype == torch.bfloat16 and trainer.precision.scaler is None
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    _train_steps(trainer, 2)
+    params = dict(trainer.model.named_parameters())
+    assert before and all(params[n].dtype == torch.float32 for n in before)
+    assert any(not torch.equal(params[n].detach(), v) for n, v in before.items()), "amp steps changed nothing"
 
 
 #: the methods whose papers define them on CoOp: the only CoOp subclasses besides DePT's combinations
