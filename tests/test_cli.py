@@ -137,6 +137,20 @@ def test_failure_writes_exceptions_and_a_failed_record(runs, tmp_path):
     assert "Traceback" in open(os.path.join(out, "exceptions.txt")).read()
 
 
+def test_a_job_console_has_no_native_profiler_chatter(runs, tmp_path):
+    """The CPU memory meter profiles a step; kineto's USDT lines and c10's CPUAllocator warning stay out of the job's
+    console (and so out of the runner's stdout.log / stderr.log), while the meter still measures."""
+    out = str(tmp_path / "quiet")
+    argv = _argv("CoOp", COOP_CFG, runs["root"], out, runs["weights"], opts=_coop_opts(1))
+    env = {k: v for k, v in os.environ.items() if k not in ("KINETO_LOG_LEVEL", "TORCH_CPP_LOG_LEVEL")}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert "USDT" not in console and "CPUAllocator" not in console, console[-2000:]
+    assert _record(out)["cost"]["train_peak_method"] == "cpu_profiler_tensor_bytes"
+
+
 @pytest.mark.slow  # kills a train.py subprocess, then resumes
 def test_killed_run_resumes_from_its_last_checkpoint(runs, tmp_path):
     epochs = 6
