@@ -9,6 +9,11 @@ A table's ``notes`` (how its numbers are measured) follow it in markdown and pre
 holds the numbers only.
 
 A missing value is ``None`` in ``Table.rows`` and shows as ``-`` in markdown and LaTeX.
+
+The renderers are written here rather than with ``tabulate`` (checked with tabulate 0.10): its ``github`` format pads
+every cell to the column width (the report's rows would no longer read ``| caltech101 | 62.00 ± 2.00 |``) and leaves a
+``|`` inside a cell unescaped, and its ``latex_booktabs`` format escapes every cell, so a ``$\\pm$`` cell or a bold
+``\\textbf`` summary label would print as text; its raw LaTeX format has no booktabs rules. Neither saves lines.
 """
 
 from __future__ import annotations
