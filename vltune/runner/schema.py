@@ -519,15 +519,15 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
         with problems.check():
             seed.check_inside(base.output_root)
     task_dicts = {k: v for k, v in names.items() if isinstance(v, dict) and "trainer" in v}
-    untranslated = seed.untranslated if seed is not None else set()  # named already; defined, not validated again
-    stages, seen = _stages(names["pipeline"], {*task_dicts, *untranslated}, problems, gpus,
+    not_validated = seed.not_validated if seed is not None else set()
+    stages, seen = _stages(names["pipeline"], {*task_dicts, *not_validated}, problems, gpus,
                            slots_per_gpu or 0, base.slots_per_gpu if base else 1)
     with problems.check():
         check_gpus([g for s in stages for g in s.gpu_ids],
                    available_gpus() if any(s.gpu_ids for s in stages) else [])
     tasks = {}
     for name in seen:
-        if name in untranslated:
+        if name in not_validated:
             continue
         with problems.check():
             tasks[name] = Task.from_dict(name, task_dicts[name], repo)

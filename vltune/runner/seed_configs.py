@@ -81,11 +81,12 @@ class SeedTask:
 
 @dataclass
 class SeedSuite:
-    """The Skip Tuning extras of a loaded file: one ``SeedTask`` per translated task; ``untranslated``: tasks whose
-    problems are already reported (they are defined, so the pipeline does not call them unknown)."""
+    """The Skip Tuning extras of a loaded file: one ``SeedTask`` per translated task; ``not_validated``: tasks the
+    file defines that vltune does not validate: those whose translation failed (their problems are already reported)
+    and those no pipeline entry names (they only feed the pipeline's did-you-mean)."""
 
     tasks: dict[str, SeedTask] = field(default_factory=dict)
-    untranslated: set[str] = field(default_factory=set)
+    not_validated: set[str] = field(default_factory=set)
 
     def _selected(self, only: Iterable[str] | None) -> list[SeedTask]:
         return [t for name, t in self.tasks.items() if only is None or name in only]
@@ -437,10 +438,12 @@ def translate(names: dict[str, Any], path: str, repo: str) -> Translation:
         task, seed, found = _translate_task(name, merged, base, folder, repo)
         problems += found
         if found or any(p.startswith(f"task {name!r}") for p in problems):
-            suite.untranslated.add(name)
+            suite.not_validated.add(name)
         else:
             out[name] = task
             suite.tasks[name] = seed
+    suite.not_validated |= {k for k, v in names.items() if isinstance(v, dict) and "train" in v and k != "base"
+                            and k not in out and k not in suite.tasks}
     if "model" not in base:
         backbones = {name: b for name, task in out.items() if name != "pipeline" and (b := _backbone(task, repo))}
         if len(set(backbones.values())) == 1:
