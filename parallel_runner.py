@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed, rerun_stale=args.rerun_stale)
         if args.dry_run:
             print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
-            if experiments.seed is not None:
-                print("\n".join(experiments.seed.plan(root, args.only)))
+            for line in experiments.seed.plan(root, args.only) if experiments.seed is not None else []:
+                print(line)
             return 0
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
