@@ -41,6 +41,7 @@ from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
+from vltune.runner.seed_configs import plot_note as seed_plot_note  # noqa: E402
 from vltune.runner.warm import DEFAULT_PRELOAD, WarmExecutor  # noqa: E402
 
 logger = logging.getLogger("parallel_runner")
@@ -211,11 +212,23 @@ class Notifier:
         return done
 
 
-def write_outputs(root: str) -> str:
-    """Tables (md, csv, tex), plots and report.md from every record in the output folder; returns the report."""
+def write_outputs(root: str, experiments: Experiments | None = None, only: list[str] | None = None) -> str:
+    """Tables (md, csv, tex), plots and report.md from every record in the output folder; returns the report. A Skip
+    Tuning-format configs.py also gets each task's accuracy and cost tables in its ``output.result`` and
+    ``output.cost`` folders."""
     from vltune.results.report import rebuild
 
-    return rebuild(root)
+    report = rebuild(root)
+    seed = experiments.seed if experiments is not None else None
+    if seed is not None:
+        written = seed.write_tables(root, only)
+        folders = sorted({os.path.dirname(p) for p in written})
+        if folders:
+            print(f"output.result / output.cost tables: {', '.join(folders)}", flush=True)
+        for t in seed.tasks.values():
+            if t.plot != "line" and (only is None or t.name in only):
+                print(seed_plot_note(t), flush=True)
+    return report
 
 
 # Errors of the output folder's file system: reported in one line with what to do, not as a traceback.
@@ -262,12 +275,14 @@ def main(argv: list[str] | None = None) -> int:
                                        slots_per_gpu=args.slots_per_gpu)
         root = experiments.base.output_root
         if args.tables_only:
-            print(write_outputs(root))
+            print(write_outputs(root, experiments, args.only))
             return 0
         jobs = expand(experiments, REPO, args.only)
         scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed, rerun_stale=args.rerun_stale)
         if args.dry_run:
             print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
+            for line in experiments.seed.plan(root, args.only) if experiments.seed is not None else []:
+                print(line)
             return 0
     except SuiteError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -291,6 +306,8 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
     from vltune.runner.progress import Progress
 
     root = experiments.base.output_root
+    if experiments.seed is not None:
+        experiments.seed.clear(root, args.only, echo=lambda line: print(line, flush=True))
     if experiments.base.prepare == "minibench":
         prepare_minibench(experiments)
         refresh_identities(jobs)  # the mini CLIP may have just been made: identify it by its content
@@ -317,7 +334,7 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         progress.close()
         if isinstance(executor, WarmExecutor):
             executor.close()  # stop the warm worker and reap it (also on Ctrl-C and SIGTERM)
-    report = write_outputs(root)
+    report = write_outputs(root, experiments, args.only)
     notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
     c = result.counts
     print(f"\n{report}\n{c['success']}/{len(jobs)} jobs succeeded, {c['failed']} failed, {c['skipped']} skipped, "

@@ -2,7 +2,10 @@
 
 An experiment file is Python (like the SkipTuning runner's): ``base`` (shared settings), one dict per task, and
 ``pipeline`` (which tasks run, in which order, on which GPUs). Every mistake (an unknown key, task, trainer, dataset,
-trainer config, grid key or GPU id) is a ``SuiteError`` naming it and the valid choices, raised on load.
+trainer config, grid key or GPU id) is named with the valid choices, and all of them are raised on load in one
+``SuiteError``: the base's, every pipeline entry's, every task's and the GPUs', so one edit fixes them all. The Skip
+Tuning repository's format (``base`` with ``train``/``grid_search``) is translated first (``seed_configs.py``), then
+goes through the same validation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import difflib
 import importlib.util
 import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,7 +25,49 @@ PREPARE = ("", "minibench")
 
 
 class SuiteError(ValueError):
-    """A mistake in the experiment file; the message names the file, the key and the fix."""
+    """Mistakes in the experiment file; the message names the file, the key and the fix.
+
+    Args:
+        problems: one message, or several (each naming its key or task); ``problems`` keeps them for a caller that
+            collects the problems of several parts into one error. Several read as numbered lines.
+        head: the line before the numbered problems (e.g. the file).
+    """
+
+    def __init__(self, problems: str | Sequence[str], head: str = "") -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__(numbered(self.problems, head))
+
+
+def numbered(problems: Sequence[str], head: str = "") -> str:
+    """One problem as ``head: problem``; several as ``head: N problems ...`` and one numbered line each."""
+    if len(problems) == 1:
+        return f"{head}: {problems[0]}" if head else problems[0]
+    lines = [f"{i}. " + p.replace("\n", "\n   ") for i, p in enumerate(problems, start=1)]
+    intro = f"{len(problems)} problems; nothing was run (fix them all, then run again):"
+    return "\n".join([f"{head}: {intro}" if head else intro, *(f"  {line}" for line in lines)])
+
+
+class Problems:
+    """Collects ``SuiteError`` problems from several checks, so one error can list them all."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, problem: str | SuiteError, prefix: str = "") -> None:
+        found = problem.problems if isinstance(problem, SuiteError) else [problem]
+        self.items += [prefix + p for p in found]
+
+    @contextmanager
+    def check(self, prefix: str = "") -> Iterator[None]:
+        """Run the block; a ``SuiteError`` it raises is recorded (each problem after ``prefix``) instead."""
+        try:
+            yield
+        except SuiteError as e:
+            self.add(e, prefix)
+
+    def raise_if_any(self, head: str = "") -> None:
+        if self.items:
+            raise SuiteError(self.items, head)
 
 
 def _suggest(name: str, valid: Iterable[str]) -> str:
@@ -30,9 +76,11 @@ def _suggest(name: str, valid: Iterable[str]) -> str:
 
 
 def _check_keys(where: str, given: Iterable[str], valid: Sequence[str]) -> None:
-    for key in given:
-        if key not in valid:
-            raise SuiteError(f"{where}: unknown key {key!r}{_suggest(key, valid)}; valid keys: {', '.join(valid)}")
+    """Raise one ``SuiteError`` naming every unknown key, each with a did-you-mean and the valid keys."""
+    unknown = [key for key in given if key not in valid]
+    if unknown:
+        raise SuiteError([f"{where}: unknown key {key!r}{_suggest(key, valid)}; valid keys: {', '.join(valid)}"
+                          for key in unknown])
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -90,14 +138,13 @@ def _fix_for(value: Any, kind: str) -> str:
 
 
 def _check_types(where: str, d: dict[str, Any], kinds: dict[str, str]) -> None:
-    """Raise a ``SuiteError`` for the first value of ``d`` whose type is not ``kinds[key]``, naming the key, the value
+    """Raise a ``SuiteError`` for every value of ``d`` whose type is not ``kinds[key]``, naming the key, the value
     given, its type and the type expected (with a did-you-mean when the value reads as a valid one). Without it,
     ``eval_only="False"`` is truthy and silently skips training, and ``seeds="1,2"`` ends in a traceback."""
-    for key, kind in kinds.items():
-        if key in d and not _fits(d[key], kind):
-            value = d[key]
-            raise SuiteError(f"{where}: {key!r} = {value!r} ({type(value).__name__}){_fix_for(value, kind)}; "
-                             f"expected {_EXPECTED[kind]}")
+    wrong = [key for key, kind in kinds.items() if key in d and not _fits(d[key], kind)]
+    if wrong:
+        raise SuiteError([f"{where}: {key!r} = {d[key]!r} ({type(d[key]).__name__}){_fix_for(d[key], kinds[key])}; "
+                          f"expected {_EXPECTED[kinds[key]]}" for key in wrong])
 
 
 @dataclass
@@ -172,22 +219,32 @@ class Task:
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any], repo: str) -> Task:
+        """Build and validate a task; raises one ``SuiteError`` listing every problem found."""
+        where = f"task {name!r}"
         valid = [f.name for f in fields(cls) if f.name not in ("name", "config_file")]
-        _check_keys(f"task {name!r}", d, valid)
-        _check_types(f"task {name!r}", d, cls.TYPES)
+        problems = Problems()
+        with problems.check():
+            _check_keys(where, d, valid)
+        with problems.check():
+            _check_types(where, d, cls.TYPES)
         for key in ("trainer", "config", "protocol", "datasets"):
             if key not in d:
-                raise SuiteError(f"task {name!r}: missing key {key!r}")
+                problems.add(f"{where}: missing key {key!r}")
         grid = d.get("grid")
         if grid is not None and not isinstance(grid, (dict, Grid)):
-            raise SuiteError(f"task {name!r}: 'grid' = {grid!r} ({type(grid).__name__}); expected a dict(params="
-                             "{KEY: [values]}, mode='product' | 'zip')")
-        if isinstance(grid, dict):
-            _check_keys(f"task {name!r} grid", grid, [f.name for f in fields(Grid)])
-            try:
-                grid = Grid(**grid)
-            except (TypeError, SuiteError) as e:
-                raise SuiteError(f"task {name!r}: {e}") from None
+            problems.add(f"{where}: 'grid' = {grid!r} ({type(grid).__name__}); expected a dict(params="
+                         "{KEY: [values]}, mode='product' | 'zip')")
+        elif isinstance(grid, dict):
+            grid_keys = [f.name for f in fields(Grid)]
+            with problems.check():
+                _check_keys(f"{where} grid", grid, grid_keys)
+            with problems.check(f"{where}: "):
+                if all(k in grid_keys for k in grid):
+                    try:
+                        grid = Grid(**grid)
+                    except TypeError as e:
+                        raise SuiteError(str(e)) from None
+        problems.raise_if_any()  # the values below are only read once their types are right
         task = cls(name=name, trainer=d["trainer"], config=str(d["config"]), protocol=d["protocol"],
                    datasets=[str(x) for x in _as_list(d["datasets"])], seeds=[int(s) for s in
                                                                              _as_list(d.get("seeds", [1]))],
@@ -198,39 +255,45 @@ class Task:
         return task
 
     def validate(self, repo: str) -> None:
+        """Check the values against the registries and ``configs/``; raises one ``SuiteError`` listing every problem
+        (each unknown dataset on its own line)."""
         from vltune.registry import TRAINERS, RegistryError
 
         where = f"task {self.name!r}"
+        problems = Problems()
         if self.protocol not in PROTOCOLS:
-            raise SuiteError(f"{where}: protocol {self.protocol!r}{_suggest(self.protocol, PROTOCOLS)}; choose one "
-                             f"of {', '.join(PROTOCOLS)}")
+            problems.add(f"{where}: protocol {self.protocol!r}{_suggest(self.protocol, PROTOCOLS)}; choose one "
+                         f"of {', '.join(PROTOCOLS)}")
         try:
             self.trainer = TRAINERS.canonical(self.trainer)
         except RegistryError as e:
-            raise SuiteError(f"{where}: {e.args[0]}") from None
-        self.config_file = self._resolve_config(repo)
+            problems.add(f"{where}: {e.args[0]}")
+        else:
+            with problems.check():
+                self.config_file = self._resolve_config(repo)
         if not self.datasets and self.protocol != "xd":
-            raise SuiteError(f"{where}: 'datasets' is empty")
+            problems.add(f"{where}: 'datasets' is empty")
         if self.protocol == "xd" and not self.source:
-            raise SuiteError(f"{where}: protocol 'xd' needs 'source' (the training dataset, e.g. 'imagenet')")
+            problems.add(f"{where}: protocol 'xd' needs 'source' (the training dataset, e.g. 'imagenet')")
         if self.protocol != "xd" and (self.source or self.variants):
-            raise SuiteError(f"{where}: 'source' and 'variants' belong to protocol 'xd' only")
+            problems.add(f"{where}: 'source' and 'variants' belong to protocol 'xd' only")
         names = [*self.datasets, *self.variants, *([self.source] if self.source else [])]
         known = dataset_names(repo)
         for d in names:
             if d not in known:
-                raise SuiteError(f"{where}: unknown dataset {d!r}{_suggest(d, known)}; datasets are the yaml files "
-                                 f"in configs/datasets/: {', '.join(known)}")
+                problems.add(f"{where}: unknown dataset {d!r}{_suggest(d, known)}; datasets are the yaml files "
+                             f"in configs/datasets/: {', '.join(known)}")
         if len(set(names)) != len(names):
-            raise SuiteError(f"{where}: a dataset is listed twice across source/datasets/variants: {names}")
+            problems.add(f"{where}: a dataset is listed twice across source/datasets/variants: {names}")
         if not self.seeds:
-            raise SuiteError(f"{where}: 'seeds' is empty")
+            problems.add(f"{where}: 'seeds' is empty")
         if any(k < 0 for k in self.shots) or not self.shots:
-            raise SuiteError(f"{where}: 'shots' must be non-negative integers; got {self.shots}")
+            problems.add(f"{where}: 'shots' must be non-negative integers; got {self.shots}")
         if len(self.opts) % 2:
-            raise SuiteError(f"{where}: 'opts' must be KEY VALUE pairs; got an odd list {self.opts}")
+            problems.add(f"{where}: 'opts' must be KEY VALUE pairs; got an odd list {self.opts}")
         if self.grid and "DATASET.NUM_SHOTS" in self.grid.params and len(self.shots) > 1:
-            raise SuiteError(f"{where}: give the shots either in 'shots' or in the grid, not both")
+            problems.add(f"{where}: give the shots either in 'shots' or in the grid, not both")
+        problems.raise_if_any()
 
     def _resolve_config(self, repo: str) -> str:
         if self.config.endswith((".yaml", ".yml")):
@@ -296,39 +359,50 @@ class Base:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], folder: str, repo: str) -> Base:
+        """Build and validate the base; raises one ``SuiteError`` listing every problem found."""
         from vltune.notify import MailSettings
 
-        _check_keys("base", d, cls.KEYS)
-        _check_types("base", d, {"prepare": "str", "slots_per_gpu": "int"})
-        for key in ("data", "model", "output"):
+        problems = Problems()
+        with problems.check():
+            _check_keys("base", d, cls.KEYS)
+        with problems.check():
+            _check_types("base", d, {"prepare": "str", "slots_per_gpu": "int"})
+        sections = {"data": ("root",), "model": ("backbone", "weights"), "output": ("root",)}
+        for key, keys in sections.items():
             if not isinstance(d.get(key), dict):
-                raise SuiteError(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
-                                 "model=dict(backbone='ViT-B/16', weights='...'), output=dict(root='output'))")
-        _check_keys("base['data']", d["data"], ("root",))
-        _check_keys("base['model']", d["model"], ("backbone", "weights"))
-        _check_keys("base['output']", d["output"], ("root",))
-        _check_types("base['data']", d["data"], {"root": "str"})
-        _check_types("base['model']", d["model"], {"backbone": "str", "weights": "str"})
-        _check_types("base['output']", d["output"], {"root": "str"})
-        if d.get("prepare", "") not in PREPARE:
-            raise SuiteError(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
-
-        def path(p: str) -> str:
-            return os.path.normpath(os.path.join(folder, os.path.expanduser(p))) if p else ""
-
+                problems.add(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
+                             "model=dict(backbone='ViT-B/16', weights='...'), output=dict(root='output'))")
+                continue
+            with problems.check():
+                _check_keys(f"base[{key!r}]", d[key], keys)
+            with problems.check():
+                _check_types(f"base[{key!r}]", d[key], dict.fromkeys(keys, "str"))
+        if isinstance(d.get("prepare", ""), str) and d.get("prepare", "") not in PREPARE:
+            problems.add(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
+        mail = executor = None
         try:
             mail = MailSettings.from_dict(d.get("mail"), repo)
         except ValueError as e:
-            raise SuiteError(str(e)) from None
-        base = cls(data_root=path(d["data"].get("root", "")), output_root=path(d["output"].get("root", "")),
-                   backbone=str(d["model"].get("backbone", "")), weights=path(d["model"].get("weights", "")),
-                   prepare=d.get("prepare", ""), slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail,
-                   executor=ExecutorSettings.from_dict(d.get("executor") or {}))
+            problems.add(str(e))
+        with problems.check():
+            executor = ExecutorSettings.from_dict(d.get("executor") or {})
+        problems.raise_if_any()  # the values below are only read once their types are right
+        base = cls(data_root=resolve_path(folder, d["data"].get("root", "")),
+                   output_root=resolve_path(folder, d["output"].get("root", "")),
+                   backbone=str(d["model"].get("backbone", "")),
+                   weights=resolve_path(folder, d["model"].get("weights", "")), prepare=d.get("prepare", ""),
+                   slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail, executor=executor)
         if not base.output_root or not base.backbone:
-            raise SuiteError("base: output.root and model.backbone must be set")
+            problems.add("base: output.root and model.backbone must be set")
         if base.slots_per_gpu < 1:
-            raise SuiteError(f"base['slots_per_gpu'] = {base.slots_per_gpu}; it must be at least 1")
+            problems.add(f"base['slots_per_gpu'] = {base.slots_per_gpu}; it must be at least 1")
+        problems.raise_if_any()
         return base
+
+
+def resolve_path(folder: str, p: str) -> str:
+    """A configs.py path: ``~`` expanded, relative ones taken from ``folder`` (the file's own); "" stays ""."""
+    return os.path.normpath(os.path.join(folder, os.path.expanduser(p))) if p else ""
 
 
 @dataclass
@@ -354,24 +428,32 @@ class ExecutorSettings:
     def from_dict(cls, d: dict[str, Any]) -> ExecutorSettings:
         if not isinstance(d, dict):
             raise SuiteError(f"base['executor'] must be a dict(kind='local' | 'ray', ...), got {d!r}")
-        _check_keys("base['executor']", d, [f.name for f in fields(cls)])
-        _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int", "warm": "bool"})
+        problems = Problems()
+        with problems.check():
+            _check_keys("base['executor']", d, [f.name for f in fields(cls)])
+        with problems.check():
+            _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int",
+                                                 "warm": "bool"})
+        problems.raise_if_any()
         settings = cls(**d)
         if settings.kind not in cls.KINDS:
-            raise SuiteError(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
+            problems.add(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
         if settings.max_retries < 0:
-            raise SuiteError(f"base['executor']['max_retries'] = {settings.max_retries}; it must be >= 0")
+            problems.add(f"base['executor']['max_retries'] = {settings.max_retries}; it must be >= 0")
+        problems.raise_if_any()
         return settings
 
 
 @dataclass
 class Experiments:
-    """A validated experiment file."""
+    """A validated experiment file; ``seed`` holds what only a Skip Tuning-format file has (its result and cost
+    folders, ``remove_dirs``, grid plot kinds; see ``seed_configs.SeedSuite``), None for vltune's format."""
 
     path: str
     base: Base
     tasks: dict[str, Task]
     pipeline: list[Stage]
+    seed: Any = None
 
     def stage_of(self, task: str) -> Stage:
         return next(s for s in self.pipeline if task in s.tasks)
@@ -404,7 +486,8 @@ def _read_module(path: str) -> dict[str, Any]:
 
 def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, slots_per_gpu: int = 0,
                      overrides: dict[str, Any] | None = None) -> Experiments:
-    """Read and validate an experiment file.
+    """Read and validate an experiment file: vltune's format, or the Skip Tuning repository's (translated by
+    ``seed_configs``, then validated and expanded exactly like vltune's).
 
     Args:
         path: the experiment file (``configs.py``).
@@ -412,58 +495,88 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
         gpus: replace every pipeline's ``gpu_ids`` (``--gpus``); they must exist on this machine.
         slots_per_gpu: replace every stage's slots (``--slots-per-gpu``); 0 keeps the file's.
         overrides: replace entries of ``base`` before validation (tests: another data or output folder).
+
+    Raises:
+        SuiteError: listing every problem of the file (base, each pipeline entry, each task, the GPUs) at once.
     """
+    from vltune.runner import seed_configs
+
     path = os.path.abspath(path)
     names = _read_module(path)
     for key in ("base", "pipeline"):
         if key not in names:
             raise SuiteError(f"{path}: no {key!r} defined; an experiment file defines base, its tasks and pipeline")
-    raw_base = {**names["base"], **(overrides or {})}
-    try:
-        base = Base.from_dict(raw_base, os.path.dirname(path), repo)
-    except SuiteError as e:
-        raise SuiteError(f"{path}: {e}") from None
+    problems = Problems()
+    seed = None
+    if seed_configs.is_seed_format(names):
+        translated = seed_configs.translate(names, path, repo)
+        names, seed = translated.names, translated.suite
+        problems.items += translated.problems
+    base = None
+    with problems.check():
+        base = Base.from_dict({**names["base"], **(overrides or {})}, os.path.dirname(path), repo)
+    if seed is not None and base is not None:
+        with problems.check():
+            seed.check_inside(base.output_root)
     task_dicts = {k: v for k, v in names.items() if isinstance(v, dict) and "trainer" in v}
+    not_validated = seed.not_validated if seed is not None else set()
+    stages, seen = _stages(names["pipeline"], {*task_dicts, *not_validated}, problems, gpus,
+                           slots_per_gpu or 0, base.slots_per_gpu if base else 1)
+    with problems.check():
+        check_gpus([g for s in stages for g in s.gpu_ids],
+                   available_gpus() if any(s.gpu_ids for s in stages) else [])
+    tasks = {}
+    for name in seen:
+        if name in not_validated:
+            continue
+        with problems.check():
+            tasks[name] = Task.from_dict(name, task_dicts[name], repo)
+    if not seen and not problems.items:
+        problems.add("the pipeline has no tasks")
+    problems.raise_if_any(path)
+    return Experiments(path=path, base=base, tasks=tasks, pipeline=stages, seed=seed)
+
+
+def _stages(pipeline: Any, defined: set[str], problems: Problems, gpus: Sequence[int] | None, slots_override: int,
+            base_slots: int) -> tuple[list[Stage], dict[str, int]]:
+    """The pipeline's stages and, for each task named, its stage index; every problem goes to ``problems``."""
     stages: list[Stage] = []
     seen: dict[str, int] = {}
-    for i, raw in enumerate(_as_list(names["pipeline"])):
-        where = f"{path}: pipeline[{i}]"
+    for i, raw in enumerate(_as_list(pipeline)):
+        where = f"pipeline[{i}]"
         if not isinstance(raw, dict):
-            raise SuiteError(f"{where} must be a dict(gpu_ids=[...], tasks=[...])")
-        _check_keys(where, raw, [f.name for f in fields(Stage)])
-        _check_types(where, raw, {"gpu_ids": "ints", "tasks": "strs", "slots_per_gpu": "int"})
+            problems.add(f"{where} must be a dict(gpu_ids=[...], tasks=[...])")
+            continue
+        before = len(problems.items)
+        with problems.check():
+            _check_keys(where, raw, [f.name for f in fields(Stage)])
+        with problems.check():
+            _check_types(where, raw, {"gpu_ids": "ints", "tasks": "strs", "slots_per_gpu": "int"})
+        if len(problems.items) > before:
+            continue
         stage = Stage(gpu_ids=[int(g) for g in _as_list(raw.get("gpu_ids", []))],
                       tasks=[str(t) for t in _as_list(raw.get("tasks", []))],
-                      slots_per_gpu=int(slots_per_gpu or raw.get("slots_per_gpu", 0) or base.slots_per_gpu))
+                      slots_per_gpu=int(slots_override or raw.get("slots_per_gpu", 0) or base_slots))
         for t in stage.tasks:
-            if t not in task_dicts:
-                raise SuiteError(f"{where}: unknown task {t!r}{_suggest(t, task_dicts)}; tasks defined: "
-                                 f"{', '.join(task_dicts) or 'none'}")
-            if t in seen:
-                raise SuiteError(f"{where}: task {t!r} is already in pipeline[{seen[t]}]; a task runs in one stage")
-            seen[t] = i
+            if t not in defined:
+                problems.add(f"{where}: unknown task {t!r}{_suggest(t, defined)}; tasks defined: "
+                             f"{', '.join(sorted(defined)) or 'none'}")
+            elif t in seen:
+                problems.add(f"{where}: task {t!r} is already in pipeline[{seen[t]}]; a task runs in one stage")
+            else:
+                seen[t] = i
         if gpus is not None:
             stage.gpu_ids = list(gpus)
         if stage.slots_per_gpu < 1:
-            raise SuiteError(f"{where}: slots_per_gpu must be at least 1")
+            problems.add(f"{where}: slots_per_gpu must be at least 1")
         stages.append(stage)
-    check_gpus([g for s in stages for g in s.gpu_ids], available_gpus() if any(s.gpu_ids for s in stages) else [],
-               path)
-    tasks = {}
-    for name in seen:
-        try:
-            tasks[name] = Task.from_dict(name, task_dicts[name], repo)
-        except SuiteError as e:
-            raise SuiteError(f"{path}: {e}") from None
-    if not tasks:
-        raise SuiteError(f"{path}: the pipeline has no tasks")
-    return Experiments(path=path, base=base, tasks=tasks, pipeline=stages)
+    return stages, seen
 
 
-def check_gpus(wanted: Iterable[int], available: Sequence[int], where: str) -> None:
-    """Fail on a GPU id this machine does not have, naming the valid ones."""
-    for g in wanted:
-        if g not in available:
-            have = ", ".join(map(str, available)) if available else "none (no CUDA GPU is visible)"
-            raise SuiteError(f"{where}: GPU id {g} does not exist; valid GPU ids: {have}. Use gpu_ids=[] to run on "
-                             "the CPU, or --gpus to choose others")
+def check_gpus(wanted: Iterable[int], available: Sequence[int]) -> None:
+    """Fail on every GPU id this machine does not have (each once), naming the valid ones."""
+    have = ", ".join(map(str, available)) if available else "none (no CUDA GPU is visible)"
+    missing = [g for g in dict.fromkeys(wanted) if g not in available]
+    if missing:
+        raise SuiteError([f"GPU id {g} does not exist; valid GPU ids: {have}. Use gpu_ids=[] to run on the CPU, or "
+                          "--gpus to choose others" for g in missing])
