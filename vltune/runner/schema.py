@@ -276,6 +276,7 @@ class Base:
         output_root: where job folders, tables, plots and report.md go.
         backbone: CLIP architecture (``MODEL.BACKBONE.NAME``).
         weights: local CLIP checkpoint (``MODEL.BACKBONE.WEIGHTS``); empty for an architecture's own default.
+        pretrained: an open_clip pretrained tag (``MODEL.BACKBONE.PRETRAINED``) instead of ``weights``.
         prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
         slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
@@ -287,6 +288,7 @@ class Base:
     output_root: str
     backbone: str
     weights: str = ""
+    pretrained: str = ""
     prepare: str = ""
     slots_per_gpu: int = 1
     mail: Any = None
@@ -305,10 +307,10 @@ class Base:
                 raise SuiteError(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
                                  "model=dict(backbone='ViT-B/16', weights='...'), output=dict(root='output'))")
         _check_keys("base['data']", d["data"], ("root",))
-        _check_keys("base['model']", d["model"], ("backbone", "weights"))
+        _check_keys("base['model']", d["model"], ("backbone", "weights", "pretrained"))
         _check_keys("base['output']", d["output"], ("root",))
         _check_types("base['data']", d["data"], {"root": "str"})
-        _check_types("base['model']", d["model"], {"backbone": "str", "weights": "str"})
+        _check_types("base['model']", d["model"], {"backbone": "str", "weights": "str", "pretrained": "str"})
         _check_types("base['output']", d["output"], {"root": "str"})
         if d.get("prepare", "") not in PREPARE:
             raise SuiteError(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
@@ -322,6 +324,7 @@ class Base:
             raise SuiteError(str(e)) from None
         base = cls(data_root=path(d["data"].get("root", "")), output_root=path(d["output"].get("root", "")),
                    backbone=str(d["model"].get("backbone", "")), weights=path(d["model"].get("weights", "")),
+                   pretrained=str(d["model"].get("pretrained", "")),
                    prepare=d.get("prepare", ""), slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail,
                    executor=ExecutorSettings.from_dict(d.get("executor") or {}))
         if not base.output_root or not base.backbone:
