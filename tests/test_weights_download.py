@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import json
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ import open_clip
 from clip_fixtures import TINY, make_tiny_clip, write_openai_jit, write_state_dict
 from open_clip.pretrained import _pcfg
 
+import parallel_runner
 from vltune.clip import download, load_clip
 from vltune.clip.loading import DASSL_NAMES, pending_download
 from vltune.config.identity import identity, weights_identity
@@ -251,3 +254,36 @@ def test_two_processes_fetching_one_file_download_it_once(dassl: Path, host: Hos
     for t in threads:
         t.join()
     assert errors == [] and len(host.gets) == 1 and _listing(dassl) == [FILE]
+
+
+def _zero_shot_suite(tmp_path: Path, data_root: str) -> str:
+    path = tmp_path / "configs.py"
+    path.write_text(textwrap.dedent(f"""
+        base = dict(data=dict(root={data_root!r}), model=dict(backbone={NAME!r}), output=dict(root="out"))
+        zs = dict(trainer="ZeroshotCLIP", config="tiny", protocol="fewshot", datasets=["digits"], seeds=[1, 2, 3],
+                  eval_only=True, opts=["OPTIM.MAX_EPOCH", "0"])
+        pipeline = [dict(gpu_ids=[], tasks=["zs"])]
+    """))
+    return str(path)
+
+
+def test_a_suite_of_three_jobs_downloads_its_weights_once(dassl: Path, host: Host, archive: bytes, digits_root: str,
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    suite = _zero_shot_suite(tmp_path, digits_root)
+    assert parallel_runner.main(["--config", suite, "--dry-run"]) == 0
+    assert f"would download weights for {NAME}" in capsys.readouterr().out and host.gets == []
+    assert parallel_runner.main(["--config", suite, "--debug", "--plain", "--no-mail"]) == 0
+    assert capsys.readouterr().out.count(f"downloading weights for {NAME}") == 1
+    assert len(host.gets) == 1
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("result.json")]
+    digest = hashlib.sha256(archive).hexdigest()
+    assert len(records) == 3 and all(r["identity"]["weights"] == f"sha256:{digest}" for r in records)
+
+
+def test_a_failed_download_stops_the_suite_before_any_job(dassl: Path, host: Host, digits_root: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(download.OPENAI_SHA256, FILE, "e" * 64)  # the server has no such file
+    assert parallel_runner.main(["--config", _zero_shot_suite(tmp_path, digits_root), "--plain", "--no-mail"]) == 2
+    assert "no job was started" in capsys.readouterr().err
+    assert len(host.gets) == 1 and not list((tmp_path / "out").rglob("result.json"))
