@@ -107,10 +107,12 @@ def _dassl_url(name: str) -> str:
     return download.openai_url(DASSL_NAMES[name][1]) if name in DASSL_NAMES else ""
 
 
-def _not_found(name: str, paths: list[Path], url: str = "") -> FileNotFoundError:
+def _not_found(name: str, paths: list[Path], url: str = "", explicit: bool = False) -> FileNotFoundError:
     looked = "\n".join(f"  {p}" for p in paths)
-    if not url:
-        how = "Nothing is downloaded for this name."
+    if explicit:
+        how = "A MODEL.BACKBONE.WEIGHTS file is never downloaded."
+    elif not url:
+        how = "Nothing is downloaded for this name (only OpenAI's files for Dassl names are)."
     elif download.is_offline():
         how = (f"Offline ({download.offline_reason()}): nothing is downloaded; fetch it by hand: "
                f"{url} → {paths[0]}")
@@ -163,7 +165,7 @@ def find_weights(name: str, weights: str | os.PathLike = "", pretrained: str = "
     for path in paths:
         if path.is_file():
             return path
-    raise _not_found(name, paths, "" if str(weights) else _dassl_url(name))
+    raise _not_found(name, paths, _dassl_url(name), explicit=bool(str(weights)))
 
 
 def pending_download(name: str, weights: str | os.PathLike = "", pretrained: str = "") -> str:
