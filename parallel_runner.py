@@ -2,7 +2,7 @@
 
     python parallel_runner.py                     # the default suite (MiniBench, offline, CPU)
     python parallel_runner.py --only coop_b2n     # some tasks of the pipeline
-    python parallel_runner.py --dry-run           # list the jobs and what a run would do with each
+    python parallel_runner.py --dry-run           # list the jobs, what a run would do with each, and the downloads
     python parallel_runner.py --gpus 0 1 --slots-per-gpu 2
     python parallel_runner.py --rerun-failed      # retry the jobs that failed in an earlier run
     python parallel_runner.py --tables-only       # rebuild tables, plots and report.md from the output folder
@@ -12,8 +12,9 @@ Each job is ``train.py`` in its own process group with ``CUDA_VISIBLE_DEVICES`` 
 (``stdout.log``, ``stderr.log``, ``log.txt``, ``config.yaml``, ``result.json``). By default a job is a child forked
 from a warm worker that has imported torch, open_clip and vltune once, which saves each job seconds of start-up;
 ``--cold`` (or ``base['executor']['warm'] = False``) starts a fresh ``python train.py`` per job instead.
-Evaluations start as soon as their own train job has succeeded. A finished job is not run again, so an interrupted
-suite continues where it stopped.
+Weights that are not on disk yet (a Dassl name's OpenAI file, an open_clip pretrained tag) are downloaded once,
+here, before the first job starts. Evaluations start as soon as their own train job has succeeded. A finished job is
+not run again, so an interrupted suite continues where it stopped.
 Ctrl-C ends the jobs this runner started and records them as cancelled. Mail goes out on a worker thread and never
 holds up a job or changes the exit code; at the end the runner waits at most ``mail.final_wait_s`` for it (a
 Ctrl-C ends that wait at once). Exit code: 0 when every job succeeded, 1 when any failed, was cancelled or skipped,
@@ -37,7 +38,7 @@ sys.path.insert(0, REPO)
 import vltune  # noqa: E402,F401  (compat shim first)
 from vltune.plugins import load_builtins, plugin_packages  # noqa: E402
 from vltune.runner.executor import CPU, Executor, InlineExecutor, LocalExecutor  # noqa: E402
-from vltune.runner.jobs import Job, expand, refresh_identities  # noqa: E402
+from vltune.runner.jobs import Job, expand, fetch_weights_once, refresh_identities  # noqa: E402
 from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = expand(experiments, REPO, args.only)
         scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed, rerun_stale=args.rerun_stale)
         if args.dry_run:
+            fetch_weights_once(jobs, dry_run=True)
             print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
             for line in experiments.seed.plan(root, args.only) if experiments.seed is not None else []:
                 print(line)
@@ -310,7 +312,8 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         experiments.seed.clear(root, args.only, echo=lambda line: print(line, flush=True))
     if experiments.base.prepare == "minibench":
         prepare_minibench(experiments)
-        refresh_identities(jobs)  # the mini CLIP may have just been made: identify it by its content
+    fetch_weights_once(jobs)  # each missing weights file once, here, before any job starts
+    refresh_identities(jobs)  # the mini CLIP or a download may have just appeared: identify it by its content
     notifier = Notifier(experiments, enabled=not args.no_mail)
     progress = Progress(live=False if args.plain else None)
     try:

@@ -147,6 +147,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 def test_missing_file_lists_every_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLTUNE_WEIGHTS_DIR", str(tmp_path / "weights"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VLTUNE_OFFLINE", "1")  # online, a Dassl name is downloaded (test_weights_download.py)
     with pytest.raises(FileNotFoundError) as err:
         load_clip("ViT-B/16")
     message = str(err.value)

@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 
-def build_backbone(name: str, weights: str | os.PathLike = "", device: str | torch.device = "cpu") -> CLIPBackbone:
-    """``CLIPBackbone`` around ``load_clip(name, weights, device)`` (fp32, eval mode, nothing frozen)."""
-    return CLIPBackbone(load_clip(name, weights, device), arch=resolve_arch(name))
+def build_backbone(name: str, weights: str | os.PathLike = "", device: str | torch.device = "cpu",
+                   pretrained: str = "") -> CLIPBackbone:
+    """``CLIPBackbone`` around ``load_clip(name, weights, device, pretrained)`` (fp32, eval mode, nothing frozen)."""
+    return CLIPBackbone(load_clip(name, weights, device, pretrained), arch=resolve_arch(name))

@@ -1,15 +1,19 @@
-"""Build an open_clip ``CLIP`` from a name and load its weights strictly from one local file.
+"""Build an open_clip ``CLIP`` from a name and load its weights strictly from one file.
 
 Names: Dassl/OpenAI names (``ViT-B/16``, ``RN50``, ...) map to the open_clip QuickGELU architecture that matches
 OpenAI's weights; any ``open_clip.list_models()`` name and vltune's tiny configs (``vltune/clip/model_configs/``) are
 accepted as they are.
 
-Weights: one local file, never a download. Four formats are auto-detected: an OpenAI TorchScript archive (what
-``clip.load`` downloads to ``~/.cache/clip``), a plain state dict saved with ``torch.save``, an open_clip training
-checkpoint (``{"epoch", "state_dict", ...}``, keys possibly prefixed ``module.``) and ``.safetensors``. The key set and
-every shape are checked against the architecture before ``load_state_dict(strict=True)`` (nanoGPT's
-``from_pretrained`` rule), so a wrong file or a wrong architecture fails with the offending keys and shapes instead of
-upstream's silent ``strict=False``.
+Where the file comes from (``fetch_weights``): ``MODEL.BACKBONE.WEIGHTS`` if set; else an open_clip pretrained tag
+(``MODEL.BACKBONE.PRETRAINED``) through open_clip's cache; else ``$VLTUNE_WEIGHTS_DIR`` then ``~/.cache/clip``, where
+a Dassl name missing there is downloaded from OpenAI and checksum-verified (``vltune.clip.download``), unless offline.
+
+Formats: four are auto-detected: an OpenAI TorchScript archive (what ``clip.load`` downloads to ``~/.cache/clip``), a
+plain state dict saved with ``torch.save``, an open_clip training checkpoint (``{"epoch", "state_dict", ...}``, keys
+possibly prefixed ``module.``) and ``.safetensors``. The key set and every shape are checked against the
+architecture before ``load_state_dict(strict=True)`` (nanoGPT's ``from_pretrained`` rule), so a wrong file or a wrong
+architecture fails with the offending keys and shapes instead of upstream's silent ``strict=False``; pretrained tags
+go through the same check.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 import open_clip  # vltune/__init__ (the parent package) has installed the torchvision compat shim by now
 import torch
 from open_clip.model import CLIP
+
+from vltune.clip import download
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +94,8 @@ def weight_file_names(name: str) -> list[str]:
 
 
 def weight_search_paths(name: str) -> list[Path]:
-    """Every path ``load_clip`` looks at, in order, when ``weights`` is empty."""
+    """Every path ``load_clip`` looks at, in order, when ``weights`` and ``pretrained`` are empty; a download goes
+    to the first."""
     dirs = []
     if os.environ.get("VLTUNE_WEIGHTS_DIR"):
         dirs.append(Path(os.environ["VLTUNE_WEIGHTS_DIR"]).expanduser())
@@ -96,22 +103,112 @@ def weight_search_paths(name: str) -> list[Path]:
     return [d / f for d in dirs for f in weight_file_names(name)]
 
 
-def find_weights(name: str, weights: str | os.PathLike = "") -> Path:
-    """The weights file for ``name``: ``weights`` if given, else the first existing path of ``weight_search_paths``.
+def _dassl_url(name: str) -> str:
+    return download.openai_url(DASSL_NAMES[name][1]) if name in DASSL_NAMES else ""
+
+
+def _not_found(name: str, paths: list[Path], url: str = "", explicit: bool = False) -> FileNotFoundError:
+    looked = "\n".join(f"  {p}" for p in paths)
+    if explicit:
+        how = "A MODEL.BACKBONE.WEIGHTS file is never downloaded."
+    elif not url:
+        how = "Nothing is downloaded for this name (only OpenAI's files for Dassl names are)."
+    elif download.is_offline():
+        how = (f"Offline ({download.offline_reason()}): nothing is downloaded; fetch it by hand: "
+               f"{url} → {paths[0]}")
+    else:
+        how = f"load_clip downloads it from {url} to {paths[0]} (VLTUNE_OFFLINE=1 turns that off)."
+    return FileNotFoundError(
+        f"no weights file for CLIP backbone {name!r}; looked at:\n{looked}\n"
+        "Provide one with MODEL.BACKBONE.WEIGHTS <path> (or load_clip(name, weights=<path>)), or place OpenAI's file "
+        f"(e.g. ViT-B-16.pt) in $VLTUNE_WEIGHTS_DIR or ~/.cache/clip. {how}"
+    )
+
+
+def _check_source(weights: str | os.PathLike, pretrained: str) -> None:
+    if str(weights) and pretrained:
+        raise ValueError(f"MODEL.BACKBONE.WEIGHTS {str(weights)!r} and MODEL.BACKBONE.PRETRAINED {pretrained!r} are "
+                         "both set; set one of them (a file, or an open_clip pretrained tag)")
+
+
+def _pretrained(name: str, tag: str) -> dict:
+    arch = resolve_arch(name)
+    cfg = download.pretrained_cfg(arch, tag)
+    download.check_quick_gelu(arch, tag, cfg)
+    return cfg
+
+
+def find_weights(name: str, weights: str | os.PathLike = "", pretrained: str = "") -> Path:
+    """The weights file for ``name`` already on disk; never downloads (``fetch_weights`` does).
+
+    ``weights`` if given; else, with an open_clip ``pretrained`` tag, the tag's file in open_clip's caches; else the
+    first existing path of ``weight_search_paths``.
 
     Raises:
-        FileNotFoundError: no file; the message lists every path looked at and how to provide one.
+        FileNotFoundError: no file; the message lists every path looked at and how to provide one (for a Dassl name
+            also the URL it is downloaded from, or, offline, that URL to fetch by hand).
+        ValueError: both ``weights`` and ``pretrained`` set, an unknown name or tag, or a tag trained with another
+            activation than the architecture.
     """
+    _check_source(weights, pretrained)
+    if pretrained:
+        cfg = _pretrained(name, pretrained)
+        found = download.cached_pretrained(cfg)
+        if found is not None:
+            return found
+        how = (f"offline ({download.offline_reason()}): nothing is downloaded" if download.is_offline()
+               else "load_clip downloads it through open_clip")
+        looked = "\n".join(f"  {p}" for p in download.pretrained_places(cfg))
+        raise FileNotFoundError(f"no cached file for MODEL.BACKBONE.PRETRAINED {pretrained!r} of {name!r}; looked "
+                                f"at:\n{looked}\n{how}.")
     paths = [Path(weights).expanduser()] if str(weights) else weight_search_paths(name)
     for path in paths:
         if path.is_file():
             return path
-    looked = "\n".join(f"  {p}" for p in paths)
-    raise FileNotFoundError(
-        f"no weights file for CLIP backbone {name!r}; looked at:\n{looked}\n"
-        "Provide one with MODEL.BACKBONE.WEIGHTS <path> (or load_clip(name, weights=<path>)), or place OpenAI's file "
-        "(e.g. ViT-B-16.pt) in $VLTUNE_WEIGHTS_DIR or ~/.cache/clip. Nothing is downloaded."
-    )
+    raise _not_found(name, paths, _dassl_url(name), explicit=bool(str(weights)))
+
+
+def pending_download(name: str, weights: str | os.PathLike = "", pretrained: str = "") -> str:
+    """What ``fetch_weights`` would download for these settings (``<url> → <path>``), or "" when the file is on disk.
+
+    Raises:
+        FileNotFoundError: no file on disk and none can be downloaded (an explicit ``weights`` path, a name OpenAI
+            does not publish, or offline), with ``find_weights``'s message.
+        ValueError: as ``find_weights``.
+    """
+    try:
+        find_weights(name, weights, pretrained)
+        return ""
+    except FileNotFoundError:
+        if download.is_offline():
+            raise
+        if pretrained:
+            cfg = _pretrained(name, pretrained)
+            source = f"the Hugging Face hub ({os.path.dirname(cfg['hf_hub'])})" if cfg.get("hf_hub") else cfg["url"]
+            return f"open_clip {resolve_arch(name)}:{pretrained} from {source}"
+        url = "" if str(weights) else _dassl_url(name)
+        if not url:
+            raise
+        return f"{url} → {weight_search_paths(name)[0]}"
+
+
+def fetch_weights(name: str, weights: str | os.PathLike = "", pretrained: str = "") -> Path:
+    """The weights file for ``name``, downloaded first when it is missing and can be (``find_weights`` otherwise).
+
+    A Dassl name with no file in the search path gets OpenAI's file, checksum-verified, into the first search folder
+    (``$VLTUNE_WEIGHTS_DIR``, else ``~/.cache/clip``), as ``clip.load`` does; an open_clip ``pretrained`` tag gets
+    its file into open_clip's cache. Offline (``VLTUNE_OFFLINE=1``, ``HF_HUB_OFFLINE=1``) nothing is downloaded.
+
+    Raises:
+        FileNotFoundError: as ``find_weights`` (nothing to download, or offline).
+        DownloadError: the download failed or its checksum did not match; no file was left.
+        ValueError: as ``find_weights``.
+    """
+    if not pending_download(name, weights, pretrained):
+        return find_weights(name, weights, pretrained)
+    if pretrained:
+        return download.download_pretrained(_pretrained(name, pretrained))
+    return download.download(_dassl_url(name), weight_search_paths(name)[0])
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -259,21 +356,26 @@ def check_state_dict(state: dict[str, torch.Tensor], model: torch.nn.Module, arc
         raise ValueError(f"weights {source} do not fit architecture {arch!r}:\n  " + "\n  ".join(problems) + hint)
 
 
-def load_clip(name: str, weights: str | os.PathLike = "", device: str | torch.device = "cpu") -> CLIP:
+def load_clip(name: str, weights: str | os.PathLike = "", device: str | torch.device = "cpu",
+              pretrained: str = "") -> CLIP:
     """Build the architecture for ``name`` and load its weights strictly; fp32, eval mode, on ``device``.
 
     Args:
         name: a Dassl name (``ViT-B/16``), an open_clip architecture or a vltune tiny config (``vltune-tiny``).
         weights: the weights file; empty searches ``$VLTUNE_WEIGHTS_DIR`` then ``~/.cache/clip`` (see
-            ``weight_search_paths``).
+            ``weight_search_paths``) and, for a Dassl name, downloads OpenAI's file there when none is found.
         device: where the model goes after loading.
+        pretrained: an open_clip pretrained tag of the architecture (``laion2b_s34b_b88k``), fetched through
+            open_clip's cache (``MODEL.BACKBONE.PRETRAINED``); excludes ``weights``.
 
     Raises:
-        ValueError: unknown name, unreadable file, or a file whose keys or shapes do not fit the architecture.
-        FileNotFoundError: no weights file found.
+        ValueError: unknown name or tag, unreadable file, or a file whose keys or shapes do not fit the
+            architecture.
+        FileNotFoundError: no weights file found and none downloadable (or offline).
+        DownloadError: a download failed or its checksum did not match.
     """
     arch = resolve_arch(name)
-    path = find_weights(name, weights)
+    path = fetch_weights(name, weights, pretrained)
     state, fmt = read_state_dict(path)
     model = create_clip(arch)
     state = {k: v for k, v in state.items() if k not in _non_persistent_buffers(model)}

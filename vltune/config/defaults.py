@@ -83,7 +83,9 @@ def get_cfg_default() -> CN:
     _C.MODEL.INIT_WEIGHTS = ""  # optional trainable-state checkpoint loaded after build_model
     _C.MODEL.BACKBONE = CN()
     _C.MODEL.BACKBONE.NAME = ""  # CLIP architecture: Dassl names (ViT-B/16, RN50, …) or open_clip names
-    _C.MODEL.BACKBONE.PRETRAINED = True  # Dassl leftover; CLIP weights are always loaded
+    # [vltune] an open_clip pretrained tag of the architecture (laion2b_s34b_b88k), fetched through open_clip's
+    # cache; "" loads WEIGHTS or OpenAI's file (Dassl's bool here meant "load ImageNet weights")
+    _C.MODEL.BACKBONE.PRETRAINED = ""
     _C.MODEL.BACKBONE.WEIGHTS = ""  # [vltune] local weights file (OpenAI JIT, state dict, open_clip checkpoint)
     # [vltune] cut text to its last EOT token (same features, ~3x cheaper prompts); False runs all 77 positions
     # as the public reference code does (benchmarks/efficiency.py's upstream-style rows)

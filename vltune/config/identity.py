@@ -8,7 +8,9 @@ The identity of a config is a flat ``{key: value}`` map over
   reads (``TRAINER.<config_node>`` and every ``config_reads`` entry along its class hierarchy, e.g. a plugin node);
   never another trainer's node;
 * ``weights``: the CLIP weights by content (``sha256:<hex>``, cached by path + size + mtime), never by path, so the
-  same file moved, or a copied output folder, is the same run.
+  same file moved, or a copied output folder, is the same run; whichever way the file arrived (``WEIGHTS``, the
+  default search path or a download into it, or an open_clip ``PRETRAINED`` tag's cached file), it is the digest of
+  the file the job loads.
 
 Two identities are compared key by key (``identity_diff``): a key present in both must be equal; a key only the new
 config has counts as equal when it holds its default (a key a newer vltune added at its default changes nothing); a
@@ -30,10 +32,11 @@ from vltune.config.defaults import get_cfg_default
 from vltune.config.nodes import flat_keys, under
 from vltune.fileio import atomic_write
 
-#: keys that do not change what a run computes: where it writes, where the data sits, how chatty it is, and the
-#: weights path (the weights enter as their digest)
+#: keys that do not change what a run computes: where it writes, where the data sits, how chatty it is, and where
+#: the weights come from (a path or a pretrained tag: the weights enter as their digest; records made before the tag
+#: existed hold Dassl's ``PRETRAINED: True`` there)
 EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "DATALOADER.NUM_WORKERS",
-            "MODEL.BACKBONE.WEIGHTS")
+            "MODEL.BACKBONE.WEIGHTS", "MODEL.BACKBONE.PRETRAINED")
 WEIGHTS_KEY = "weights"
 _ALWAYS_CORE = ("TRAINER.NAME", "TRAINER.PREC")
 
@@ -74,14 +77,17 @@ def identity_of(flat: dict[str, Any], weights: str) -> dict[str, Any]:
 
 def identity(cfg: CN) -> dict[str, Any]:
     """The identity of a run config (computes or reuses the weights digest)."""
-    return identity_of(flat_keys(cfg), weights_identity(cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS))
+    backbone = cfg.MODEL.BACKBONE
+    return identity_of(flat_keys(cfg), weights_identity(backbone.NAME, backbone.WEIGHTS, backbone.PRETRAINED))
 
 
 def identity_of_saved(config: dict[str, Any]) -> dict[str, Any]:
     """The identity of a config saved in a record of schema 1 (which has no ``identity`` of its own)."""
     flat = flat_keys(config)
+    tag = flat.get("MODEL.BACKBONE.PRETRAINED", "")
     return identity_of(flat, weights_identity(str(flat.get("MODEL.BACKBONE.NAME", "")),
-                                              str(flat.get("MODEL.BACKBONE.WEIGHTS", ""))))
+                                              str(flat.get("MODEL.BACKBONE.WEIGHTS", "")),
+                                              tag if isinstance(tag, str) else ""))
 
 
 def _defaults() -> dict[str, Any]:
@@ -173,15 +179,16 @@ def file_digest(path: str) -> str:
     return digest
 
 
-def weights_identity(backbone: str, weights: str) -> str:
-    """``sha256:<hex>`` of the weights file a job of ``backbone``/``weights`` loads; ``missing:<what>`` when there is
-    no such file (the job itself will fail and say where it looked)."""
+def weights_identity(backbone: str, weights: str, pretrained: str = "") -> str:
+    """``sha256:<hex>`` of the weights file a job of ``backbone``/``weights``/``pretrained`` loads; ``missing:<what>``
+    when that file is not on disk yet (never downloaded here: the runner fetches it, then ``refresh_identities``; a
+    job that cannot get it fails and says where it looked)."""
     from vltune.clip.loading import find_weights
 
     try:
-        path = find_weights(backbone, weights) if backbone else None
+        path = find_weights(backbone, weights, pretrained) if backbone else None
     except (FileNotFoundError, ValueError):
         path = None
     if path is None:
-        return f"missing:{weights or backbone}"
+        return f"missing:{weights or backbone}{':' + pretrained if pretrained else ''}"
     return f"sha256:{file_digest(str(path))}"

@@ -77,3 +77,7 @@ def validate_cfg(cfg: CfgNode, trains: bool) -> None:
     _number("DATALOADER.TRAIN_X.BATCH_SIZE", cfg.DATALOADER.TRAIN_X.BATCH_SIZE, minimum=1, integer=True)
     _number("DATALOADER.TEST.BATCH_SIZE", cfg.DATALOADER.TEST.BATCH_SIZE, minimum=1, integer=True)
     _number("DATALOADER.NUM_WORKERS", cfg.DATALOADER.NUM_WORKERS, minimum=0, integer=True)
+    backbone = cfg.MODEL.BACKBONE
+    if backbone.WEIGHTS and backbone.PRETRAINED:
+        raise ConfigError(f"MODEL.BACKBONE.WEIGHTS {backbone.WEIGHTS!r} and MODEL.BACKBONE.PRETRAINED "
+                          f"{backbone.PRETRAINED!r} are both set; keep one (a weights file, or an open_clip tag)")

@@ -130,16 +130,18 @@ class TrainerX(TrainerBase):
         raise NotImplementedError
 
     def build_clip(self) -> nn.Module:
-        """The shared CLIP backbone from ``MODEL.BACKBONE.NAME``/``WEIGHTS`` (fp32, CPU; the engine moves it)."""
+        """The shared CLIP backbone from ``MODEL.BACKBONE.NAME``/``WEIGHTS``/``PRETRAINED`` (fp32, CPU; the engine
+        moves it)."""
         from vltune.clip import build_backbone
 
-        clip = build_backbone(self.cfg.MODEL.BACKBONE.NAME, self.cfg.MODEL.BACKBONE.WEIGHTS)
-        clip.truncate_text = bool(self.cfg.MODEL.BACKBONE.TRUNCATE_TEXT)
+        backbone = self.cfg.MODEL.BACKBONE
+        clip = build_backbone(backbone.NAME, backbone.WEIGHTS, pretrained=backbone.PRETRAINED)
+        clip.truncate_text = bool(backbone.TRUNCATE_TEXT)
         size = tuple(self.cfg.INPUT.SIZE)
         if size[0] != clip.image_size:
             n = clip.image_size
             raise ValueError(f"INPUT.SIZE {size} does not match the backbone's input resolution {n} "
-                             f"({self.cfg.MODEL.BACKBONE.NAME}); set INPUT.SIZE ({n}, {n})")
+                             f"({backbone.NAME}); set INPUT.SIZE ({n}, {n})")
         return clip
 
     @property

@@ -17,10 +17,12 @@ people reading the folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +53,8 @@ class Job:
     # vltune.config.identity); empty: any successful record counts
     identity_hash: str = ""
     index: int = 0  # position in the full pipeline (table order)
+    clip_weights: tuple[str, str, str] = ()  # (MODEL.BACKBONE.NAME, WEIGHTS, PRETRAINED) of its config, set by
+    # ``expand``: the runner fetches each distinct one once, before any job starts (``fetch_weights_once``)
 
     @property
     def label(self) -> str:
@@ -92,6 +96,8 @@ def expand_task(task: Task, base: Base, repo: str) -> list[Job]:
         argv += ["MODEL.BACKBONE.NAME", base.backbone, "DATASET.SUBSAMPLE_CLASSES", subsample]
         if base.weights:
             argv += ["MODEL.BACKBONE.WEIGHTS", base.weights]
+        if base.pretrained:
+            argv += ["MODEL.BACKBONE.PRETRAINED", base.pretrained]
         if shots > 0:
             argv += [SHOTS_KEY, str(shots)]
         argv += task.opts
@@ -162,6 +168,9 @@ def expand(experiments: Experiments, repo: str, only: list[str] | None = None, h
     if only:
         jobs = [j for j in jobs if j.task in only]
     configs = preflight(jobs, check_files=check_files and experiments.base.prepare != "minibench")
+    for j, cfg in zip(jobs, configs):
+        backbone = cfg.MODEL.BACKBONE
+        j.clip_weights = (backbone.NAME, backbone.WEIGHTS, backbone.PRETRAINED)
     if hashes:
         fill_identities(jobs, configs)
     return jobs
@@ -173,7 +182,9 @@ def preflight(jobs: list[Job], check_files: bool = True) -> list[Any]:
 
     A mistake found only when a job starts fails every job of a suite one by one (a missing weights file, an
     unknown optimizer); here all of them are listed at once, before anything runs, also under ``--dry-run``. A
-    problem shared by several jobs of a task is listed once, with the count of the other jobs it affects.
+    problem shared by several jobs of a task is listed once, with the count of the other jobs it affects. Weights
+    that are not on disk but can be downloaded (a Dassl name, an open_clip pretrained tag) are not missing, unless
+    offline: the runner fetches them before the first job (``fetch_weights_once``).
 
     Raises:
         SuiteError: listing every problem, each naming the task, the (first) job and the key or file.
@@ -196,7 +207,8 @@ def preflight(jobs: list[Job], check_files: bool = True) -> list[Any]:
             found.append(str(e))
         configs.append(cfg)
         if cfg is not None and check_files:
-            for key in (("weights", cfg.MODEL.BACKBONE.NAME, cfg.MODEL.BACKBONE.WEIGHTS),
+            backbone = cfg.MODEL.BACKBONE
+            for key in (("weights", backbone.NAME, backbone.WEIGHTS, backbone.PRETRAINED),
                         ("dataset", cfg.DATASET.NAME, cfg.DATASET.ROOT)):
                 if key not in checked:
                     checked[key] = _missing_weights(*key[1:]) if key[0] == "weights" else _missing_dataset(*key[1:])
@@ -213,15 +225,53 @@ def preflight(jobs: list[Job], check_files: bool = True) -> list[Any]:
     return configs
 
 
-def _missing_weights(backbone: str, weights: str) -> str:
-    """"" when ``MODEL.BACKBONE.WEIGHTS`` (or the default search path of ``backbone``) holds a file, else why not."""
-    from vltune.clip.loading import find_weights
+def _missing_weights(backbone: str, weights: str, pretrained: str = "") -> str:
+    """"" when the weights of ``backbone`` are on disk (``MODEL.BACKBONE.WEIGHTS``, the default search path or the
+    tag's cached file) or can be downloaded before the jobs start, else why not."""
+    from vltune.clip.loading import pending_download
 
     try:
-        find_weights(backbone, weights)
+        pending_download(backbone, weights, pretrained)
     except (FileNotFoundError, ValueError) as e:
-        return f"MODEL.BACKBONE.WEIGHTS {weights!r}: {e}"
+        key = f"MODEL.BACKBONE.PRETRAINED {pretrained!r}" if pretrained else f"MODEL.BACKBONE.WEIGHTS {weights!r}"
+        return f"{key}: {e}"
     return ""
+
+
+def fetch_weights_once(jobs: list[Job], dry_run: bool = False,
+                       echo: Callable[[str], None] = functools.partial(print, flush=True)) -> list[str]:
+    """Download, in this process, every distinct weights file the jobs need that is not on disk yet, one line each.
+
+    The driver does this once before any job starts, so N jobs never race for (or each fetch) the same file; the
+    jobs then find it. With ``dry_run`` it only says what would be downloaded.
+
+    Returns:
+        The lines printed (one per file downloaded or to download).
+
+    Raises:
+        SuiteError: a download failed (network, checksum) or a file is missing and cannot be downloaded; no job has
+            started.
+    """
+    from vltune.clip.download import DownloadError
+    from vltune.clip.loading import fetch_weights, pending_download
+
+    lines = []
+    # an explicit MODEL.BACKBONE.WEIGHTS file is never downloaded (pre-flight checks it; MiniBench makes its own)
+    needed = dict.fromkeys(j.clip_weights for j in jobs if j.clip_weights and not j.clip_weights[1])
+    for name, weights, pretrained in needed:
+        try:
+            what = pending_download(name, weights, pretrained)
+            if not what:
+                continue
+            lines.append(f"{'would download' if dry_run else 'downloading'} weights for {name}: {what}")
+            echo(lines[-1])
+            if not dry_run:
+                fetch_weights(name, weights, pretrained)
+        except (DownloadError, FileNotFoundError, ValueError) as e:
+            users = sum(j.clip_weights == (name, weights, pretrained) for j in jobs)
+            raise SuiteError(f"weights for MODEL.BACKBONE.NAME {name!r} ({users} job(s)): {e}\n"
+                             "no job was started") from e
+    return lines
 
 
 def _missing_dataset(name: str, root: str) -> str:

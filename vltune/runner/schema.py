@@ -339,6 +339,7 @@ class Base:
         output_root: where job folders, tables, plots and report.md go.
         backbone: CLIP architecture (``MODEL.BACKBONE.NAME``).
         weights: local CLIP checkpoint (``MODEL.BACKBONE.WEIGHTS``); empty for an architecture's own default.
+        pretrained: an open_clip pretrained tag (``MODEL.BACKBONE.PRETRAINED``) instead of ``weights``.
         prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
         slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
@@ -350,6 +351,7 @@ class Base:
     output_root: str
     backbone: str
     weights: str = ""
+    pretrained: str = ""
     prepare: str = ""
     slots_per_gpu: int = 1
     mail: Any = None
@@ -367,7 +369,7 @@ class Base:
             _check_keys("base", d, cls.KEYS)
         with problems.check():
             _check_types("base", d, {"prepare": "str", "slots_per_gpu": "int"})
-        sections = {"data": ("root",), "model": ("backbone", "weights"), "output": ("root",)}
+        sections = {"data": ("root",), "model": ("backbone", "weights", "pretrained"), "output": ("root",)}
         for key, keys in sections.items():
             if not isinstance(d.get(key), dict):
                 problems.add(f"base[{key!r}] is missing; e.g. base = dict(data=dict(root='data'), "
@@ -390,7 +392,8 @@ class Base:
         base = cls(data_root=resolve_path(folder, d["data"].get("root", "")),
                    output_root=resolve_path(folder, d["output"].get("root", "")),
                    backbone=str(d["model"].get("backbone", "")),
-                   weights=resolve_path(folder, d["model"].get("weights", "")), prepare=d.get("prepare", ""),
+                   weights=resolve_path(folder, d["model"].get("weights", "")),
+                   pretrained=str(d["model"].get("pretrained", "")), prepare=d.get("prepare", ""),
                    slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail, executor=executor)
         if not base.output_root or not base.backbone:
             problems.add("base: output.root and model.backbone must be set")
