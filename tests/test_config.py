@@ -33,6 +33,18 @@ def test_merge_order_dataset_then_trainer_then_flags_then_opts(tmp_path):
     assert cfg.is_frozen()
 
 
+def test_dassl_pretrained_bool_still_merges_and_a_tag_is_kept(tmp_path):
+    """Dassl's MODEL.BACKBONE.PRETRAINED is a bool; vltune's is an open_clip tag. A Dassl yaml or flag with the bool
+    keeps working (no tag); a tag stays a tag."""
+    tr = tmp_path / "tr.yaml"
+    tr.write_text("MODEL:\n  BACKBONE:\n    NAME: ViT-B/16\n    PRETRAINED: True\n")
+    assert get_cfg(config_file=str(tr)).MODEL.BACKBONE.PRETRAINED == ""
+    assert get_cfg(_args(config_file=str(tr), opts=["MODEL.BACKBONE.PRETRAINED", "False"])).MODEL.BACKBONE.PRETRAINED \
+        == ""
+    tagged = get_cfg(_args(config_file=str(tr), opts=["MODEL.BACKBONE.PRETRAINED", "laion2b_s34b_b88k"]))
+    assert tagged.MODEL.BACKBONE.PRETRAINED == "laion2b_s34b_b88k"
+
+
 def test_yaml_tuple_strings_and_exponents_are_literal_evaluated(tmp_path):
     tr = tmp_path / "tr.yaml"
     tr.write_text('INPUT:\n  SIZE: (224, 224)\nOPTIM:\n  WARMUP_CONS_LR: 1e-5\n')

@@ -129,8 +129,18 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return ", ".join(p for p in parts if p) or str(error).splitlines()[0]
 
 
+def _dassl_pretrained_flag(value: Any) -> Any:
+    """Dassl's ``MODEL.BACKBONE.PRETRAINED`` is a bool (an ImageNet-pretrained backbone, default True); vltune's
+    is an open_clip pretrained tag. A Dassl config's bool (``True``/``False``, also as a command-line word) means no
+    tag, so the user's Dassl yaml files and flags keep working."""
+    return "" if isinstance(value, bool) or str(value) in ("True", "False") else value
+
+
 def _merge_mapping(cfg: CN, data: dict, source: str) -> None:
     _check_keys(cfg, _leaf_keys(data), source)
+    backbone = (data.get("MODEL") or {}).get("BACKBONE") if isinstance(data.get("MODEL"), dict) else None
+    if isinstance(backbone, dict) and "PRETRAINED" in backbone:
+        backbone["PRETRAINED"] = _dassl_pretrained_flag(backbone["PRETRAINED"])
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (ValueError, KeyError) as e:
@@ -176,6 +186,8 @@ def merge_opts(cfg: CN, opts: list[str], source: str = "command-line opts") -> N
     if len(opts) % 2:
         raise ConfigError(f"{source}: expected KEY VALUE pairs, got an odd number of items: {opts}")
     _check_keys(cfg, opts[0::2], source)
+    opts = [_dassl_pretrained_flag(v) if i % 2 and opts[i - 1] == "MODEL.BACKBONE.PRETRAINED" else v
+            for i, v in enumerate(opts)]
     try:
         cfg.merge_from_list(list(opts))
     except (ValueError, KeyError, AssertionError) as e:
