@@ -32,8 +32,8 @@ from vltune.fileio import atomic_write
 
 #: keys that do not change what a run computes: where it writes, where the data sits, how chatty it is, and the
 #: weights path (the weights enter as their digest)
-EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "DATALOADER.NUM_WORKERS",
-            "MODEL.BACKBONE.WEIGHTS")
+EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "TRAIN.TENSORBOARD",
+            "DATALOADER.NUM_WORKERS", "MODEL.BACKBONE.WEIGHTS")
 WEIGHTS_KEY = "weights"
 _ALWAYS_CORE = ("TRAINER.NAME", "TRAINER.PREC")
 
