@@ -101,6 +101,12 @@ def test_a_crash_closes_the_curves_and_the_resumed_run_redoes_no_epoch_twice(mak
     assert [(e["split"], e["final"]) for e in _lines(out, "eval")] == [("test", True)]
     acc = _events(out)
     assert _steps(acc, "train/loss") == STEPS and _steps(acc, "epoch/loss") == EPOCH_STEPS  # stale events purged
+
+    again = make_trainer("KgCoOp", out, opts=KGCOOP)  # e.g. the first attempt died writing its record
+    again.train()
+    assert again.resumed_from == 2 and [e["epoch"] for e in _lines(out, "epoch")] == [1, 2]
+    assert [(e["split"], e["final"]) for e in _lines(out, "eval")] == [("test", True)]  # the old final test replaced
+    assert _steps(_events(out), "test/accuracy") == [10]
     assert set(threading.enumerate()) <= threads
 
 
