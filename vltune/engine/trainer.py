@@ -18,8 +18,8 @@ Optional: ``trainable_parameters()`` (a narrower set), ``param_groups(name, modu
 saying so.
 
 The engine freezes everything outside the trainable set, asserts the optimizers hold exactly that set, steps the LR
-once per epoch, owns precision (fp32 / amp / fp16), gradient clipping, checkpoints of the trainable state, resume
-and the cost meter.
+once per epoch, owns precision (fp32 / amp / fp16), gradient clipping, checkpoints of the trainable state, resume,
+the cost meter and the training curves (``metrics.jsonl`` and TensorBoard events, ``vltune.engine.curves``).
 """
 
 from __future__ import annotations
