@@ -125,7 +125,8 @@ def get_cfg_default() -> CN:
     _C.TRAIN = CN()
     _C.TRAIN.CHECKPOINT_FREQ = 0  # also save every N epochs (0: only the last epoch)
     _C.TRAIN.RESUME_CHECKPOINT = True  # [vltune] also save after every epoch so a killed run resumes (newest kept)
-    _C.TRAIN.PRINT_FREQ = 10  # log a training line every N batches
+    _C.TRAIN.PRINT_FREQ = 10  # log a training line (and a metrics.jsonl step line) every N batches
+    _C.TRAIN.TENSORBOARD = True  # [vltune] also write the curves as TensorBoard events in OUTPUT_DIR/tensorboard
     _C.TRAIN.COUNT_ITER = "train_x"  # Dassl leftover
 
     _C.TEST = CN()

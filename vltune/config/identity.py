@@ -35,8 +35,8 @@ from vltune.fileio import atomic_write
 #: keys that do not change what a run computes: where it writes, where the data sits, how chatty it is, and where
 #: the weights come from (a path or a pretrained tag: the weights enter as their digest; records made before the tag
 #: existed hold Dassl's ``PRETRAINED: True`` there)
-EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "DATALOADER.NUM_WORKERS",
-            "MODEL.BACKBONE.WEIGHTS", "MODEL.BACKBONE.PRETRAINED")
+EXCLUDED = ("OUTPUT_DIR", "RESUME", "DATASET.ROOT", "VERBOSE", "TRAIN.PRINT_FREQ", "TRAIN.TENSORBOARD",
+            "DATALOADER.NUM_WORKERS", "MODEL.BACKBONE.WEIGHTS", "MODEL.BACKBONE.PRETRAINED")
 WEIGHTS_KEY = "weights"
 _ALWAYS_CORE = ("TRAINER.NAME", "TRAINER.PREC")
 

@@ -18,8 +18,8 @@ Optional: ``trainable_parameters()`` (a narrower set), ``param_groups(name, modu
 saying so.
 
 The engine freezes everything outside the trainable set, asserts the optimizers hold exactly that set, steps the LR
-once per epoch, owns precision (fp32 / amp / fp16), gradient clipping, checkpoints of the trainable state, resume
-and the cost meter.
+once per epoch, owns precision (fp32 / amp / fp16), gradient clipping, checkpoints of the trainable state, resume,
+the cost meter and the training curves (``metrics.jsonl`` and TensorBoard events, ``vltune.engine.curves``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from yacs.config import CfgNode
 from vltune.engine.base import TrainerBase
 from vltune.engine.checkpoint import load_checkpoint, saved_epochs
 from vltune.engine.cost import CostMeter, peak_rss_mb
+from vltune.engine.curves import Curves
 from vltune.engine.optim import build_lr_scheduler, build_optimizer
 from vltune.engine.precision import Precision
 from vltune.evaluation import build_evaluator
@@ -90,6 +91,8 @@ class TrainerX(TrainerBase):
         self.teachers: dict[str, torch.Tensor] = {}  # frozen references from build_teachers (never saved)
         self.train_history: list[dict[str, float]] = []  # per trained epoch: the means of every logged metric
         self._step_metrics: dict[str, float] = {}
+        self.curves: Curves | None = None  # metrics.jsonl and tensorboard, open while train() runs
+        self.last_split = ""
         self.build_data_loader()
         self.build_model()
         self._setup_model()
@@ -225,7 +228,11 @@ class TrainerX(TrainerBase):
             self.time_start = time.time()
             self.after_train()
             return
-        super().train(start_epoch, max_epoch)
+        try:
+            super().train(start_epoch, max_epoch)
+        finally:
+            if self.curves is not None:  # a crash still flushes what was written and stops the writer's thread
+                self.curves.close()
 
     def set_model_mode(self, mode: str = "train") -> None:
         """Frozen parts stay in eval mode (BatchNorm statistics of RN backbones); registered modules follow mode."""
@@ -300,6 +307,7 @@ class TrainerX(TrainerBase):
     def before_train(self) -> None:
         directory = self.cfg.RESUME or self.output_dir
         self.start_epoch = self.resumed_from = self.resume_model_if_exist(directory)
+        self.curves = Curves(self.output_dir, self.start_epoch, tensorboard=bool(self.cfg.TRAIN.TENSORBOARD))
         self.time_start = time.time()
 
     def before_epoch(self) -> None:
@@ -316,6 +324,8 @@ class TrainerX(TrainerBase):
         meters: dict[str, _Meter] = {}
         batch_time, data_time = _Meter(), _Meter()
         self.num_batches = len(self.train_loader_x)
+        if self.curves is not None:
+            self.curves.open_tensorboard(purge_step=self.epoch * self.num_batches)
         with self.cost.phase("train"):
             end = time.time()
             for self.batch_idx, batch in enumerate(self.train_loader_x):
@@ -341,15 +351,37 @@ class TrainerX(TrainerBase):
                 end = time.time()
                 if self._should_print():
                     self._print_progress(meters, batch_time, data_time)
+                    if self.curves is not None:
+                        step = self.epoch * self.num_batches + self.batch_idx
+                        self.curves.step(self.epoch + 1, step, {**metrics, "lr": self.get_current_lr(),
+                                                                **self.group_lrs(), "time/step": batch_time.val,
+                                                                "time/data": data_time.val})
         self._end_epoch_metrics(meters)
 
     def _end_epoch_metrics(self, meters: dict[str, _Meter]) -> None:
         """Log this epoch's mean of every step metric (each loss term included) and keep it for the record."""
         summary = {"epoch": self.epoch + 1, **{k: m.avg for k, m in meters.items()}, "lr": self.get_current_lr()}
         self.train_history.append(summary)
+        if self.curves is not None:
+            self.curves.epoch(self.epoch + 1, (self.epoch + 1) * self.num_batches - 1, {**summary, **self.group_lrs()})
         logger.info(f"epoch [{self.epoch + 1}/{self.max_epoch}] means: "
                     + " ".join(f"{k} {v:.4f}" if k != "lr" else f"lr {v:.4e}" for k, v in summary.items()
                                if k != "epoch"))
+
+    def group_lrs(self) -> dict[str, float]:
+        """The learning rate of every parameter group, ``lr/<optimizer>/<group>``: the optimizer by its registered
+        name, the group by its ``name`` entry or else its index."""
+        return {f"lr/{name}/{group.get('name', i)}": group["lr"] for name, optim in self._optims.items() if optim
+                for i, group in enumerate(optim.param_groups)}
+
+    def _write_evaluation(self, final: bool) -> None:
+        """The evaluation just run, into the curves of a training run (none in evaluation-only runs)."""
+        if self.curves is None or self.curves.closed:
+            return
+        batches = getattr(self, "num_batches", 0) or len(self.train_loader_x)
+        epoch, step = (self.max_epoch, self.max_epoch * batches) if final else (self.epoch + 1,
+                                                                                 (self.epoch + 1) * batches - 1)
+        self.curves.evaluation(epoch, step, self.last_split, self.last_metrics, final)
 
     def _should_print(self) -> bool:
         freq = self.cfg.TRAIN.PRINT_FREQ
@@ -369,6 +401,7 @@ class TrainerX(TrainerBase):
         self.update_lr()
         if self.cfg.TEST.FINAL_MODEL == "best_val" and self.val_loader is not None:
             result = self.test(split="val")
+            self._write_evaluation(final=False)
             if result > self.best_result:
                 self.best_result = result
                 self.save_model(self.epoch, self.output_dir, is_best=True, val_result=result)
@@ -404,6 +437,7 @@ class TrainerX(TrainerBase):
             else:
                 logger.info("Deploy the last-epoch model")
             self.test()
+            self._write_evaluation(final=True)
         elapsed = str(datetime.timedelta(seconds=round(time.time() - self.time_start)))
         logger.info(f"Elapsed: {elapsed}")
 
@@ -444,7 +478,7 @@ class TrainerX(TrainerBase):
                         self.cost.count(phase, n)
             finally:
                 self.after_evaluate()
-        self.last_metrics = self.evaluator.evaluate()
+        self.last_metrics, self.last_split = self.evaluator.evaluate(), split
         if phase == "eval":
             seconds, speed = self.cost.net_seconds("eval"), self.cost.throughput("eval")
             logger.info(f"Test time: {seconds:.2f}s, Speed: {speed:.2f} img/s")

@@ -7,7 +7,11 @@
   training job** (one job = one dataset and seed), so methods run on different numbers of datasets or seeds compare;
 * ``efficiency_memory_<meter>.png``: the same accuracy against the training peak memory, one plot per meter (a
   CUDA peak and a CPU-profiler peak are different quantities and never share an axis);
-* ``grid_<task>.png``: the headline accuracy per grid point of a task with a grid.
+* ``grid_<task>.png``: the headline accuracy per grid point of a task with a grid;
+* ``train_loss_<protocol>_<dataset>.png``: the training loss (epoch mean of the summed objective) against the epoch,
+  a panel per number of shots, a line per method: the mean over its seeds, each seed a faint line. Read from each
+  successful training record's ``train`` list; the epochs a resumed run did before it resumed come from the
+  ``metrics.jsonl`` beside its record (``vltune.engine.curves``).
 
 In the efficiency plots an eval-only method (zero-shot) has no training cost: it is a labelled dashed horizontal
 line. Point labels are placed by ``place_labels`` so that no two overlap.
@@ -19,9 +23,11 @@ machines without a display (the runner's, a CI box).
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import fmean
 from typing import Any
 
 import matplotlib
@@ -32,9 +38,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Annotation, Text  # noqa: E402
-from matplotlib.ticker import NullLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullLocator  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
+from vltune.engine.curves import METRICS_FILE, read_metrics  # noqa: E402
 from vltune.fileio import atomic_write  # noqa: E402
 from vltune.results.compare import (  # noqa: E402
     PROTOCOL_NAMES,
@@ -249,10 +256,65 @@ def _grid(group: TaskGroup, out_dir: str) -> list[str]:
     return [_save(fig, out_dir, f"grid_{slug(group.name)}.png")]
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def loss_curve(record: Record) -> dict[int, float]:
+    """``{epoch: mean training loss}`` of a run, epochs ascending: its record's ``train`` list, completed from the
+    epoch lines of the ``metrics.jsonl`` beside it where the record lacks epochs (a resumed run records only the
+    epochs it trained after resuming)."""
+    curve = {int(e["epoch"]): float(e["loss"]) for e in record.train
+             if _number(e.get("epoch")) and _number(e.get("loss"))}
+    if record.path and (not curve or min(curve) > 1):
+        for line in read_metrics(os.path.join(record.folder, METRICS_FILE)):
+            if line.get("kind") == "epoch" and _number(line.get("epoch")) and _number(line.get("loss")):
+                curve.setdefault(int(line["epoch"]), float(line["loss"]))
+    return dict(sorted(curve.items()))
+
+
+def mean_curve(curves: list[dict[int, float]]) -> dict[int, float]:
+    """The seed mean of loss curves: at each epoch any of them has, the mean over those that have it."""
+    epochs = sorted({e for curve in curves for e in curve})
+    return {e: fmean(c[e] for c in curves if e in c) for e in epochs}
+
+
+def _train_loss(methods: list[Method], out_dir: str) -> list[str]:
+    """One figure per protocol and dataset, a panel per shots, a line per method (seed mean, seeds faint)."""
+    figures: dict[tuple[str, str], dict[int, dict[str, list[dict[int, float]]]]] = {}
+    for m in methods:
+        for r in m.records:
+            curve = loss_curve(r) if r.status == "success" and r.job.phase == "train" else {}
+            if curve:
+                panels = figures.setdefault((m.protocol, r.job.dataset), {})
+                panels.setdefault(r.job.shots, {}).setdefault(m.label, []).append(curve)
+    paths = []
+    for (protocol, dataset), panels in figures.items():
+        fig, axes = _figure(len(panels))
+        for ax, (shots, lines) in zip(axes[0], sorted(panels.items())):
+            for i, (label, curves) in enumerate(lines.items()):
+                color = f"C{i % 10}"
+                if len(curves) > 1:
+                    for curve in curves:
+                        ax.plot(list(curve), list(curve.values()), color=color, alpha=0.25, linewidth=0.8)
+                mean = mean_curve(curves)
+                seeds = f" ({len(curves)} seeds)" if len(curves) > 1 else ""
+                ax.plot(list(mean), list(mean.values()), color=color, marker="o" if len(mean) <= 20 else None,
+                        markersize=3, label=label + seeds)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set(xlabel="epoch", ylabel="training loss (epoch mean)", title=f"{shots}-shot" if shots else "")
+            ax.title.set_fontsize("medium")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.suptitle(f"Training loss: {dataset} ({PROTOCOL_NAMES.get(protocol, protocol)})", fontsize="medium")
+        paths.append(_save(fig, out_dir, f"train_loss_{slug(protocol)}_{slug(dataset)}.png"))
+    return paths
+
+
 def write_plots(records: list[Record], out_dir: str) -> list[str]:
     """Write the plots that have data into ``out_dir/plots/``; returns their paths relative to ``out_dir``."""
     methods = find_methods(records)
     paths = _fewshot(methods, out_dir) + _efficiency(methods, out_dir)
     for group in task_groups(methods):
         paths += _grid(group, out_dir)
-    return paths
+    return paths + _train_loss(methods, out_dir)
