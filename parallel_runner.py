@@ -181,7 +181,9 @@ class Notifier:
             body = summary_body(title, render_report(records), failures)
             subject = summary_subject(title, counts["success"], counts["failed"], counts["skipped"],
                                       counts["cancelled"])
-            self.queue.submit(subject, body, [os.path.join(self.root, p) for p in plots])
+            # The summary's figures: the training-loss curves (one per protocol and dataset) stay in report.md.
+            attached = [os.path.join(self.root, p) for p in plots if not os.path.basename(p).startswith("train_loss_")]
+            self.queue.submit(subject, body, attached)
         except Exception:  # noqa: BLE001  (mail is a courtesy: never let it end the suite)
             logger.exception("could not build or send the summary mail; the run goes on")
 

@@ -98,6 +98,9 @@ def test_a_crash_closes_the_curves_and_the_resumed_run_redoes_no_epoch_twice(mak
     assert resumed.resumed_from == 1
     assert [e["step"] for e in _lines(out, "step")] == STEPS  # the crashed epoch's step line is gone, not doubled
     assert [e["epoch"] for e in _lines(out, "epoch")] == [1, 2]
+    assert [e["epoch"] for e in resumed.train_history] == [1, 2]  # the record's train list: the crashed run's too
+    assert resumed.train_history[0] == {k: v for k, v in _lines(out, "epoch")[0].items()
+                                        if k not in ("kind", "step") and not k.startswith("lr/")}
     assert [(e["split"], e["final"]) for e in _lines(out, "eval")] == [("test", True)]
     acc = _events(out)
     assert _steps(acc, "train/loss") == STEPS and _steps(acc, "epoch/loss") == EPOCH_STEPS  # stale events purged

@@ -125,6 +125,8 @@ def test_a_mail_per_task_and_one_at_the_end_with_tables_and_plots(run):
     assert "| **average** |" in body and "average_xd" in body and "No failures." in body
     pngs = {p.get_filename(): p.get_content() for p in final.iter_attachments()}
     assert {"fewshot.png", "efficiency_time.png", "efficiency_memory_cpu_profiler_tensor_bytes.png"} <= set(pngs)
+    assert os.listdir(os.path.join(out, "plots")) and not any(n.startswith("train_loss_") for n in pngs)  # report only
+    assert any(n.startswith("train_loss_") for n in os.listdir(os.path.join(out, "plots")))
     assert all(data.startswith(b"\x89PNG") for data in pngs.values())
 
 

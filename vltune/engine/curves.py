@@ -91,6 +91,12 @@ class Curves:
         self._writer: Any = None
         self.closed = False
 
+    def history(self) -> list[dict[str, Any]]:
+        """The epoch means this file holds (a resumed run's epochs before the resume), as ``result.json``'s ``train``
+        list records them: ``epoch``, every logged mean, ``lr`` (without the per-group learning rates)."""
+        return [{k: v for k, v in e.items() if k not in ("kind", "step") and not k.startswith("lr/")}
+                for e in read_metrics(self.path) if e.get("kind") == "epoch"]
+
     def open_tensorboard(self, purge_step: int) -> None:
         """Start the event file (once; later calls do nothing); events of an earlier run at steps >= ``purge_step``
         are hidden, so call it with the first step this run writes."""

@@ -308,6 +308,7 @@ class TrainerX(TrainerBase):
         directory = self.cfg.RESUME or self.output_dir
         self.start_epoch = self.resumed_from = self.resume_model_if_exist(directory)
         self.curves = Curves(self.output_dir, self.start_epoch, tensorboard=bool(self.cfg.TRAIN.TENSORBOARD))
+        self.train_history = self.curves.history()  # a resumed run's record covers the epochs before the resume too
         self.time_start = time.time()
 
     def before_epoch(self) -> None:
