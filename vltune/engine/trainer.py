@@ -41,7 +41,7 @@ from vltune.engine.base import TrainerBase
 from vltune.engine.checkpoint import load_checkpoint, saved_epochs
 from vltune.engine.cost import CostMeter, peak_rss_mb
 from vltune.engine.optim import build_lr_scheduler, build_optimizer
-from vltune.engine.precision import Precision
+from vltune.engine.precision import Precision, precision_setting
 from vltune.evaluation import build_evaluator
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,7 @@ class TrainerX(TrainerBase):
             raise ValueError(f"TEST.FINAL_MODEL {cfg.TEST.FINAL_MODEL!r}: choose 'last_step' or 'best_val'")
 
     def precision_mode(self) -> str:
-        node = self.cfg.TRAINER.get(self.config_node) if self.config_node else None
-        return (node.get("PREC") if node is not None else "") or self.cfg.TRAINER.PREC
+        return precision_setting(self.cfg, self.config_node)[1]
 
     # ---- building --------------------------------------------------------------------------------------------
     def build_data_loader(self) -> None:
