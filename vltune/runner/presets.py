@@ -18,15 +18,22 @@ variable               meaning                                                 d
 VLTUNE_DATA            the data root (one folder per dataset, CoOp layout)     ``data``
 VLTUNE_WEIGHTS         the CLIP weights file                                   search (``~/.cache/clip``)
 VLTUNE_BACKBONE        MODEL.BACKBONE.NAME                                     ``ViT-B/16``
-VLTUNE_OUTPUT          output root                                             ``output/<benchmark>``
+VLTUNE_OUTPUT          output root                                             ``output/<protocol>``
 VLTUNE_GPUS            GPU ids, or ``cpu``                                     ``0``
 VLTUNE_SLOTS           jobs at once per GPU                                    ``1``
 VLTUNE_METHODS         methods (space separated)                               every method with a config
 VLTUNE_SEEDS           seeds                                                   ``1 2 3``
 VLTUNE_SHOTS           shots (few-shot: the curve; others: one value)          ``1 2 4 8 16`` / ``16``
-VLTUNE_DATASETS        restrict the datasets (smoke runs)                      the benchmark's
+VLTUNE_DATASETS        only these of the benchmark's datasets                  the benchmark's
 VLTUNE_OPTS            extra ``KEY VALUE`` config overrides for every job      none
+VLTUNE_SMOKE           1: the smoke run (``vltune.runner.smoke``)              0
 =====================  ======================================================  =========================
+
+Relative paths are taken from the working directory; the defaults ``data`` and ``output/<protocol>`` lie in the
+repository root. An unknown name in VLTUNE_METHODS or VLTUNE_DATASETS fails with the closest names (a dataset of
+vltune that is not one of this benchmark's says so). On the CPU (``VLTUNE_GPUS=cpu``) a job whose config resolves to
+fp16, which needs CUDA, runs in amp (bf16 autocast) instead: its method's precision key (``TRAINER.<node>.PREC`` or
+``TRAINER.PREC``) is set to amp after the other opts, and one line on stderr names the methods.
 
 The Skip Tuning ablations read ``VLTUNE_START_LAYERS``, ``VLTUNE_TOP_RATIOS`` and ``VLTUNE_LAMBDAS`` (defaults: the
 paper's ranges, methods.md §13.6).
