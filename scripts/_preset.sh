@@ -18,10 +18,13 @@ Options (each can also be set by the environment variable in brackets):
   --methods "NAMES"       methods to run                                  [VLTUNE_METHODS; default: all with a config]
   --seeds "SEEDS"         seeds                                           [VLTUNE_SEEDS; default: 1 2 3]
   --shots "K ..."         shots per class                                 [VLTUNE_SHOTS]
-  --datasets "NAMES"      only these datasets (smoke runs)                [VLTUNE_DATASETS]
+  --datasets "NAMES"      only these datasets of the benchmark            [VLTUNE_DATASETS]
   --output DIR            output root (job folders, tables, report)       [VLTUNE_OUTPUT; default: output/<protocol>]
   --opts "KEY VALUE ..."  config overrides for every job                  [VLTUNE_OPTS]
-${EXTRA_HELP:-}  --dry-run               list the jobs without running them
+${EXTRA_HELP:-}  --smoke                 a few minutes' check of the setup, offline on the CPU: the same methods
+                          and configs on MiniBench stand-ins with the mini CLIP (generated under
+                          --data on first use), one epoch, 1 seed; output/smoke/<protocol>  [VLTUNE_SMOKE=1]
+  --dry-run               list the jobs without running them
   -h, --help              this help
 Anything after -- is passed to parallel_runner.py (e.g. -- --rerun-failed, -- --plain).
 HELP
@@ -52,6 +55,7 @@ while [[ $# -gt 0 ]]; do
     --start-layers) need_value "$@"; export VLTUNE_START_LAYERS="$2"; shift 2 ;;
     --top-ratios) need_value "$@"; export VLTUNE_TOP_RATIOS="$2"; shift 2 ;;
     --lambdas) need_value "$@"; export VLTUNE_LAMBDAS="$2"; shift 2 ;;
+    --smoke) export VLTUNE_SMOKE=1; shift ;;
     --dry-run) runner_args+=(--dry-run); shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; runner_args+=("$@"); break ;;

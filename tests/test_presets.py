@@ -124,15 +124,17 @@ def test_every_referenced_yaml_exists_and_merges_for_every_method():
 
 
 def test_unknown_method_and_bad_numbers_fail_clearly():
-    with pytest.raises(ValueError, match=r"VLTUNE_METHODS: no preset for \['CoOP'\]"):
+    with pytest.raises(ValueError, match=r"VLTUNE_METHODS \(--methods\): unknown method 'CoOP' \(did you mean CoOp"):
         experiment("b2n", {"VLTUNE_METHODS": "CoOP"})
     with pytest.raises(ValueError, match="VLTUNE_SEEDS takes numbers"):
         experiment("b2n", {"VLTUNE_SEEDS": "one"})
 
 
 # ------------------------------------------------------------------------------------------------ the scripts
-TINY_OPTS = ("INPUT.SIZE (32,32) OPTIM.MAX_EPOCH 1 OPTIM.WARMUP_EPOCH 0 DATALOADER.NUM_WORKERS 0 TRAINER.PREC fp32 "
+# The presets' precision stays: on --gpus cpu their fp16 configs run in amp (the note line says which).
+TINY_OPTS = ("INPUT.SIZE (32,32) OPTIM.MAX_EPOCH 1 OPTIM.WARMUP_EPOCH 0 DATALOADER.NUM_WORKERS 0 "
              "DATALOADER.TRAIN_X.BATCH_SIZE 4 DATALOADER.TEST.BATCH_SIZE 32")
+NOTE = "--gpus cpu: fp16 configs run in amp (bf16 autocast) on the CPU"
 
 
 def _run(script: str, root, weights: str, out, *args: str) -> subprocess.CompletedProcess:
@@ -153,20 +155,23 @@ def _successes(out) -> int:
 
 
 # Few datasets per script keep CI short; every dataset's loading is covered by test_datasets.py on the same layouts.
-@pytest.mark.parametrize(("script", "args", "jobs"), [
-    ("base2new", ["--methods", "CoOp", "--datasets", "imagenet sun397", "--opts", TINY_OPTS], 4),
+@pytest.mark.slow
+@pytest.mark.parametrize(("script", "args", "jobs", "amp"), [
+    ("base2new", ["--methods", "CoOp", "--datasets", "imagenet sun397", "--opts", TINY_OPTS], 4, "CoOp"),
     ("few_shot", ["--methods", "ZeroshotCLIP CoOp", "--shots", "1", "--datasets", "stanford_cars", "--opts",
-                  TINY_OPTS], 2),
-    ("cross_dataset", ["--methods", "CoOp", "--datasets", "fgvc_aircraft eurosat", "--opts", TINY_OPTS], 3),
-    ("domain_generalization", ["--methods", "ZeroshotCLIP", "--opts", TINY_OPTS], 5),
+                  TINY_OPTS], 2, "ZeroshotCLIP, CoOp"),
+    ("cross_dataset", ["--methods", "CoOp", "--datasets", "fgvc_aircraft eurosat", "--opts", TINY_OPTS], 3, "CoOp"),
+    ("domain_generalization", ["--methods", "ZeroshotCLIP", "--opts", TINY_OPTS], 5, "ZeroshotCLIP"),
     ("ablation_skiptuning", ["--datasets", "dtd", "--start-layers", "1 2", "--top-ratios", "0.5", "--lambdas", "0.3",
-                             "--opts", TINY_OPTS + " TRAINER.SKIP.START_LAYER 1 TRAINER.FINETUNE.PREC fp32"], 8),
+                             "--opts", TINY_OPTS + " TRAINER.SKIP.START_LAYER 1 TRAINER.FINETUNE.PREC fp32"], 8, ""),
 ])
-def test_script_runs_on_a_miniature_root_and_writes_tables(script, args, jobs, coop_layout_root, random_clip_weights,
-                                                            tmp_path):
+def test_script_runs_on_a_miniature_root_and_writes_tables(script, args, jobs, amp, coop_layout_root,
+                                                            random_clip_weights, tmp_path):
     run = _run(script, coop_layout_root, random_clip_weights, tmp_path, *args)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert _successes(tmp_path) == jobs
+    notes = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(NOTE)]
+    assert notes == ([f"{NOTE}: {amp}"] if amp else [])  # once for the suite, not once per job
     tables = {p.name for p in (tmp_path / "run" / "tables").glob("*.csv")}
     assert "compare_cost.csv" in tables and len(tables) > 1, tables
     report = (tmp_path / "run" / "report.md").read_text()
@@ -178,6 +183,7 @@ def test_script_help_and_bad_options():
         run = subprocess.run(["bash", str(REPO / "scripts" / f"{script}.sh"), "--help"], capture_output=True,
                              text=True)
         assert run.returncode == 0 and f"usage: scripts/{script}.sh" in run.stdout and "--data DIR" in run.stdout
+        assert "--smoke " in run.stdout and "[VLTUNE_SMOKE=1]" in run.stdout
     run = subprocess.run(["bash", str(REPO / "scripts" / "base2new.sh"), "--gpu", "0"], capture_output=True,
                          text=True)
     assert run.returncode == 2 and "unknown option --gpu" in run.stderr

@@ -7,7 +7,8 @@ carries everything the rest of vltune needs to know about the method, so adding 
   (``TrainerRegistry``).
 * ``family``: ``"prompt"``, ``"adapter"``, ``"finetune"``, ``"restuning"``, ``"zero-shot"``, … (tables group by it).
 * ``test_overrides``: ``dict(trainable_params=N, opts={...}, ...)``, read by the registry-driven test matrix
-  (``tests/test_trainers.py``); ``trainable_params`` is the count on the tiny test CLIP.
+  (``tests/test_trainers.py``); ``trainable_params`` is the count on the tiny test CLIP. ``opts`` (what the method
+  needs on the tiny CLIP, e.g. a prompt depth it has) also serve the presets' smoke runs (``vltune.runner.smoke``).
 * ``presets``: the paper preset's yaml per protocol (``vltune/runner/presets.py`` derives its table from it), keyed by
   ``PRESET_PROTOCOLS`` (``b2n``, ``xd``, ``fewshot``; ``dg`` evaluates the ``xd`` training, so it uses ``xd``'s
   entry). A value is a yaml name under ``configs/trainers/<Method>/`` (without ``.yaml``), a path to a ``.yaml``

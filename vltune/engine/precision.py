@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 MODES = ("fp32", "amp", "fp16")
+
+
+def precision_setting(cfg: Any, node: str | None) -> tuple[str, str]:
+    """``(key, mode)``: the config key that decides a run's precision and its value. A non-empty ``PREC`` in the
+    method's node ``TRAINER.<node>`` wins over ``TRAINER.PREC`` (upstream's per-method keys, e.g.
+    ``TRAINER.COOP.PREC``); the runner's presets use the key to switch an fp16 config to amp on a CPU."""
+    sub = cfg.TRAINER.get(node) if node else None
+    if sub is not None and sub.get("PREC"):
+        return f"TRAINER.{node}.PREC", str(sub.PREC)
+    return "TRAINER.PREC", str(cfg.TRAINER.PREC)
 
 
 class Precision:

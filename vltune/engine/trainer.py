@@ -42,7 +42,7 @@ from vltune.engine.checkpoint import load_checkpoint, saved_epochs
 from vltune.engine.cost import CostMeter, peak_rss_mb
 from vltune.engine.curves import Curves
 from vltune.engine.optim import build_lr_scheduler, build_optimizer
-from vltune.engine.precision import Precision
+from vltune.engine.precision import Precision, precision_setting
 from vltune.evaluation import build_evaluator
 
 logger = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ class TrainerX(TrainerBase):
             raise ValueError(f"TEST.FINAL_MODEL {cfg.TEST.FINAL_MODEL!r}: choose 'last_step' or 'best_val'")
 
     def precision_mode(self) -> str:
-        node = self.cfg.TRAINER.get(self.config_node) if self.config_node else None
-        return (node.get("PREC") if node is not None else "") or self.cfg.TRAINER.PREC
+        return precision_setting(self.cfg, self.config_node)[1]
 
     # ---- building --------------------------------------------------------------------------------------------
     def build_data_loader(self) -> None:

@@ -482,6 +482,8 @@ def _read_module(path: str) -> dict[str, Any]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
+    except SuiteError as e:  # the file itself found a mistake (e.g. a preset's VLTUNE_* setting) and names it
+        raise SuiteError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001  (any error in the user's file is reported with its name)
         raise SuiteError(f"{path} failed to load: {type(e).__name__}: {e}") from e
     return {k: getattr(module, k) for k in dir(module) if not k.startswith("_")}
