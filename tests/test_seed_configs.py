@@ -91,6 +91,19 @@ def test_the_seed_format_translates_into_vltune_tasks(tmp_path):
     assert seed.cost_dir == str(tmp_path / "runs" / "results" / "cost" / "skip_lr")
 
 
+def test_without_get_pipeline_the_tasks_merge_over_base_by_the_same_rules(tmp_path):
+    with_function = load_experiments(_seed(tmp_path), str(REPO))
+    (tmp_path / "bare").mkdir()
+    path = _seed(tmp_path / "bare")
+    text = open(path).read()
+    open(path, "w").write(text[:text.index("def get_pipeline")])
+    without = load_experiments(path, str(REPO))
+    assert without.tasks.keys() == with_function.tasks.keys()
+    for name, task in without.tasks.items():  # lists override (opts, params), dicts merge (train over base's train)
+        assert (task.opts, task.grid, task.seeds, task.shots) == (with_function.tasks[name].opts,
+                                                                  with_function.tasks[name].grid, [1], [2])
+
+
 def test_without_a_model_key_the_backbone_comes_from_the_trainer_yaml(tmp_path):
     path = _seed(tmp_path)
     text = open(path).read().replace("model=dict(", "# model=dict(")

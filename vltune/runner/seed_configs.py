@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from deepmerge import Merger
+
 from vltune.runner.schema import SuiteError, _check_keys, _check_types, _suggest, resolve_path
 
 BASE_KEYS = ("data", "mail", "train", "grid_search", "output")
@@ -189,12 +191,8 @@ def is_seed_format(names: dict[str, Any]) -> bool:
     return isinstance(base, dict) and ("train" in base or "grid_search" in base)
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over`` deep-merged onto ``base`` as upstream's ``Merger``: dicts merge, anything else overrides."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
-    return out
+#: upstream's merge of a task over ``base`` (its ``get_pipeline``): dicts merge, lists, sets and anything else override
+MERGER = Merger([(list, ["override"]), (dict, ["merge"]), (set, ["override"])], ["override"], ["override"])
 
 
 def _is_secret(key: Any) -> bool:
@@ -272,8 +270,8 @@ def _backbone(task: dict[str, Any], repo: str) -> str:
 
 def _merged_tasks(names: dict[str, Any], pipeline: list[Any], problems: list[str]) -> dict[str, dict[str, Any]]:
     """Every task the pipeline names, merged over ``base``: by the file's own ``get_pipeline()`` when it defines one
-    (upstream's entry point), else by ``merge``. Tasks that are not dicts of the file are left to the pipeline's
-    unknown-task error."""
+    (upstream's entry point), else by ``MERGER`` (the same deepmerge rules). Tasks that are not dicts of the file
+    are left to the pipeline's unknown-task error."""
     wanted = [t for entry in pipeline if isinstance(entry, dict) for t in _listed(entry.get("tasks"))]
     defined = [t for t in dict.fromkeys(wanted) if isinstance(names.get(t), dict) and t not in ("base", "pipeline")]
     get_pipeline = names.get("get_pipeline")
@@ -284,7 +282,7 @@ def _merged_tasks(names: dict[str, Any], pipeline: list[Any], problems: list[str
         except Exception as e:  # noqa: BLE001  (the user's function: report, then merge as upstream does)
             problems.append(f"get_pipeline() failed ({type(e).__name__}: {e}); the tasks were merged over base "
                             "without it")
-    return {t: merge(copy.deepcopy(names["base"]), copy.deepcopy(names[t])) for t in defined}
+    return {t: MERGER.merge(copy.deepcopy(names["base"]), copy.deepcopy(names[t])) for t in defined}
 
 
 def _listed(value: Any) -> list[str]:
