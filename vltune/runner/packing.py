@@ -39,15 +39,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from vltune.cli import PROBE_ENV
 from vltune.results.record import Record, find_records, read_record
+from vltune.runner.executor import CPU
 from vltune.runner.jobs import Job
 from vltune.runner.scheduler import JobState, Lane, log_tail
+from vltune.runner.schema import ScheduleSettings
 
 logger = logging.getLogger(__name__)
 
 CUDA_METER = "cuda_max_allocated"
 CPU_METER = "cpu_profiler_tensor_bytes"
-PROBE_ENV = "VLTUNE_PROBE_MEMORY"  # train.py: measure the job's peak into this file instead of running it
 OOM_RAISE = 1.5  # an out-of-memory job's key is raised to this many times the failed attempt's estimate
 _OOM = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)
 
@@ -363,3 +365,33 @@ class MemoryPlacement:
         logger.warning(f"{job.label} ran out of memory ({error[:200]}); retrying it once alone on a device, its "
                        f"estimate raised {before:.0f} -> {after:.0f} MB")
         return True
+
+
+PROBE_FOLDER = ".memory_probes"  # under the output root: each probe's folder (logs, peak.json)
+
+
+def device_budgets(settings: ScheduleSettings, lanes: Sequence[Lane]) -> dict[str | int, float]:
+    """MB jobs may use per device: ``gpu_memory_gb`` (else the GPU's total memory) minus the headroom."""
+    budgets = {}
+    for d in dict.fromkeys(d for lane in lanes for d in lane.devices):
+        if settings.gpu_memory_gb is not None:
+            total = settings.gpu_memory_gb * 1024
+        else:
+            import torch
+
+            total = torch.cuda.get_device_properties(int(d)).total_memory / 2**20
+        budgets[d] = total * (1 - settings.headroom)
+    return budgets
+
+
+def memory_placement(settings: ScheduleSettings, lanes: Sequence[Lane], output_root: str,
+                     executor: Any) -> MemoryPlacement:
+    """The ``MemoryPlacement`` of ``base["schedule"]``: estimates from the records under ``output_root``, probes
+    through ``executor`` (in ``<output_root>/.memory_probes``). A CPU meter's peaks count only when no lane uses a
+    GPU (it measures host memory, not GPU memory)."""
+    cpu_only = all(d == CPU for lane in lanes for d in lane.devices)
+    estimator = PeakEstimator(output_root, overhead_mb=settings.process_overhead_gb * 1024,
+                              methods=(CUDA_METER, CPU_METER) if cpu_only else (CUDA_METER,))
+    prober = ExecutorProber(executor, os.path.join(output_root, PROBE_FOLDER)) if settings.probe else None
+    return MemoryPlacement(lanes, device_budgets(settings, lanes), estimator, default_mb=settings.default_gb * 1024,
+                           probe=prober, max_jobs_per_device=settings.max_jobs_per_device)
