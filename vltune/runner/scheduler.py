@@ -49,6 +49,42 @@ class Lane:
     tasks: list[str]
 
 
+class Clock:
+    """Wall-clock time and sleep; the scheduling simulator (``vltune.runner.simulate``) passes a virtual one."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class SlotPlacement:
+    """Fixed slots (the default): a device runs at most its lane's ``slots`` jobs at once; a job goes to the least
+    loaded device of its lane that has a free slot.
+
+    A placement decides where (and whether) a ready job starts; the scheduler owns order, dependencies and resume.
+    ``place`` returns a device of ``devices`` or None (the job waits); ``capacity`` (slots per device) sizes the
+    progress display and the per-job CPU threads.
+    """
+
+    def __init__(self, lanes: Sequence[Lane]) -> None:
+        self.capacity: dict[str | int, int] = {}
+        for lane in lanes:
+            for d in lane.devices:
+                self.capacity.setdefault(d, lane.slots)
+
+    def place(self, state: JobState, devices: Sequence[str | int], running: Sequence[JobState]) -> str | int | None:
+        load = Counter(s.handle.device for s in running)
+        free = [d for d in devices if load[d] < self.capacity[d]]
+        return min(free, key=lambda d: (load[d], list(devices).index(d))) if free else None
+
+    def finished(self, state: JobState, status: str, record: dict[str, Any]) -> bool:
+        """Called when a job has ended with ``status`` and its ``record`` is written; True asks the scheduler to run
+        it again (a placement that retries, e.g. after running out of memory). Fixed slots never do."""
+        return False
+
+
 @dataclass
 class JobState:
     job: Job
@@ -59,6 +95,8 @@ class JobState:
     wall_s: float = 0.0
     record: dict[str, Any] | None = None
     diff: list[tuple[str, Any, Any]] = field(default_factory=list)  # stale: (key, recorded value, this run's value)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the placement says about the run: copied into the
+    # record's ``runner`` (e.g. its memory estimate, or why it is a retry)
 
 
 @dataclass
@@ -138,8 +176,10 @@ class Scheduler:
                  rerun_failed: bool = False, rerun_stale: bool = False, grace_s: float = 10.0, poll_s: float = 0.05,
                  on_event: Callable[[str, JobState], None] | None = None,
                  on_task_done: Callable[[str, SuiteResult], None] | None = None,
-                 cuda_visible: Sequence[str] | None = None, cpu_count: int | None = None) -> None:
+                 cuda_visible: Sequence[str] | None = None, cpu_count: int | None = None,
+                 placement: Any = None, clock: Clock | None = None) -> None:
         self.lanes = list(lanes)
+        self.clock = clock or Clock()
         self.executor = executor
         self.grace_s, self.poll_s = grace_s, poll_s
         self.on_event = on_event or (lambda kind, state: None)
@@ -155,13 +195,13 @@ class Scheduler:
         missing = sorted({j.task for j in jobs} - set(self.lane_of))
         if missing:
             raise SuiteError(f"tasks without a pipeline stage: {', '.join(missing)}")
-        self.capacity: dict[str | int, int] = {}
-        for lane in self.lanes:
-            for d in lane.devices:
-                self.capacity.setdefault(d, lane.slots)
+        self.placement = placement or SlotPlacement(self.lanes)
+        self.capacity = self.placement.capacity
         self.cuda_visible = list(cuda_visible) if cuda_visible is not None else (
             os.environ["CUDA_VISIBLE_DEVICES"].split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else None)
         self.threads = max(1, (cpu_count or os.cpu_count() or 1) // max(1, sum(self.capacity.values())))
+        if hasattr(self.placement, "attach"):  # a placement that starts processes of its own (memory probes)
+            self.placement.attach(self)
         self._running = False
         self._plan(force, rerun_failed, rerun_stale)
 
@@ -250,12 +290,9 @@ class Scheduler:
         if s.reset == "result" or (record is not None and record.get("status") != "success"):
             _remove(os.path.join(job.out, "result.json"))  # so the result read at the end is this run's
         job.write_job_file()
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads)),
-               "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", str(self.threads)),
-               "CUDA_VISIBLE_DEVICES": self._visible(device)}
         s.status = "running"
         try:
-            s.handle = self.executor.start(job, device, env)
+            s.handle = self.executor.start(job, device, self.job_env(device))
         except KeyboardInterrupt:  # an in-process job was interrupted: it counts as cancelled, then the run stops
             s.handle = Handle(job=job, device=device, returncode=130, cancelled=True)
             raise
@@ -265,6 +302,12 @@ class Scheduler:
                 f.write(f"could not start {job.argv[:2]}: {type(e).__name__}: {e}\n")
         self.on_event("running", s)
 
+    def job_env(self, device: str | int) -> dict[str, str]:
+        """The variables a job on ``device`` starts with: its GPU and its share of the CPU threads."""
+        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads)),
+                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", str(self.threads)),
+                "CUDA_VISIBLE_DEVICES": self._visible(device)}
+
     def _visible(self, device: str | int) -> str:
         if device == CPU:
             return ""
@@ -273,7 +316,7 @@ class Scheduler:
     def _finish(self, s: JobState) -> None:
         h = s.handle
         code = h.poll()
-        s.wall_s = time.time() - h.started
+        s.wall_s = self.clock.time() - h.started
         path = os.path.join(s.job.out, "result.json")
         record = read_record(path)
         if code == 0 and _counts_as_done(record, s.job):
@@ -292,10 +335,14 @@ class Scheduler:
             record = _bare_record(s.job, status, f"{why}; see {s.job.out}")
         record["runner"] = {"exit_code": code, "device": str(h.device), "wall_s": round(s.wall_s, 2),
                             "started_at": datetime.datetime.fromtimestamp(h.started).isoformat(timespec="seconds"),
-                            "ended_at": _now()}
+                            "ended_at": _now(), **s.notes}
         if status != "success":
             record["runner"]["log_tail"] = log_tail(s.job.out)
         write_json_atomic(path, record)
+        if not h.cancelled and self.placement.finished(s, status, record):
+            s.status, s.handle, s.record = "pending", None, None
+            self.on_event("retry", s)
+            return
         self._set(s, status, record)
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -322,11 +369,10 @@ class Scheduler:
             for s in self.states:
                 if s.status != "pending" or self.lane_of[s.job.task] is not lane or not self._ready(s):
                     continue
-                load = self.load()
-                free = [d for d in lane.devices if load[d] < self.capacity[d]]
-                if not free:
+                device = self.placement.place(s, lane.devices, self.running())
+                if device is None:
                     break
-                self._start(s, min(free, key=lambda d: (load[d], lane.devices.index(d))))
+                self._start(s, device)
 
     def result(self) -> SuiteResult:
         return SuiteResult(self.states, counts=Counter(s.status for s in self.states))
@@ -353,10 +399,10 @@ class Scheduler:
                 self._schedule()
                 if tick:
                     tick()
-                if self.running():
-                    time.sleep(self.poll_s)
-                elif any(s.status == "pending" for s in self.states) and not any(
-                        self._ready(s) for s in self.states if s.status == "pending"):
+                pending = [s for s in self.states if s.status == "pending"]
+                if self.running() or any(self._ready(s) for s in pending):  # ready jobs the placement holds back
+                    self.clock.sleep(self.poll_s)  # (e.g. while it probes their memory) wait too
+                elif pending:
                     raise SuiteError("no job can start: the lanes have no device; check the pipeline's gpu_ids")
         except KeyboardInterrupt:
             interrupted = True
@@ -367,6 +413,8 @@ class Scheduler:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if hasattr(self.placement, "close"):  # end what the placement started (probes)
+                self.placement.close()
         result = self.result()
         result.interrupted = interrupted
         return result
@@ -377,11 +425,11 @@ class Scheduler:
         for s in running:
             s.handle.cancelled = True
             s.handle.terminate()
-        deadline = time.time() + self.grace_s
+        deadline = self.clock.time() + self.grace_s
         while running:
             try:
-                while time.time() < deadline and any(s.handle.poll() is None for s in running):
-                    time.sleep(self.poll_s)
+                while self.clock.time() < deadline and any(s.handle.poll() is None for s in running):
+                    self.clock.sleep(self.poll_s)
                 break
             except KeyboardInterrupt:  # a second Ctrl-C: stop waiting
                 break
