@@ -1,0 +1,294 @@
+"""A simulator of the runner's scheduler: the real ``Scheduler`` (order, dependencies, lanes, placement, retries) on
+simulated jobs and simulated GPUs, in virtual time.
+
+* ``SimJob``: a real ``vltune.runner.jobs.Job`` plus what the simulation needs of it: how long it runs
+  (``startup_s`` + ``duration_s``) and its peak GPU memory (``peak_mb``), held for the whole run.
+* ``SimExecutor``: starts a job by noting its end time; its ``Handle.poll()`` gives 0 once the virtual clock has
+  reached that end, after writing the job's successful ``result.json`` (its identity, like a real ``train.py`` run,
+  and ``cost.train_peak_mb`` or ``cost.eval_peak_mb``). A GPU has ``memory_mb``: a job whose peak would take the
+  jobs running on its device over that fails after its start-up with a ``CUDA out of memory`` record (exit code 1),
+  which is how a real run that packs too much ends, so a placement's out-of-memory retry is exercised.
+* ``VirtualClock``: time moves only in ``sleep``, and jumps straight to the next job end (at most ``max_jump_s``),
+  so a 1,000-job suite of hours of GPU time simulates in seconds.
+* ``BarrierPlacement``: the Skip Tuning runner's policy (``parallel_runner.py`` with ``utils/gpu_allocater_v2.py``)
+  as a placement, for comparison.
+* ``simulate``: runs the scheduler over the jobs in a temporary folder (the scheduler writes ``job.json`` and
+  ``result.json`` as in a real run) and reports makespan, memory-weighted utilisation, idle GPU time and each
+  job's start and end.
+
+Simplifications: a job's peak is held from its start to its end; only the job that would overcommit a device fails
+(the jobs already running are unaffected); the failed attempt occupies its device for its start-up time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vltune.results.record import write_json_atomic
+from vltune.runner.executor import Handle
+from vltune.runner.jobs import Job
+from vltune.runner.scheduler import TERMINAL, Clock, JobState, Lane, Scheduler, SlotPlacement
+
+OOM_MESSAGE = "CUDA out of memory."
+SECOND_PHASE_ROLES = ("new", "target", "variant")  # upstream runs these after a `wait` barrier
+
+
+class VirtualClock(Clock):
+    """Simulated time: ``time()`` only moves when the scheduler sleeps. A sleep ends at the next registered wake-up
+    (a simulated job's end) when one is pending, capped at ``max_jump_s``, else after the requested seconds."""
+
+    def __init__(self, start: float = 0.0, max_jump_s: float = 3600.0) -> None:
+        self.now = start
+        self.max_jump_s = max_jump_s
+        self._wakeups: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def wake_at(self, t: float) -> None:
+        """Make a later ``sleep`` stop at ``t`` (a job ends then)."""
+        heapq.heappush(self._wakeups, t)
+
+    def sleep(self, seconds: float) -> None:
+        while self._wakeups and self._wakeups[0] <= self.now:
+            heapq.heappop(self._wakeups)
+        if self._wakeups:
+            self.now = min(self._wakeups[0], self.now + self.max_jump_s)
+        else:
+            self.now += seconds
+
+
+@dataclass
+class SimJob:
+    """A job of the suite and its simulated cost: start-up, then ``duration_s`` holding ``peak_mb`` on its GPU."""
+
+    job: Job
+    duration_s: float
+    peak_mb: float = 0.0
+    startup_s: float = 0.0
+
+
+@dataclass
+class Attempt:
+    """One start of a job on a device: when it started and ended, and whether it ran out of memory."""
+
+    out: str
+    label: str
+    device: str | int
+    start: float
+    end: float
+    peak_mb: float
+    oom: bool = False
+
+
+@dataclass
+class SimHandle(Handle):
+    """A simulated job's handle: it ends when the virtual clock reaches ``attempt.end``."""
+
+    attempt: Attempt | None = None
+    clock: VirtualClock | None = None
+    on_end: Callable[[SimHandle], None] | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.clock.time() >= self.attempt.end:
+            self.returncode = 1 if self.attempt.oom else 0
+            self.on_end(self)
+        return self.returncode
+
+
+class SimExecutor:
+    """Starts simulated jobs on ``gpus`` GPUs of ``memory_mb`` each (device ids 0..gpus-1)."""
+
+    def __init__(self, specs: dict[str, SimJob], clock: VirtualClock, memory_mb: float) -> None:
+        self.specs, self.clock, self.memory_mb = specs, clock, memory_mb
+        self.attempts: list[Attempt] = []
+        self._live: dict[str | int, list[Attempt]] = {}
+
+    def used_mb(self, device: str | int) -> float:
+        """The peaks of the jobs running on ``device`` now."""
+        now = self.clock.time()
+        live = [a for a in self._live.get(device, []) if a.end > now]
+        self._live[device] = live
+        return sum(a.peak_mb for a in live)
+
+    def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle:
+        spec = self.specs[job.out]
+        now = self.clock.time()
+        oom = self.used_mb(device) + spec.peak_mb > self.memory_mb
+        end = now + spec.startup_s + (0.0 if oom else spec.duration_s)
+        attempt = Attempt(job.out, job.label, device, now, end, spec.peak_mb, oom)
+        self.attempts.append(attempt)
+        if not oom:
+            self._live.setdefault(device, []).append(attempt)
+        self.clock.wake_at(end)
+        return SimHandle(job=job, device=device, started=now, attempt=attempt, clock=self.clock,
+                         on_end=self._write_result)
+
+    def _write_result(self, handle: SimHandle) -> None:
+        job, a = handle.job, handle.attempt
+        spec = self.specs[job.out]
+        train = "--eval-only" not in job.argv
+        cost = {"startup_s": spec.startup_s, ("train_time_s" if train else "eval_time_s"): spec.duration_s,
+                ("train_peak_mb" if train else "eval_peak_mb"): spec.peak_mb}
+        record: dict[str, Any] = {"schema": 2, "status": "failed" if a.oom else "success", "identity": job.identity,
+                                  "identity_hash": job.identity_hash, "cost": cost,
+                                  "job": {"trainer": job.trainer, "dataset": job.dataset, "role": job.role,
+                                          "task": job.task, "seed": job.seed, "shots": job.shots,
+                                          "protocol": job.protocol, "phase": "train" if train else "eval"}}
+        if a.oom:
+            used = self.used_mb(a.device)
+            record["error"] = (f"{OOM_MESSAGE} Tried to allocate {spec.peak_mb:.0f} MiB (GPU {a.device}; "
+                               f"{self.memory_mb:.0f} MiB total capacity; {used:.0f} MiB in use by other jobs)")
+        else:
+            record["metrics"] = {"accuracy": 0.0}
+        write_json_atomic(os.path.join(job.out, "result.json"), record)
+
+
+class BarrierPlacement:
+    """The Skip Tuning runner's policy, as a placement for the real scheduler.
+
+    What upstream does (``parallel_runner.py``, ``utils/gpu_allocater_v2.py``): each pipeline (a list of GPU ids and
+    its tasks) runs in its own process, side by side; a pipeline runs its tasks one after another, and
+    ``GPUAllocater.run`` returns only when every GPU of the pipeline is free again, so a task starts after the whole
+    previous task has ended. A base-to-new task is one command list: every train command, a ``wait`` command, then
+    every eval command; ``wait`` holds the list until all of the pipeline's GPUs are free. Commands start in list
+    order, one per free GPU (a GPU is busy while its one command runs), on the first free GPU, 1 s apart.
+
+    Modelled: one job per GPU, on the first free GPU of the lane; jobs start in upstream's command order
+    (``BarrierPlacement.order``, which ``simulate`` applies: per task, train jobs dataset by dataset, then the
+    evaluations); a job of a task starts only when every job
+    of the lane's earlier tasks has ended, and a second-phase job (``role`` new, target or variant: upstream's
+    commands after ``wait``) only when every first-phase job of its task has ended. The first job that must wait
+    blocks every later job of its lane, as upstream's list does. Not modelled: the 1 s between launches, and that
+    upstream stops the whole task at its first failed command.
+
+    ``attach(scheduler)`` before ``run``: the barrier reads every job's state.
+    """
+
+    def __init__(self, lanes: Sequence[Lane]) -> None:
+        self.capacity: dict[str | int, int] = {d: 1 for lane in lanes for d in lane.devices}
+        self.lanes = list(lanes)
+        self._states: list[JobState] | None = None
+        self._key: tuple[int, ...] | None = None
+        self._counts: Counter = Counter()
+
+    def attach(self, scheduler: Scheduler) -> None:
+        self._states = scheduler.states
+
+    def _unfinished(self, running: Sequence[JobState]) -> Counter:
+        """Jobs not yet ended per (task, first phase?); recounted only when the running set has changed (every job
+        ends or is skipped through a change of it), so a long suite stays fast."""
+        key = tuple(id(s) for s in running)
+        if key != self._key:
+            self._key = key
+            self._counts = Counter((s.job.task, s.job.role not in SECOND_PHASE_ROLES) for s in self._states
+                                   if s.status not in TERMINAL)
+        return self._counts
+
+    def _blocked(self, state: JobState, running: Sequence[JobState]) -> bool:
+        lane = next(ln for ln in self.lanes if state.job.task in ln.tasks)
+        counts = self._unfinished(running)
+        if any(counts[(t, first)] for t in lane.tasks[:lane.tasks.index(state.job.task)] for first in (True, False)):
+            return True
+        return state.job.role in SECOND_PHASE_ROLES and counts[(state.job.task, True)] > 0
+
+    @staticmethod
+    def order(jobs: Sequence[SimJob]) -> list[SimJob]:
+        """``jobs`` in upstream's command order: per task, the first-phase jobs, then the second-phase ones, each
+        dataset by dataset (then seed), as ``get_base_to_new_commands`` lists them. (vltune's order puts each
+        evaluation right after its train job, which a first-in-first-out barrier would stall on.)"""
+        tasks = {t: i for i, t in enumerate(dict.fromkeys(sj.job.task for sj in jobs))}
+        datasets = {d: i for i, d in enumerate(dict.fromkeys(sj.job.dataset for sj in jobs))}
+        return sorted(jobs, key=lambda sj: (tasks[sj.job.task], sj.job.role in SECOND_PHASE_ROLES,
+                                            datasets[sj.job.dataset], sj.job.seed))
+
+    def place(self, state: JobState, devices: Sequence[str | int], running: Sequence[JobState]) -> str | int | None:
+        if self._states is None:
+            raise RuntimeError("BarrierPlacement needs the scheduler's job states: call placement.attach(scheduler) "
+                               "before scheduler.run()")
+        if self._blocked(state, running):
+            return None
+        busy = {s.handle.device for s in running}
+        return next((d for d in devices if d not in busy), None)
+
+    def finished(self, state: JobState, status: str, record: dict[str, Any]) -> bool:
+        return False
+
+
+@dataclass
+class SimReport:
+    """What a simulated run did. ``utilisation``: the successful jobs' peak MB × run seconds over the GPUs'
+    MB × makespan; ``idle_s``: GPU-seconds with no job on the GPU; ``jobs``: each attempt's device, start and end."""
+
+    makespan_s: float
+    utilisation: float
+    idle_s: float
+    gpus: int
+    memory_mb: float
+    counts: Counter = field(default_factory=Counter)
+    oom_attempts: int = 0
+    jobs: list[Attempt] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"makespan_s": round(self.makespan_s, 1), "makespan_h": round(self.makespan_s / 3600, 3),
+                "utilisation": round(self.utilisation, 4), "idle_gpu_h": round(self.idle_s / 3600, 3),
+                "oom_attempts": self.oom_attempts, "counts": dict(self.counts)}
+
+
+def _rebase(root: str, path: str) -> str:
+    return os.path.join(root, path.lstrip(os.sep)) if path else ""
+
+
+def _idle(attempts: Sequence[Attempt], devices: Sequence[str | int], makespan: float) -> float:
+    idle = 0.0
+    for d in devices:
+        busy, covered_to = 0.0, 0.0
+        for a in sorted((a for a in attempts if a.device == d), key=lambda a: a.start):
+            lo, hi = max(a.start, covered_to), max(a.end, covered_to)
+            busy += hi - lo
+            covered_to = hi
+        idle += makespan - busy
+    return idle
+
+
+def simulate(jobs: Sequence[SimJob], lanes: Sequence[Lane], placement: Callable[[Sequence[Lane]], Any] | None = None,
+             *, memory_mb: float, root: str | None = None, max_jump_s: float = 3600.0) -> SimReport:
+    """Run ``jobs`` through the real scheduler on ``lanes`` (GPU ids as devices) in virtual time.
+
+    ``placement``: a factory ``lanes -> placement`` (``SlotPlacement``, ``BarrierPlacement``, a packing policy);
+    default fixed slots. A factory with an ``order`` function (``BarrierPlacement``) reorders the jobs first.
+    Job folders (``Job.out``, ``depends_on``) are re-rooted under ``root`` (default: a new temporary folder, removed
+    afterwards), so a simulation never touches a real output folder."""
+    if root is None:
+        with tempfile.TemporaryDirectory(prefix="vltune-sim-") as tmp:
+            return simulate(jobs, lanes, placement, memory_mb=memory_mb, root=tmp, max_jump_s=max_jump_s)
+    jobs = placement.order(jobs) if hasattr(placement, "order") else jobs
+    rebased = [replace(sj, job=replace(sj.job, out=_rebase(root, sj.job.out),
+                                       depends_on=_rebase(root, sj.job.depends_on))) for sj in jobs]
+    clock = VirtualClock(max_jump_s=max_jump_s)
+    executor = SimExecutor({sj.job.out: sj for sj in rebased}, clock, memory_mb)
+    policy = (placement or SlotPlacement)(lanes)
+    scheduler = Scheduler([sj.job for sj in rebased], lanes, executor, placement=policy, clock=clock, poll_s=1.0,
+                          cpu_count=1)
+    if hasattr(policy, "attach"):
+        policy.attach(scheduler)
+    result = scheduler.run()
+    makespan = max((a.end for a in executor.attempts), default=0.0)
+    devices = list(dict.fromkeys(d for lane in lanes for d in lane.devices))
+    useful = sum(a.peak_mb * (a.end - a.start) for a in executor.attempts if not a.oom)
+    capacity = len(devices) * memory_mb * makespan
+    by_root = {sj.job.out: sj.job.out[len(root):] for sj in rebased}
+    attempts = [replace(a, out=by_root[a.out]) for a in executor.attempts]
+    return SimReport(makespan_s=makespan, utilisation=useful / capacity if capacity else 0.0,
+                     idle_s=_idle(executor.attempts, devices, makespan), gpus=len(devices), memory_mb=memory_mb,
+                     counts=result.counts, oom_attempts=sum(a.oom for a in executor.attempts), jobs=attempts)
+
+
+__all__ = ["Attempt", "BarrierPlacement", "SimExecutor", "SimHandle", "SimJob", "SimReport", "VirtualClock",
+           "simulate"]
