@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
@@ -113,6 +114,21 @@ def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[E
     return executor, [Lane(devices=[RAY_DEVICE], slots=executor.cluster_slots(), tasks=tasks)]
 
 
+def placement_of(experiments: Experiments, lanes: list[Lane], executor: Executor | None,
+                 args: argparse.Namespace) -> Any:
+    """``base["schedule"]``'s placement: None for fixed slots (the scheduler's default), else a ``MemoryPlacement``
+    (``vltune.runner.packing``)."""
+    settings = experiments.base.schedule
+    if settings.packing != "memory":
+        return None
+    if (args.executor or experiments.base.executor.kind) == "ray":
+        raise SuiteError("base['schedule']: packing='memory' needs the local executor (Ray places jobs itself); "
+                         "set packing='slots' or run without --executor ray")
+    from vltune.runner.packing import memory_placement
+
+    return memory_placement(settings, lanes, experiments.base.output_root, executor)
+
+
 def prepare_minibench(experiments: Experiments) -> None:
     """Generate the MiniBench datasets and pretrain the mini CLIP on MiniUnion's train split when they are missing."""
     from vltune.clip.pretrain import build_minibench_clip
@@ -132,12 +148,20 @@ def print_plan(scheduler: Scheduler, experiments: Experiments) -> None:
     root = experiments.base.output_root
     index = {s.job.out: i for i, s in enumerate(scheduler.states)}
     word = {"pending": "run", "success": "done", "failed": "failed earlier", "skipped": "skip", "stale": "stale"}
+    estimate = getattr(scheduler.placement, "estimate", None)  # memory packing: each job's expected peak
     for i, s in enumerate(scheduler.states):
         j = s.job
         dep = f"after #{index[j.depends_on]}" if j.depends_on in index else ""
         grid = f" {j.grid_name}" if j.grid_name else ""
+        memory = ""
+        if estimate is not None and s.status == "pending":
+            est = estimate(j)
+            memory = f" [{est.mb:.0f} MB, {est.source}]" if est else " [memory: probed before it starts]"
         print(f"#{i:<4d} {word.get(s.status, s.status):14s} {j.task:18s} {j.role:8s} {j.dataset:22s} seed{j.seed} "
-              f"shots{j.shots}{grid} {dep:10s} {os.path.relpath(j.out, root)}")
+              f"shots{j.shots}{grid} {dep:10s} {os.path.relpath(j.out, root)}{memory}")
+    if estimate is not None:
+        budgets = ", ".join(f"{d}: {mb:.0f} MB" for d, mb in scheduler.placement.budget.items())
+        print(f"memory packing: budget per device {budgets}")
     counts = {k: sum(s.status == k for s in scheduler.states) for k in word}
     lanes = "; ".join(f"{'+'.join(map(str, lane.devices))} x{lane.slots}: {', '.join(lane.tasks)}"
                       for lane in scheduler.lanes)
@@ -284,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         scheduler_args = dict(force=args.force, rerun_failed=args.rerun_failed, rerun_stale=args.rerun_stale)
         if args.dry_run:
             fetch_weights_once(jobs, dry_run=True)
-            print_plan(Scheduler(jobs, lanes_of(experiments), InlineExecutor(), **scheduler_args), experiments)
+            lanes = lanes_of(experiments)
+            print_plan(Scheduler(jobs, lanes, InlineExecutor(), placement=placement_of(experiments, lanes, None, args),
+                                 **scheduler_args), experiments)
             for line in experiments.seed.plan(root, args.only) if experiments.seed is not None else []:
                 print(line)
             return 0
@@ -324,7 +350,7 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         print(f"error: {e}", file=sys.stderr)
         return 2
     scheduler = Scheduler(jobs, lanes, executor, on_event=progress.event, on_task_done=notifier.task_done,
-                          **scheduler_args)
+                          placement=placement_of(experiments, lanes, executor, args), **scheduler_args)
     done_before = sum(s.previous for s in scheduler.states)
     stale = scheduler.stale_report()
     if stale:

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 import vltune  # noqa: F401  (compat shim before torchvision/open_clip)
-from vltune.cli import build_parser
+from vltune.cli import PROBE_ENV, build_parser
 from vltune.config import ConfigError, get_cfg
 from vltune.config.identity import format_diff, identity, identity_diff, identity_hash
 from vltune.config.validate import trainer_trains, validate_cfg
@@ -130,6 +130,56 @@ def already_finished(output_dir: str, ident: dict[str, Any]) -> bool:
     return True
 
 
+def probe_memory(args: argparse.Namespace, cfg: Any, file: str) -> int:
+    """The runner's memory probe (``vltune.runner.packing``): build the trainer with the job's full config, run one
+    metered training step (trained jobs) and one metered evaluation batch, and write the larger peak as
+    ``{"peak_mb", "method", "train_peak_mb", "eval_peak_mb"}`` to ``file``. A measurement, never a guess: the cost
+    meter's own numbers (CUDA ``max_memory_allocated`` on a GPU). Logs and curves go to ``file``'s folder; the job's
+    folder gets no record and no checkpoint. Returns 0, or 1 (with the error on stderr) when nothing was measured."""
+    import torch
+
+    folder = os.path.dirname(os.path.abspath(file))
+    os.makedirs(folder, exist_ok=True)
+    cfg.defrost()
+    cfg.OUTPUT_DIR, cfg.RESUME = folder, ""
+    cfg.freeze()
+    setup_logging(folder, console=False)
+    try:
+        trainer = build_trainer(cfg, eval_only=args.eval_only)
+        if args.eval_only and args.model_dir:
+            trainer.load_model(args.model_dir, epoch=args.load_epoch)
+        if not args.eval_only and trainer._models:
+            trainer.before_train()
+            trainer.epoch = trainer.start_epoch
+            trainer.before_epoch()
+            trainer.set_model_mode("train")
+            batch = trainer.to_device(next(iter(trainer.train_loader_x)))
+            trainer.cost.metered_step(lambda: trainer.forward_backward(batch), "train", apart=False)
+        trainer.set_model_mode("eval")
+        with torch.no_grad(), trainer.cost.phase("eval"):
+            with trainer.precision.autocast():
+                trainer.before_evaluate()
+            try:
+                batch = next(iter(trainer.test_loader))
+                trainer.cost.metered_step(lambda: trainer._evaluate_batch(batch), "eval", apart=False)
+            finally:
+                trainer.after_evaluate()
+        train_peak, train_method = trainer.cost.peak_mb("train")
+        eval_peak, eval_method = trainer.cost.peak_mb("eval")
+    except Exception as e:  # noqa: BLE001  (a failed probe: the runner falls back to its default and says why)
+        logger.error(traceback.format_exc())
+        print(f"memory probe failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    peaks = [p for p in (train_peak, eval_peak) if p is not None]
+    if not peaks:
+        print("memory probe measured nothing (no training step and no evaluation batch)", file=sys.stderr)
+        return 1
+    write_json_atomic(file, {"peak_mb": max(peaks), "method": train_method or eval_method,
+                             "train_peak_mb": train_peak, "eval_peak_mb": eval_peak})
+    logger.info(f"memory probe: {max(peaks):.1f} MB ({train_method or eval_method}) -> {file}")
+    return 0
+
+
 def _cancel_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -145,6 +195,9 @@ def main(argv: list[str] | None = None, console: bool = True) -> int:
     except (ConfigError, RegistryError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    probe = args.probe_memory or os.environ.get(PROBE_ENV, "")
+    if probe:
+        return probe_memory(args, cfg, probe)
     out = cfg.OUTPUT_DIR
     ident = identity(cfg)
     if already_finished(out, ident):

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+#: ``train.py`` measures the job's peak memory into this file instead of running the job (``--probe-memory``); the
+#: runner's memory packing sets it for its probes (``vltune.runner.packing``)
+PROBE_ENV = "VLTUNE_PROBE_MEMORY"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Run one job: train (then test), or --eval-only a saved run.")
@@ -29,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job-meta", type=str, default="",
                    help="JSON of the job's place in a benchmark (task, protocol, role, grid, grid_name, index), set "
                         "by the runner and saved in result.json; a job run by hand has its protocol and role inferred")
+    p.add_argument("--probe-memory", type=str, default="", metavar="FILE",
+                   help=f"measure one training step and one evaluation batch of this job's config, write "
+                        f"{{peak_mb, method}} to FILE and exit; nothing else is written (also: env {PROBE_ENV})")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 

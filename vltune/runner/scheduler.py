@@ -95,6 +95,8 @@ class JobState:
     wall_s: float = 0.0
     record: dict[str, Any] | None = None
     diff: list[tuple[str, Any, Any]] = field(default_factory=list)  # stale: (key, recorded value, this run's value)
+    notes: dict[str, Any] = field(default_factory=dict)  # what the placement says about the run: copied into the
+    # record's ``runner`` (e.g. its memory estimate, or why it is a retry)
 
 
 @dataclass
@@ -198,6 +200,8 @@ class Scheduler:
         self.cuda_visible = list(cuda_visible) if cuda_visible is not None else (
             os.environ["CUDA_VISIBLE_DEVICES"].split(",") if os.environ.get("CUDA_VISIBLE_DEVICES") else None)
         self.threads = max(1, (cpu_count or os.cpu_count() or 1) // max(1, sum(self.capacity.values())))
+        if hasattr(self.placement, "attach"):  # a placement that starts processes of its own (memory probes)
+            self.placement.attach(self)
         self._running = False
         self._plan(force, rerun_failed, rerun_stale)
 
@@ -286,12 +290,9 @@ class Scheduler:
         if s.reset == "result" or (record is not None and record.get("status") != "success"):
             _remove(os.path.join(job.out, "result.json"))  # so the result read at the end is this run's
         job.write_job_file()
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads)),
-               "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", str(self.threads)),
-               "CUDA_VISIBLE_DEVICES": self._visible(device)}
         s.status = "running"
         try:
-            s.handle = self.executor.start(job, device, env)
+            s.handle = self.executor.start(job, device, self.job_env(device))
         except KeyboardInterrupt:  # an in-process job was interrupted: it counts as cancelled, then the run stops
             s.handle = Handle(job=job, device=device, returncode=130, cancelled=True)
             raise
@@ -300,6 +301,12 @@ class Scheduler:
             with open(os.path.join(job.out, "stderr.log"), "a") as f:
                 f.write(f"could not start {job.argv[:2]}: {type(e).__name__}: {e}\n")
         self.on_event("running", s)
+
+    def job_env(self, device: str | int) -> dict[str, str]:
+        """The variables a job on ``device`` starts with: its GPU and its share of the CPU threads."""
+        return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(self.threads)),
+                "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", str(self.threads)),
+                "CUDA_VISIBLE_DEVICES": self._visible(device)}
 
     def _visible(self, device: str | int) -> str:
         if device == CPU:
@@ -328,7 +335,7 @@ class Scheduler:
             record = _bare_record(s.job, status, f"{why}; see {s.job.out}")
         record["runner"] = {"exit_code": code, "device": str(h.device), "wall_s": round(s.wall_s, 2),
                             "started_at": datetime.datetime.fromtimestamp(h.started).isoformat(timespec="seconds"),
-                            "ended_at": _now()}
+                            "ended_at": _now(), **s.notes}
         if status != "success":
             record["runner"]["log_tail"] = log_tail(s.job.out)
         write_json_atomic(path, record)
@@ -392,10 +399,10 @@ class Scheduler:
                 self._schedule()
                 if tick:
                     tick()
-                if self.running():
-                    self.clock.sleep(self.poll_s)
-                elif any(s.status == "pending" for s in self.states) and not any(
-                        self._ready(s) for s in self.states if s.status == "pending"):
+                pending = [s for s in self.states if s.status == "pending"]
+                if self.running() or any(self._ready(s) for s in pending):  # ready jobs the placement holds back
+                    self.clock.sleep(self.poll_s)  # (e.g. while it probes their memory) wait too
+                elif pending:
                     raise SuiteError("no job can start: the lanes have no device; check the pipeline's gpu_ids")
         except KeyboardInterrupt:
             interrupted = True
@@ -406,6 +413,8 @@ class Scheduler:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if hasattr(self.placement, "close"):  # end what the placement started (probes)
+                self.placement.close()
         result = self.result()
         result.interrupted = interrupted
         return result

@@ -345,6 +345,7 @@ class Base:
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
         executor: ``ExecutorSettings``: ``local`` (default; ``warm``) or ``ray`` with its ``address`` and
             ``max_retries``.
+        schedule: ``ScheduleSettings``: fixed slots (default) or memory-aware packing.
     """
 
     data_root: str
@@ -356,8 +357,9 @@ class Base:
     slots_per_gpu: int = 1
     mail: Any = None
     executor: ExecutorSettings = field(default_factory=lambda: ExecutorSettings())
+    schedule: ScheduleSettings = field(default_factory=lambda: ScheduleSettings())
 
-    KEYS = ("data", "model", "output", "prepare", "slots_per_gpu", "mail", "executor")
+    KEYS = ("data", "model", "output", "prepare", "slots_per_gpu", "mail", "executor", "schedule")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], folder: str, repo: str) -> Base:
@@ -381,20 +383,22 @@ class Base:
                 _check_types(f"base[{key!r}]", d[key], dict.fromkeys(keys, "str"))
         if isinstance(d.get("prepare", ""), str) and d.get("prepare", "") not in PREPARE:
             problems.add(f"base['prepare'] = {d['prepare']!r}; choose one of {PREPARE}")
-        mail = executor = None
+        mail = executor = schedule = None
         try:
             mail = MailSettings.from_dict(d.get("mail"), repo)
         except ValueError as e:
             problems.add(str(e))
         with problems.check():
             executor = ExecutorSettings.from_dict(d.get("executor") or {})
+        with problems.check():
+            schedule = ScheduleSettings.from_dict(d.get("schedule") or {})
         problems.raise_if_any()  # the values below are only read once their types are right
         base = cls(data_root=resolve_path(folder, d["data"].get("root", "")),
                    output_root=resolve_path(folder, d["output"].get("root", "")),
                    backbone=str(d["model"].get("backbone", "")),
                    weights=resolve_path(folder, d["model"].get("weights", "")),
                    pretrained=str(d["model"].get("pretrained", "")), prepare=d.get("prepare", ""),
-                   slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail, executor=executor)
+                   slots_per_gpu=int(d.get("slots_per_gpu", 1)), mail=mail, executor=executor, schedule=schedule)
         if not base.output_root or not base.backbone:
             problems.add("base: output.root and model.backbone must be set")
         if base.slots_per_gpu < 1:
@@ -443,6 +447,74 @@ class ExecutorSettings:
             problems.add(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
         if settings.max_retries < 0:
             problems.add(f"base['executor']['max_retries'] = {settings.max_retries}; it must be >= 0")
+        problems.raise_if_any()
+        return settings
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class ScheduleSettings:
+    """How jobs share a device: ``base["schedule"]`` (see ``vltune.runner.packing``).
+
+    Args:
+        packing: ``slots`` (default: ``slots_per_gpu`` jobs per device) or ``memory`` (a job starts when its expected
+            peak memory fits under the device's budget).
+        gpu_memory_gb: memory per device; None reads each GPU's total memory (required when a stage runs on the CPU).
+        headroom: fraction of the memory kept free (the budget is ``(1 - headroom) * gpu_memory``).
+        default_gb: a job's expected peak when no finished run of its key exists and no probe measured it.
+        process_overhead_gb: added to every estimate: a process's CUDA context and the allocator's cached blocks,
+            which the measured tensor peak does not count.
+        probe: measure an unknown key's peak with a short probe process before its first job (False: the default).
+        max_jobs_per_device: also cap the jobs per device (None: memory alone decides).
+    """
+
+    packing: str = "slots"
+    gpu_memory_gb: float | None = None
+    headroom: float = 0.1
+    default_gb: float = 4.0
+    process_overhead_gb: float = 0.5
+    probe: bool = True
+    max_jobs_per_device: int | None = None
+
+    PACKINGS = ("slots", "memory")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScheduleSettings:
+        where = "base['schedule']"
+        if not isinstance(d, dict):
+            raise SuiteError(f"{where} must be a dict(packing='slots' | 'memory', ...), got {d!r}")
+        problems = Problems()
+        with problems.check():
+            _check_keys(where, d, [f.name for f in fields(cls)])
+        with problems.check():
+            _check_types(where, d, {"packing": "str", "probe": "bool"})
+        for key in ("gpu_memory_gb", "headroom", "default_gb", "process_overhead_gb"):
+            if key in d and not _is_number(d[key]) and not (key == "gpu_memory_gb" and d[key] is None):
+                problems.add(f"{where}: {key!r} = {d[key]!r} ({type(d[key]).__name__}){_fix_for(d[key], 'int')}; "
+                             "expected a number" + (" or None" if key == "gpu_memory_gb" else ""))
+        if d.get("max_jobs_per_device") is not None and not _is_int(d["max_jobs_per_device"]):
+            problems.add(f"{where}: 'max_jobs_per_device' = {d['max_jobs_per_device']!r}; expected an integer or "
+                         "None")
+        packing = d.get("packing", cls.packing)
+        if isinstance(packing, str) and packing not in cls.PACKINGS:
+            problems.add(f"{where}['packing'] = {packing!r}{_suggest(packing, cls.PACKINGS)}; choose one of "
+                         f"{', '.join(cls.PACKINGS)}")
+        problems.raise_if_any()
+        settings = cls(**d)
+        if settings.gpu_memory_gb is not None and settings.gpu_memory_gb <= 0:
+            problems.add(f"{where}['gpu_memory_gb'] = {settings.gpu_memory_gb}; it must be > 0 (or None: each "
+                         "GPU's total memory)")
+        if not 0 <= settings.headroom < 1:
+            problems.add(f"{where}['headroom'] = {settings.headroom}; it is the fraction kept free, in [0, 1)")
+        if settings.default_gb <= 0:
+            problems.add(f"{where}['default_gb'] = {settings.default_gb}; it must be > 0")
+        if settings.process_overhead_gb < 0:
+            problems.add(f"{where}['process_overhead_gb'] = {settings.process_overhead_gb}; it must be >= 0")
+        if settings.max_jobs_per_device is not None and settings.max_jobs_per_device < 1:
+            problems.add(f"{where}['max_jobs_per_device'] = {settings.max_jobs_per_device}; it must be >= 1")
         problems.raise_if_any()
         return settings
 
@@ -530,6 +602,10 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
     with problems.check():
         check_gpus([g for s in stages for g in s.gpu_ids],
                    available_gpus() if any(s.gpu_ids for s in stages) else [])
+    if base is not None and base.schedule.packing == "memory" and base.schedule.gpu_memory_gb is None and any(
+            not s.gpu_ids for s in stages):
+        problems.add("base['schedule']: packing='memory' on the CPU (a stage with gpu_ids=[] or --gpus cpu) needs "
+                     "'gpu_memory_gb', the memory budget per device in GB (there is no GPU to read it from)")
     tasks = {}
     for name in seen:
         if name in not_validated:
