@@ -12,6 +12,7 @@ simulated jobs and simulated GPUs, in virtual time.
   so a 1,000-job suite of hours of GPU time simulates in seconds.
 * ``BarrierPlacement``: the Skip Tuning runner's policy (``parallel_runner.py`` with ``utils/gpu_allocater_v2.py``)
   as a placement, for comparison.
+* ``TablePeaks``: an estimator for ``vltune.runner.packing.MemoryPlacement`` that knows each simulated job's peak.
 * ``simulate``: runs the scheduler over the jobs in a temporary folder (the scheduler writes ``job.json`` and
   ``result.json`` as in a real run) and reports makespan, memory-weighted utilisation, idle GPU time and each
   job's start and end.
@@ -33,6 +34,7 @@ from typing import Any
 from vltune.results.record import write_json_atomic
 from vltune.runner.executor import Handle
 from vltune.runner.jobs import Job
+from vltune.runner.packing import Estimate, PeakEstimator, job_key, job_phase
 from vltune.runner.scheduler import TERMINAL, Clock, JobState, Lane, Scheduler, SlotPlacement
 
 OOM_MESSAGE = "CUDA out of memory."
@@ -168,7 +170,7 @@ class BarrierPlacement:
     blocks every later job of its lane, as upstream's list does. Not modelled: the 1 s between launches, and that
     upstream stops the whole task at its first failed command.
 
-    ``attach(scheduler)`` before ``run``: the barrier reads every job's state.
+    The scheduler calls ``attach(scheduler)``: the barrier reads every job's state.
     """
 
     def __init__(self, lanes: Sequence[Lane]) -> None:
@@ -219,6 +221,27 @@ class BarrierPlacement:
 
     def finished(self, state: JobState, status: str, record: dict[str, Any]) -> bool:
         return False
+
+
+class TablePeaks(PeakEstimator):
+    """A ``PeakEstimator`` that knows every simulated job's peak, as if each key had finished before: the estimate
+    of a job is its ``SimJob.peak_mb`` × ``scale`` (the largest over the jobs of its key and phase, as records give).
+    ``peak_mb`` is the whole process's footprint, so no overhead is added; ``scale`` < 1 makes the estimates too low
+    (the simulated GPUs then run out of memory and the placement's retry runs)."""
+
+    def __init__(self, jobs: Sequence[SimJob], scale: float = 1.0) -> None:
+        super().__init__(None, overhead_mb=0.0)
+        self.peaks: dict[tuple[Any, str], float] = {}
+        for sj in jobs:
+            key = (job_key(sj.job), job_phase(sj.job))
+            self.peaks[key] = max(self.peaks.get(key, 0.0), sj.peak_mb * scale)
+
+    def observe(self, record: Any, path: str = "") -> None:
+        """Finished simulated runs teach nothing new: the table already holds every key's peak."""
+
+    def lookup(self, job: Job) -> Estimate | None:
+        mb = self.peaks.get((job_key(job), job_phase(job)))
+        return None if mb is None else Estimate(mb, "record", f"simulated table peak {mb:.0f} MB")
 
 
 @dataclass
@@ -276,8 +299,6 @@ def simulate(jobs: Sequence[SimJob], lanes: Sequence[Lane], placement: Callable[
     policy = (placement or SlotPlacement)(lanes)
     scheduler = Scheduler([sj.job for sj in rebased], lanes, executor, placement=policy, clock=clock, poll_s=1.0,
                           cpu_count=1)
-    if hasattr(policy, "attach"):
-        policy.attach(scheduler)
     result = scheduler.run()
     makespan = max((a.end for a in executor.attempts), default=0.0)
     devices = list(dict.fromkeys(d for lane in lanes for d in lane.devices))
@@ -290,5 +311,5 @@ def simulate(jobs: Sequence[SimJob], lanes: Sequence[Lane], placement: Callable[
                      counts=result.counts, oom_attempts=sum(a.oom for a in executor.attempts), jobs=attempts)
 
 
-__all__ = ["Attempt", "BarrierPlacement", "SimExecutor", "SimHandle", "SimJob", "SimReport", "VirtualClock",
-           "simulate"]
+__all__ = ["Attempt", "BarrierPlacement", "SimExecutor", "SimHandle", "SimJob", "SimReport", "TablePeaks",
+           "VirtualClock", "simulate"]
