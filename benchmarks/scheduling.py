@@ -17,6 +17,7 @@ Policies, each on the real scheduler (``vltune.runner.simulate``), ``--gpus`` GP
 
     python benchmarks/scheduling.py                 # simulate, print the table, write benchmarks/results/
     python benchmarks/scheduling.py --write-table   # regenerate benchmarks/scheduling_jobs.json first
+    python benchmarks/scheduling.py --readme README.md  # also fill the README's scheduling block
 
 Writes ``<out>/scheduling.json`` and ``<out>/scheduling.md``.
 """
@@ -24,6 +25,7 @@ Writes ``<out>/scheduling.json`` and ``<out>/scheduling.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -266,19 +268,23 @@ def policies(jobs: list[SimJob], gpu_mb: float, estimate_scale: float) -> dict[s
     settings = ScheduleSettings()
     peaks = TablePeaks(jobs, estimate_scale)
 
-    def packing(lanes: list[Lane]) -> MemoryPlacement:
+    def packing(lanes: list[Lane], cap: int | None = None) -> MemoryPlacement:
         return MemoryPlacement(lanes, gpu_mb * (1 - settings.headroom), peaks,
-                               default_mb=settings.default_gb * 1024)
+                               default_mb=settings.default_gb * 1024, max_jobs_per_device=cap)
 
     return {"(a) Skip Tuning runner: 1 job/GPU, task barriers": (BarrierPlacement, 1),
             "(b) fixed slots 1/GPU": (SlotPlacement, 1), "(b) fixed slots 2/GPU": (SlotPlacement, 2),
             "(b) fixed slots 4/GPU": (SlotPlacement, 4),
-            f"(c) memory packing ({settings.headroom:.0%} headroom)": (packing, 1)}
+            f"(c) memory packing ({settings.headroom:.0%} headroom)": (packing, 1),
+            "(c) memory packing, at most 4 jobs/GPU": (lambda lanes: packing(lanes, 4), 1)}
 
 
-def run(gpus: int, gpu_gb: float, estimate_scale: float = 1.0, table: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(gpus: int, gpu_gb: float, estimate_scale: float = 1.0, table: dict[str, Any] | None = None,
+        compute: float = 0.0) -> dict[str, Any]:
+    """Every policy on the table's jobs, each job keeping ``compute`` of its GPU busy when alone (0: jobs sharing a
+    GPU never slow each other; 1: each saturates its GPU, so sharing one slows them in proportion)."""
     table = table or load_table()
-    jobs = sim_jobs(table)
+    jobs = [dataclasses.replace(sj, compute=compute) for sj in sim_jobs(table)]
     gpu_mb = gpu_gb * 1024
     tasks = list(dict.fromkeys(sj.job.task for sj in jobs))
     rows, baseline = [], None
@@ -291,7 +297,7 @@ def run(gpus: int, gpu_gb: float, estimate_scale: float = 1.0, table: dict[str, 
                          failed_jobs=report.counts.get("failed", 0), skipped_jobs=report.counts.get("skipped", 0),
                          sim_wall_s=round(time.perf_counter() - t0, 2)))
     return {"date": datetime.date.today().isoformat(), "gpus": gpus, "gpu_gb": gpu_gb, "jobs": len(jobs),
-            "estimate_scale": estimate_scale, "gpu_hours_of_work": round(
+            "estimate_scale": estimate_scale, "compute": compute, "gpu_hours_of_work": round(
                 sum(sj.duration_s + sj.startup_s for sj in jobs) / 3600, 1), "rows": rows}
 
 
@@ -299,7 +305,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"Simulated ({result['date']}): base-to-new, {result['jobs']} jobs "
              f"({result['gpu_hours_of_work']} GPU-hours of work), {result['gpus']} GPUs x {result['gpu_gb']:g} GB, "
              "job table benchmarks/scheduling_jobs.json" + (f", packing estimates x {result['estimate_scale']}"
-                                                             if result["estimate_scale"] != 1 else ""), "",
+                                                             if result["estimate_scale"] != 1 else "")
+             + f"; each job keeps {result['compute']:g} of a GPU busy alone ("
+             + ("jobs sharing a GPU never slow each other: memory only" if result["compute"] == 0 else
+                "jobs sharing a GPU share its compute") + ")", "",
              "| policy | makespan h | speed-up vs (a) | utilisation % | idle GPU-h | OOM attempts | failed jobs | "
              "skipped jobs |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -312,22 +321,58 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_MARKERS = ("<!-- scheduling:begin -->", "<!-- scheduling:end -->")
+
+
+def readme_block(runs: list[dict[str, Any]]) -> str:
+    """The README's summary of ``runs`` (one per ``compute`` value): each policy's simulated makespan and speed-up
+    over the Skip Tuning runner's policy, a column per compute value."""
+    first = runs[0]
+    head = [f"Simulated {first['date']}: base-to-new, {first['jobs']} jobs ({first['gpu_hours_of_work']} GPU-hours of "
+            f"work), {first['gpus']} GPUs x {first['gpu_gb']:g} GB; makespan in hours (speed-up vs (a)) when each job "
+            "keeps this fraction of a GPU busy alone:", "",
+            "| policy | " + " | ".join(f"compute {r['compute']:g}" for r in runs) + " |",
+            "|---|" + "---:|" * len(runs)]
+    for i, row in enumerate(first["rows"]):
+        cells = [f"{r['rows'][i]['makespan_h']:.2f} ({r['rows'][i]['speedup_vs_a']:.2f}x)" for r in runs]
+        head.append(f"| {row['policy']} | " + " | ".join(cells) + " |")
+    return "\n".join(head)
+
+
+def write_readme(path: str, runs: list[dict[str, Any]]) -> None:
+    """Replace the block between ``README_MARKERS`` in ``path`` with ``readme_block(runs)``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    begin, end = README_MARKERS
+    if begin not in text or end not in text:
+        raise ValueError(f"{path}: no {begin} … {end} block to fill")
+    before, rest = text.split(begin, 1)
+    after = rest.split(end, 1)[1]
+    atomic_write(path, f"{before}{begin}\n{readme_block(runs)}\n{end}{after}".encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--write-table", action="store_true", help=f"regenerate {os.path.relpath(TABLE, REPO)} first")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-gb", type=float, default=80.0)
     p.add_argument("--estimate-scale", type=float, default=1.0, help="packing's estimates x this (< 1: too low)")
+    p.add_argument("--compute", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                   help="the fraction of a GPU each job keeps busy alone, one simulation per value (default: 0, "
+                        "memory only; then jobs using a quarter, half and all of a GPU)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--readme", default="", help="also fill this README's scheduling block (README.md)")
     args = p.parse_args(argv)
     if args.write_table:
         atomic_write(TABLE, (json.dumps(build_table(), indent=1) + "\n").encode())
         print(f"wrote {TABLE}")
-    result = run(args.gpus, args.gpu_gb, args.estimate_scale)
-    text = markdown(result)
+    results = [run(args.gpus, args.gpu_gb, args.estimate_scale, compute=c) for c in args.compute]
+    text = "\n".join(markdown(r) for r in results)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(os.path.join(args.out, "scheduling.json"), result)
+    write_json_atomic(os.path.join(args.out, "scheduling.json"), {"runs": results})
+    if args.readme:
+        write_readme(args.readme, results)
     atomic_write(os.path.join(args.out, "scheduling.md"), text.encode())
     return 0
 

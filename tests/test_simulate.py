@@ -166,3 +166,37 @@ def test_job_table_documents_every_number():
     assert len(jobs) == 3 * len(table["rows"])
     outs = {sj.job.out for sj in jobs}
     assert all(sj.job.depends_on in outs for sj in jobs if sj.job.depends_on)
+
+
+def test_jobs_sharing_a_gpu_share_its_compute():
+    """Two jobs that each saturate a GPU (compute 1) run at half speed while together; two that each use half of it
+    do not slow each other; start-up is never slowed."""
+    def run(compute: float, second_at: float) -> dict[str, tuple[float, float]]:
+        first = SimJob(Job(task="t", out="/a", argv=["x"], role="a", dataset="a"), 100.0, compute=compute)
+        # the second job's start-up delays its GPU work by second_at seconds
+        second = SimJob(Job(task="t", out="/b", argv=["x"], role="b", dataset="b"), 100.0, compute=compute,
+                        startup_s=second_at)
+        report = simulate([first, second], [Lane(devices=[0], slots=2, tasks=["t"])], memory_mb=1e6)
+        return {a.out: (a.start, a.end) for a in report.jobs}
+
+    assert run(0.5, 0.0) == {"/a": (0.0, 100.0), "/b": (0.0, 100.0)}
+    assert run(1.0, 0.0) == {"/a": (0.0, 200.0), "/b": (0.0, 200.0)}
+    # a alone for 50 s, then both at half speed: a's last 50 s of work take 100 s; b finishes its last 50 s alone
+    ends = run(1.0, 50.0)
+    assert ends["/a"][1] == pytest.approx(150.0) and ends["/b"][1] == pytest.approx(200.0)
+
+
+def test_the_readme_quotes_the_committed_benchmark_results():
+    """The README's scheduling block is generated (benchmarks/scheduling.py --readme) from the committed results."""
+    import json
+
+    import scheduling
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "benchmarks", "results", "scheduling.json")) as f:
+        runs = json.load(f)["runs"]
+    with open(os.path.join(repo, "README.md")) as f:
+        readme = f.read()
+    begin, end = scheduling.README_MARKERS
+    assert readme.split(begin, 1)[1].split(end, 1)[0].strip() == scheduling.readme_block(runs)
+    assert [r["compute"] for r in runs] == [0.0, 0.25, 0.5, 1.0]

@@ -17,13 +17,18 @@ simulated jobs and simulated GPUs, in virtual time.
   ``result.json`` as in a real run) and reports makespan, memory-weighted utilisation, idle GPU time and each
   job's start and end.
 
+Compute sharing: a job's ``compute`` is the fraction of a GPU it keeps busy when it runs alone (0: it never slows
+another job down; 1: it saturates the GPU). While the jobs computing on a device sum to more than 1, each advances
+at 1/sum of its own speed (the GPU's time is shared fairly); start-up is CPU work and is never slowed. Simulating the
+same suite at ``compute`` 0 and 1 brackets what packing gains: the first only counts memory, the second assumes every
+job saturates its GPU alone.
+
 Simplifications: a job's peak is held from its start to its end; only the job that would overcommit a device fails
 (the jobs already running are unaffected); the failed attempt occupies its device for its start-up time.
 """
 
 from __future__ import annotations
 
-import heapq
 import os
 import tempfile
 from collections import Counter
@@ -42,26 +47,23 @@ SECOND_PHASE_ROLES = ("new", "target", "variant")  # upstream runs these after a
 
 
 class VirtualClock(Clock):
-    """Simulated time: ``time()`` only moves when the scheduler sleeps. A sleep ends at the next registered wake-up
-    (a simulated job's end) when one is pending, capped at ``max_jump_s``, else after the requested seconds."""
+    """Simulated time: ``time()`` only moves when the scheduler sleeps. A sleep ends at the next event
+    ``next_event()`` names (a simulated job's start-up ending or its work finishing, as projected now) when one is
+    due, capped at ``max_jump_s``, else after the requested seconds."""
 
-    def __init__(self, start: float = 0.0, max_jump_s: float = 3600.0) -> None:
+    def __init__(self, start: float = 0.0, max_jump_s: float = 3600.0,
+                 next_event: Callable[[], float | None] = lambda: None) -> None:
         self.now = start
         self.max_jump_s = max_jump_s
-        self._wakeups: list[float] = []
+        self.next_event = next_event
 
     def time(self) -> float:
         return self.now
 
-    def wake_at(self, t: float) -> None:
-        """Make a later ``sleep`` stop at ``t`` (a job ends then)."""
-        heapq.heappush(self._wakeups, t)
-
     def sleep(self, seconds: float) -> None:
-        while self._wakeups and self._wakeups[0] <= self.now:
-            heapq.heappop(self._wakeups)
-        if self._wakeups:
-            self.now = min(self._wakeups[0], self.now + self.max_jump_s)
+        due = self.next_event()
+        if due is not None and due > self.now:
+            self.now = min(due, self.now + self.max_jump_s)
         else:
             self.now += seconds
 
@@ -74,6 +76,7 @@ class SimJob:
     duration_s: float
     peak_mb: float = 0.0
     startup_s: float = 0.0
+    compute: float = 0.0  # the fraction of a GPU it keeps busy alone (module docstring: compute sharing)
 
 
 @dataclass
@@ -84,9 +87,13 @@ class Attempt:
     label: str
     device: str | int
     start: float
-    end: float
+    end: float  # projected while it runs (compute sharing moves it), final once it has ended
     peak_mb: float
     oom: bool = False
+    compute: float = 0.0
+    work_s: float = 0.0  # seconds of work left at full speed, after start-up
+    start_work: float = 0.0  # when its start-up ends and its GPU work begins
+    done: bool = False
 
 
 @dataclass
@@ -97,10 +104,14 @@ class SimHandle(Handle):
     clock: VirtualClock | None = None
     on_end: Callable[[SimHandle], None] | None = None
 
+    executor: SimExecutor | None = None
+
     def poll(self) -> int | None:
-        if self.returncode is None and self.clock.time() >= self.attempt.end:
-            self.returncode = 1 if self.attempt.oom else 0
-            self.on_end(self)
+        if self.returncode is None:
+            self.executor.advance(self.device)
+            if self.attempt.done:
+                self.returncode = 1 if self.attempt.oom else 0
+                self.on_end(self)
         return self.returncode
 
 
@@ -111,26 +122,55 @@ class SimExecutor:
         self.specs, self.clock, self.memory_mb = specs, clock, memory_mb
         self.attempts: list[Attempt] = []
         self._live: dict[str | int, list[Attempt]] = {}
+        self._synced: dict[str | int, float] = {}
 
     def used_mb(self, device: str | int) -> float:
         """The peaks of the jobs running on ``device`` now."""
+        self.advance(device)
+        return sum(a.peak_mb for a in self._live.get(device, []) if not a.oom)
+
+    def advance(self, device: str | int) -> None:
+        """Bring the work of ``device``'s attempts up to now, event by event (an attempt's start-up ending, one
+        finishing), at the shared speed in force between events; then project their ends and register them."""
         now = self.clock.time()
-        live = [a for a in self._live.get(device, []) if a.end > now]
+        t = self._synced.get(device, now)
+        live = self._live.get(device, [])
+        while live and t < now:
+            computing = [a for a in live if a.start_work <= t]
+            speed = _speed(computing)
+            step_to = min([now, *(a.start_work for a in live if a.start_work > t),
+                           *(t + a.work_s / speed for a in computing)])
+            for a in computing:
+                a.work_s -= (step_to - t) * speed
+            t = step_to
+            for a in computing:
+                if a.work_s <= 1e-9:
+                    a.work_s, a.done, a.end = 0.0, True, t
+            live = [a for a in live if not a.done]
+        self._synced[device] = now
         self._live[device] = live
-        return sum(a.peak_mb for a in live)
+        speed = _speed([a for a in live if a.start_work <= now])
+        for a in live:
+            a.end = max(a.start_work, now) + a.work_s / speed
+
+    def next_event(self) -> float | None:
+        """The soonest projected event of any device after now: an attempt's start-up ending or its work ending."""
+        now = self.clock.time()
+        times = [t for live in self._live.values() for a in live for t in (a.start_work, a.end) if t > now]
+        return min(times, default=None)
 
     def start(self, job: Job, device: str | int, env: dict[str, str]) -> Handle:
         spec = self.specs[job.out]
         now = self.clock.time()
         oom = self.used_mb(device) + spec.peak_mb > self.memory_mb
-        end = now + spec.startup_s + (0.0 if oom else spec.duration_s)
-        attempt = Attempt(job.out, job.label, device, now, end, spec.peak_mb, oom)
+        attempt = Attempt(job.out, job.label, device, now, now + spec.startup_s, spec.peak_mb, oom,
+                          compute=0.0 if oom else spec.compute, work_s=0.0 if oom else spec.duration_s,
+                          start_work=now + spec.startup_s)
         self.attempts.append(attempt)
-        if not oom:
-            self._live.setdefault(device, []).append(attempt)
-        self.clock.wake_at(end)
+        self._live.setdefault(device, []).append(attempt)
+        self.advance(device)
         return SimHandle(job=job, device=device, started=now, attempt=attempt, clock=self.clock,
-                         on_end=self._write_result)
+                         on_end=self._write_result, executor=self)
 
     def _write_result(self, handle: SimHandle) -> None:
         job, a = handle.job, handle.attempt
@@ -150,6 +190,12 @@ class SimExecutor:
         else:
             record["metrics"] = {"accuracy": 0.0}
         write_json_atomic(os.path.join(job.out, "result.json"), record)
+
+
+def _speed(computing: Sequence[Attempt]) -> float:
+    """The speed of each computing job on a device: full while their ``compute`` sums to at most 1, else shared."""
+    load = sum(a.compute for a in computing)
+    return 1.0 if load <= 1.0 else 1.0 / load
 
 
 class BarrierPlacement:
@@ -296,6 +342,7 @@ def simulate(jobs: Sequence[SimJob], lanes: Sequence[Lane], placement: Callable[
                                        depends_on=_rebase(root, sj.job.depends_on))) for sj in jobs]
     clock = VirtualClock(max_jump_s=max_jump_s)
     executor = SimExecutor({sj.job.out: sj for sj in rebased}, clock, memory_mb)
+    clock.next_event = executor.next_event
     policy = (placement or SlotPlacement)(lanes)
     scheduler = Scheduler([sj.job for sj in rebased], lanes, executor, placement=policy, clock=clock, poll_s=1.0,
                           cpu_count=1)
