@@ -66,6 +66,7 @@ if kid:
 
 
 BACKBONE = "ViT-B/16"
+WEIGHTS = "fake-weights.pt"  # a named local file: the runner never tries to download weights for a fake job
 
 
 def fake_job(root: str, name: str, events: str, *, sleep: float = 0.0, fail: int = 0, task: str = "t",
@@ -85,7 +86,7 @@ def fake_job(root: str, name: str, events: str, *, sleep: float = 0.0, fail: int
     argv = [sys.executable, "-c", code] + (["--eval-only"] if phase == "eval" else [])
     return Job(task=task, out=out, argv=argv, depends_on=os.path.join(root, depends_on) if depends_on else "",
                role=name, dataset=dataset, identity=dict(IDENTITY), trainer=trainer, config="fake_config",
-               shots=shots, clip_weights=(BACKBONE, "", ""))
+               shots=shots, clip_weights=(BACKBONE, WEIGHTS, ""))
 
 
 def read_events(path: str) -> list[dict[str, Any]]:

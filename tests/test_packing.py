@@ -22,7 +22,7 @@ import parallel_runner
 import train
 from vltune.runner.executor import LocalExecutor
 from vltune.runner.packing import ExecutorProber, MemoryPlacement, PeakEstimator
-from vltune.runner.scheduler import Lane, Scheduler
+from vltune.runner.scheduler import Lane, Scheduler, SlotPlacement
 from vltune.runner.schema import ScheduleSettings, SuiteError, load_experiments
 
 BUDGET = 2000.0
@@ -224,3 +224,16 @@ def test_memory_packing_on_the_cpu_needs_a_budget_and_dry_run_prints_estimates(t
     assert out.count("[4608 MB, default]") == 2  # 4 GB default + 0.5 GB overhead, for both jobs
     assert "budget per device cpu: 7373 MB" in out  # 8 GB minus 10 % headroom
     assert not (tmp_path / "out").exists()
+
+
+def test_a_placement_that_holds_back_every_ready_job_with_nothing_running_is_an_error(tmp_path):
+    """No endless wait: when nothing runs, nothing is being probed and the placement places no ready job, the run
+    stops with an error naming a held-back job (a job too big for every device, without packing's run-alone rule)."""
+    class Never(SlotPlacement):
+        def place(self, state, devices, running):
+            return None
+
+    job = fake_job(str(tmp_path), "a", str(tmp_path / "events.jsonl"))
+    with pytest.raises(SuiteError, match="holds back every ready job.*a"):
+        Scheduler([job], [Lane([0], 1, ["t"])], LocalExecutor(), poll_s=0.01, placement=Never([Lane([0], 1, ["t"])])
+                  ).run()

@@ -240,6 +240,10 @@ class MemoryPlacement:
         """Called by the scheduler: probes get the same environment (GPU, threads) as its jobs."""
         self.env_for = scheduler.job_env
 
+    def waiting(self) -> bool:
+        """Whether a job is held back for something that will end by itself (a memory probe running)."""
+        return bool(self._probes)
+
     def close(self) -> None:
         """Stop the probes still running (the run ended or was cancelled)."""
         for run, _, _ in self._probes.values():

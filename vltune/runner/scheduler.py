@@ -400,10 +400,13 @@ class Scheduler:
                 if tick:
                     tick()
                 pending = [s for s in self.states if s.status == "pending"]
-                if self.running() or any(self._ready(s) for s in pending):  # ready jobs the placement holds back
-                    self.clock.sleep(self.poll_s)  # (e.g. while it probes their memory) wait too
+                waiting = getattr(self.placement, "waiting", lambda: False)()  # e.g. a memory probe running
+                if self.running() or waiting:
+                    self.clock.sleep(self.poll_s)
                 elif pending:
-                    raise SuiteError("no job can start: the lanes have no device; check the pipeline's gpu_ids")
+                    raise SuiteError("no job can start: nothing runs and the placement holds back every ready job "
+                                     f"(e.g. {pending[0].job.label}); check the pipeline's gpu_ids and the "
+                                     "schedule settings")
         except KeyboardInterrupt:
             interrupted = True
             self.cancel()
