@@ -108,17 +108,24 @@ class SlurmCluster:
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    def _daemon(self, name: str, argv: list[str]) -> None:
-        run = subprocess.run(argv, env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=60)
-        deadline = time.time() + 20
-        while time.time() < deadline and not os.path.exists(self.pidfiles[name]):
-            time.sleep(0.1)
+    def _pid(self, name: str) -> int | None:
+        """The pid in the daemon's pid file (None while the file is missing or not written yet)."""
         try:
             with open(self.pidfiles[name]) as f:
-                self.pids[name] = int(f.read().strip())
+                return int(f.read().strip())
         except (OSError, ValueError):
+            return None
+
+    def _daemon(self, name: str, argv: list[str]) -> None:
+        run = subprocess.run(argv, env={**os.environ, **self.env()}, capture_output=True, text=True, timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and self._pid(name) is None:
+            time.sleep(0.1)
+        pid = self._pid(name)
+        if pid is None:
             raise ClusterError(f"{name} did not start (exit code {run.returncode}): {run.stdout}{run.stderr}\n"
-                               f"{self.logs()}") from None
+                               f"{self.logs()}")
+        self.pids[name] = pid
 
     def start(self, timeout_s: float = 60.0) -> SlurmCluster:
         install_packages()
@@ -161,10 +168,25 @@ class SlurmCluster:
                 continue
         return "\n".join(out)
 
+    def cancel_all(self, timeout_s: float = 30.0) -> None:
+        """Cancel every job of this cluster (they are all the tests') and wait until its steps have ended."""
+        env = {**os.environ, **self.env()}
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            queue = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True, timeout=30)
+            if queue.returncode != 0 or not queue.stdout.strip():
+                return
+            time.sleep(0.5)
+
     def stop(self) -> None:
-        """End exactly the daemons this object started (slurmd, slurmctld, munged), SIGKILL after 15 s."""
+        """Cancel this cluster's jobs, then end exactly the daemons this object started (slurmd, slurmctld, munged:
+        the pids their pid files under ``folder`` name, also for one that started but was not waited for), SIGKILL
+        after 15 s."""
+        if "slurmctld" in self.running():
+            self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
-            pid = self.pids.pop(name, None)
+            pid = self.pids.pop(name, None) or self._pid(name)
             if pid is None:
                 continue
             try:

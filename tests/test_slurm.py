@@ -32,13 +32,16 @@ FAKE_DRIVER = str(REPO / "tests" / "fakejobs.py")
 def cluster():
     """The running cluster; ``SLURM_CONF`` is set in this process for the clients while it runs."""
     folder = tempfile.mkdtemp(prefix="vlslurm", dir="/tmp")
-    c = SlurmCluster(folder).start()
+    try:
+        c = SlurmCluster(folder).start()  # stops what it started when it fails, and says why
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     old = os.environ.get("SLURM_CONF")
     os.environ.update(c.env())
     try:
         yield c
     finally:
-        subprocess.run(["scancel", "--user=root", "--name=vltune"], capture_output=True)
         c.stop()
         if old is None:
             os.environ.pop("SLURM_CONF", None)
