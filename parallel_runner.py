@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     load_builtins()
     try:
         experiments = load_experiments(args.config, REPO, gpus=parse_gpus(args.gpus),
-                                       slots_per_gpu=args.slots_per_gpu)
+                                       slots_per_gpu=args.slots_per_gpu, executor=args.executor)
         root = experiments.base.output_root
         if args.tables_only:
             print(write_outputs(root, experiments, args.only))

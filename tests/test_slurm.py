@@ -87,6 +87,57 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _suite(path, executor: str, schedule: str = "") -> str:
+    path.write_text(f"base = dict(data=dict(root='data'), model=dict(backbone='vltune-tiny'), output=dict(root='o'),"
+                    f" executor={executor}"
+                    f"{', schedule=' + schedule if schedule else ''})\n"
+                    "zs = dict(trainer='ZeroshotCLIP', config='tiny', protocol='b2n', datasets=['digits'],"
+                    " eval_only=True)\nzs2 = dict(zs, protocol='fewshot')\n"
+                    # GPU ids this driver does not have: with SLURM they are not checked here
+                    "pipeline = [dict(gpu_ids=[0, 1], tasks=['zs']), dict(gpu_ids=[], tasks=['zs2'])]\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(("executor", "match"), [
+    ("dict(kind='slurmm')", "'slurmm' (did you mean slurm?)"),
+    ("dict(kind='slurm', partitions='gpu')", "unknown key 'partitions'"),
+    ("dict(kind='slurm', gpus_per_job='1')", "'gpus_per_job' = '1'"),
+    ("dict(kind='slurm', array_parallelism=0)", "'array_parallelism'] = 0; it must be > 0"),
+    ("dict(kind='slurm', time=1.5)", "expected minutes"),
+])
+def test_bad_slurm_settings_are_refused_before_work_starts(executor, match, tmp_path, capsys):
+    import parallel_runner
+
+    assert parallel_runner.main(["--config", _suite(tmp_path / "configs.py", executor), "--dry-run"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_memory_packing_with_slurm_is_refused(tmp_path):
+    import parallel_runner
+
+    configs = _suite(tmp_path / "configs.py", "dict(kind='slurm')", "dict(packing='memory', gpu_memory_gb=8)")
+    args = parallel_runner.build_parser().parse_args(["--config", configs])
+    experiments = parallel_runner.load_experiments(configs, str(REPO))
+    with pytest.raises(parallel_runner.SuiteError, match="needs the local executor .SLURM places"):
+        parallel_runner.placement_of(experiments, [], None, args)
+
+
+def test_each_stage_is_a_lane_of_array_parallelism_slots(tmp_path):
+    import parallel_runner
+
+    configs = _suite(tmp_path / "configs.py", "dict(kind='slurm', array_parallelism=5)")
+    lanes = parallel_runner.slurm_lanes(parallel_runner.load_experiments(configs, str(REPO)))
+    assert [(lane.devices, lane.slots, lane.tasks) for lane in lanes] == [(["slurm:0"], 5, ["zs"]),
+                                                                         (["slurm:1"], 5, ["zs2"])]
+
+
+def test_without_submitit_the_runner_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now raises ImportError
+    with pytest.raises(ImportError, match="executor 'slurm' was chosen but submitit is not installed.*"
+                                          "pip install -r requirements-slurm.txt"):
+        SlurmExecutor()
+
+
 def test_gpus_are_requested_per_job_in_the_sbatch_script(tmp_path):
     from submitit.slurm.slurm import _make_sbatch_string
 

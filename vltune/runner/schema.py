@@ -596,7 +596,7 @@ def _read_module(path: str) -> dict[str, Any]:
 
 
 def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, slots_per_gpu: int = 0,
-                     overrides: dict[str, Any] | None = None) -> Experiments:
+                     overrides: dict[str, Any] | None = None, executor: str | None = None) -> Experiments:
     """Read and validate an experiment file: vltune's format, or the Skip Tuning repository's (translated by
     ``seed_configs``, then validated and expanded exactly like vltune's).
 
@@ -606,6 +606,8 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
         gpus: replace every pipeline's ``gpu_ids`` (``--gpus``); they must exist on this machine.
         slots_per_gpu: replace every stage's slots (``--slots-per-gpu``); 0 keeps the file's.
         overrides: replace entries of ``base`` before validation (tests: another data or output folder).
+        executor: the executor kind chosen on the command line (``--executor``), over ``base['executor']``; with
+            ``slurm`` the GPU ids are not checked against this machine's (SLURM gives each job its GPUs).
 
     Raises:
         SuiteError: listing every problem of the file (base, each pipeline entry, each task, the GPUs) at once.
@@ -633,9 +635,11 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
     not_validated = seed.not_validated if seed is not None else set()
     stages, seen = _stages(names["pipeline"], {*task_dicts, *not_validated}, problems, gpus,
                            slots_per_gpu or 0, base.slots_per_gpu if base else 1)
+    kind = executor or (base.executor.kind if base is not None else "local")
     with problems.check():
-        check_gpus([g for s in stages for g in s.gpu_ids],
-                   available_gpus() if any(s.gpu_ids for s in stages) else [])
+        if kind != "slurm":
+            check_gpus([g for s in stages for g in s.gpu_ids],
+                       available_gpus() if any(s.gpu_ids for s in stages) else [])
     if base is not None and base.schedule.packing == "memory" and base.schedule.gpu_memory_gb is None and any(
             not s.gpu_ids for s in stages):
         problems.add("base['schedule']: packing='memory' on the CPU (a stage with gpu_ids=[] or --gpus cpu) needs "
