@@ -220,7 +220,6 @@ def _driver(spec_path) -> subprocess.Popen:
 def test_ctrl_c_of_the_driver_cancels_exactly_its_jobs(cluster, tmp_path):
     other = subprocess.run(["sbatch", "--parsable", "-J", "other", "-o", "/dev/null", "--wrap", "sleep 60"],
                            capture_output=True, text=True, check=True).stdout.strip()
-    driver, ids = None, {}
     try:
         names = [f"long{i}" for i in range(3)]
         spec = _spec(tmp_path, [dict(name=n, sleep=60) for n in names])
@@ -230,17 +229,15 @@ def test_ctrl_c_of_the_driver_cancels_exactly_its_jobs(cluster, tmp_path):
         _wait(lambda: "RUNNING" in {_queue().get(i) for i in ids.values()}, 30, "a job of the run running")
         assert set(ids.values()) <= set(_queue())
         driver.send_signal(signal.SIGINT)
-        out, err = driver.communicate(timeout=120)  # a loaded CI machine: the controller answers slowly
+        out, err = driver.communicate(timeout=60)
         assert driver.returncode == 130, out + err
         queue = _queue()
         assert not set(ids.values()) & set(queue)  # every job of this run is gone from the queue …
         assert other in queue  # … and the other user's job is not
         statuses = {json.loads((tmp_path / n / "result.json").read_text())["status"] for n in names}
         assert statuses == {"cancelled"}
-    finally:  # whatever failed, leave the cluster free for the next test
-        if driver is not None and driver.poll() is None:
-            driver.kill()
-        subprocess.run(["scancel", other, *ids.values()])
+    finally:
+        subprocess.run(["scancel", other])
 
 
 @pytest.mark.slow

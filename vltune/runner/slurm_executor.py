@@ -44,7 +44,6 @@ from vltune.runner.schema import SuiteError
 SLURM_DEVICE = "slurm"  # the scheduler's device key prefix of jobs SLURM places: slurm:<stage>
 INSTALL_HINT = "the slurm executor needs submitit on the driver and every node: pip install -r requirements-slurm.txt"
 ID_FILE = "slurm_job.json"
-KILL_WAIT_S = 5.0  # after scancel --signal=KILL, how long a job is followed before the driver lets it go
 #: squeue states of a job that has not ended (it may still run, or run again)
 ACTIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
           "RESV_DEL_HOLD": "queued", "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running",
@@ -178,19 +177,17 @@ class SlurmHandle(Handle):
             self.queue.scancel(self.job_id)
 
     def kill(self) -> None:
-        """``scancel --signal=KILL`` it, wait up to ``KILL_WAIT_S`` for SLURM to say it ended, then stop following
-        it (the scheduler kills its jobs one after another: a slow controller must not hold the driver for long)."""
+        """``scancel --signal=KILL`` it, wait up to 20 s for SLURM to say it ended, then stop following it."""
         if self.returncode is not None:
             return
         self.queue.scancel(self.job_id, "--signal=KILL", "--full")
         self.queue.scancel(self.job_id)
-        deadline = time.time() + KILL_WAIT_S
+        deadline = time.time() + 20
         while self.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         if self.returncode is None:
             self.returncode = -int(signal.SIGKILL)
-            self._note(f"slurm: job {self.job_id} did not end within {KILL_WAIT_S:g} s of scancel; no longer "
-                       "followed")
+            self._note(f"slurm: job {self.job_id} did not end within 20 s of scancel; no longer followed")
 
 
 class SlurmExecutor:
