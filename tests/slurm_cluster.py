@@ -22,9 +22,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from procs import alive  # noqa: E402
-
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 COMMANDS = ("slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scancel", "scontrol", "srun", "munged")
 MUNGE_KEY = "/etc/munge/munge.key"
@@ -197,14 +194,26 @@ class SlurmCluster:
             except ProcessLookupError:
                 continue
             deadline = time.time() + 15
-            while time.time() < deadline and alive(pid):
+            while time.time() < deadline and _alive(pid):
                 time.sleep(0.1)
-            if alive(pid):
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
     def running(self) -> dict[str, int]:
         """The daemons of this cluster that are still alive (name -> pid)."""
-        return {name: pid for name, pid in self.pids.items() if alive(pid)}
+        return {name: pid for name, pid in self.pids.items() if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -454,10 +454,15 @@ class ExecutorSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExecutorSettings:
         where = "base['executor']"
-        problems = _settings_problems(cls, where, d, "dict(kind='local' | 'ray' | 'slurm', ...)", {
-            "kind": "str", "address": "str", "max_retries": "int", "warm": "bool", "partition": "str",
-            "account": "str", "gpus_per_job": "int", "array_parallelism": "int", "requeue": "bool",
-            "additional_parameters": "dict"})
+        if not isinstance(d, dict):
+            raise SuiteError(f"{where} must be a dict(kind='local' | 'ray' | 'slurm', ...), got {d!r}")
+        problems = Problems()
+        with problems.check():
+            _check_keys(where, d, [f.name for f in fields(cls)])
+        with problems.check():
+            _check_types(where, d, {"kind": "str", "address": "str", "max_retries": "int", "warm": "bool",
+                                    "partition": "str", "account": "str", "gpus_per_job": "int",
+                                    "array_parallelism": "int", "requeue": "bool", "additional_parameters": "dict"})
         if "time" in d and not (_is_int(d["time"]) or isinstance(d["time"], str)):
             problems.add(f"{where}: 'time' = {d['time']!r}; expected minutes (an integer) or 'D-HH:MM:SS'")
         if d.get("cpus_per_task") is not None and not _is_int(d["cpus_per_task"]):
@@ -478,19 +483,6 @@ class ExecutorSettings:
                 problems.add(f"{where}[{key!r}] = {value}; it must be {'>= 0' if least == 0 else '> 0'}")
         problems.raise_if_any()
         return settings
-
-
-def _settings_problems(cls: type, where: str, d: Any, shape: str, types: dict[str, str]) -> Problems:
-    """The first checks of a settings dict (``base['executor']``, ``base['schedule']``): a dict (else raise at once,
-    naming ``shape``), with only ``cls``'s fields as keys and values of ``types``; returns the problems found."""
-    if not isinstance(d, dict):
-        raise SuiteError(f"{where} must be a {shape}, got {d!r}")
-    problems = Problems()
-    with problems.check():
-        _check_keys(where, d, [f.name for f in fields(cls)])
-    with problems.check():
-        _check_types(where, d, types)
-    return problems
 
 
 def _is_number(value: Any) -> bool:
@@ -526,8 +518,13 @@ class ScheduleSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleSettings:
         where = "base['schedule']"
-        problems = _settings_problems(cls, where, d, "dict(packing='slots' | 'memory', ...)",
-                                      {"packing": "str", "probe": "bool"})
+        if not isinstance(d, dict):
+            raise SuiteError(f"{where} must be a dict(packing='slots' | 'memory', ...), got {d!r}")
+        problems = Problems()
+        with problems.check():
+            _check_keys(where, d, [f.name for f in fields(cls)])
+        with problems.check():
+            _check_types(where, d, {"packing": "str", "probe": "bool"})
         for key in ("gpu_memory_gb", "headroom", "default_gb", "process_overhead_gb"):
             if key in d and not _is_number(d[key]) and not (key == "gpu_memory_gb" and d[key] is None):
                 problems.add(f"{where}: {key!r} = {d[key]!r} ({type(d[key]).__name__}){_fix_for(d[key], 'int')}; "
