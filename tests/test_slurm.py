@@ -284,36 +284,3 @@ def test_a_requeued_job_runs_again_and_succeeds(cluster, tmp_path):
     assert requeued[1:] == ["released"] and result.states[0].status == "success"
     attempts = [e["attempt"] for e in read_events(spec["events"]) if e["event"] == "start"]
     assert attempts == [1, 2]  # the same SLURM job ran its script again
-
-
-@pytest.mark.slow
-def test_a_requeued_training_resumes_from_its_last_checkpoint(cluster, digits_root, tiny_clip_weights, tmp_path):
-    """Preemption: ``scontrol requeue`` of a running train.py job; SLURM runs it again and vltune's auto-resume
-    continues from the newest checkpoint instead of starting over."""
-    from vltune.runner.jobs import Job
-    from vltune.runner.scheduler import Lane, Scheduler
-
-    out = tmp_path / "coop"
-    argv = [sys.executable, str(REPO / "train.py"), "--root", digits_root, "--seed", "1", "--trainer", "CoOp",
-            "--dataset-config-file", str(REPO / "configs/datasets/digits.yaml"), "--config-file",
-            str(REPO / "configs/trainers/CoOp/tiny_ep10.yaml"), "--output-dir", str(out), "DATASET.NUM_SHOTS", "16",
-            "OPTIM.MAX_EPOCH", "60", "MODEL.BACKBONE.WEIGHTS", tiny_clip_weights, "USE_CUDA", "False"]
-    job = Job(task="t", out=str(out), argv=argv, role="train", dataset="digits", trainer="CoOp")
-    requeued = []
-
-    def tick():
-        log = out / "log.txt"
-        if not requeued and log.exists() and "epoch [5/60] means" in log.read_text():
-            job_id = json.loads((out / "slurm_job.json").read_text())["job_id"]
-            subprocess.run(["scontrol", "requeue", job_id], check=True)
-            requeued.append(job_id)
-        elif len(requeued) == 1 and _queue().get(requeued[0]) == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={requeued[0]}", "StartTime=now"], check=True)
-            requeued.append("released")
-
-    result = Scheduler([job], [Lane(["slurm:0"], 1, ["t"])], SlurmExecutor(**{**_executor(), "time": 20}),
-                       poll_s=0.2).run(tick=tick)
-    assert requeued[1:] == ["released"], requeued
-    record = json.loads((out / "result.json").read_text())
-    assert result.states[0].status == "success" and record["status"] == "success", record.get("error")
-    assert record["job"]["resumed_from_epoch"] >= 5, record["job"]  # continued, not started over
