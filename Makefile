@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-ray demo test test-fast lint
+.PHONY: setup setup-ray setup-slurm demo test test-fast lint
 
 $(VENV)/.installed: requirements.txt constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,23 @@ $(VENV)/.installed-ray: $(VENV)/.installed requirements-ray.txt
 
 setup-ray: $(VENV)/.installed-ray
 
+# submitit is optional too (the slurm executor); the tests run it against a real single-node SLURM cluster
+# (tests/slurm_cluster.py installs slurm-wlm and munge with apt-get when they are missing: root, as in CI).
+$(VENV)/.installed-slurm: $(VENV)/.installed requirements-slurm.txt
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements-slurm.txt
+	touch $@
+
+setup-slurm: $(VENV)/.installed-slurm
+
 demo: setup
 	$(PY) parallel_runner.py
 
-test: setup-ray
+test: setup-ray setup-slurm
 	$(PY) -m pytest -q
 
 # The developer loop: every test not marked slow (pyproject.toml lists the markers); `make test` and CI run them all.
-# Needs Ray too: test_runner_ray.py imports it at collection, even when its tests are deselected.
-test-fast: setup-ray
+# Needs Ray and submitit too: test_runner_ray.py and test_slurm.py import them at collection, even when deselected.
+test-fast: setup-ray setup-slurm
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup

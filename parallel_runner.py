@@ -44,6 +44,7 @@ from vltune.runner.lock import LockedError, RunnerLock  # noqa: E402
 from vltune.runner.scheduler import Lane, Scheduler, SuiteResult  # noqa: E402
 from vltune.runner.schema import Experiments, SuiteError, load_experiments  # noqa: E402
 from vltune.runner.seed_configs import plot_note as seed_plot_note  # noqa: E402
+from vltune.runner.slurm_executor import SLURM_DEVICE  # noqa: E402
 from vltune.runner.warm import DEFAULT_PRELOAD, WarmExecutor  # noqa: E402
 
 logger = logging.getLogger("parallel_runner")
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun-stale", action="store_true",
                    help="empty and rerun only the jobs whose folders hold a finished run of a different config")
     p.add_argument("--gpus", nargs="+", metavar="ID", help="run every pipeline on these GPU ids ('cpu': no GPU)")
-    p.add_argument("--executor", choices=("local", "ray"), help="where jobs run (default: base['executor'])")
+    p.add_argument("--executor", choices=("local", "ray", "slurm"),
+                   help="where jobs run (default: base['executor']['kind'])")
     p.add_argument("--ray-address", help="the Ray cluster for --executor ray (default: base['executor']['address'])")
     p.add_argument("--slots-per-gpu", type=int, default=0, metavar="N", help="jobs per GPU at once")
     p.add_argument("--tables-only", action="store_true", help="rebuild tables/plots/report from the output folder")
@@ -94,14 +96,30 @@ def lanes_of(experiments: Experiments) -> list[Lane]:
             for s in experiments.pipeline]
 
 
+def slurm_lanes(experiments: Experiments) -> list[Lane]:
+    """With SLURM the pipeline's GPU ids mean nothing on the driver: each stage is one lane of ``array_parallelism``
+    virtual slots (``slurm:<stage>``), how many of its jobs may be queued or running at once."""
+    slots = experiments.base.executor.array_parallelism
+    return [Lane(devices=[f"{SLURM_DEVICE}:{i}"], slots=slots, tasks=list(s.tasks))
+            for i, s in enumerate(experiments.pipeline)]
+
+
 def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[Executor, list[Lane]]:
     """The executor and its lanes: local (the pipeline's stages on their devices; warm unless ``--cold`` or
-    ``base['executor']['warm']`` is False) or Ray (one lane in pipeline order; Ray places the jobs, as many at once
-    as the cluster holds)."""
+    ``base['executor']['warm']`` is False), Ray (one lane in pipeline order; Ray places the jobs, as many at once
+    as the cluster holds) or SLURM (``slurm_lanes``; SLURM places the jobs)."""
     settings = experiments.base.executor
+    kind = args.executor or settings.kind
     if args.debug:
         return InlineExecutor(), lanes_of(experiments)
-    if (args.executor or settings.kind) != "ray":
+    if kind == "slurm":
+        from vltune.runner.slurm_executor import SlurmExecutor
+
+        executor = SlurmExecutor(settings.partition, settings.account, settings.time, settings.gpus_per_job,
+                                 settings.cpus_per_task, settings.mem_gb, settings.requeue,
+                                 settings.additional_parameters, repo=REPO, poll_s=settings.poll_s)
+        return executor, slurm_lanes(experiments)
+    if kind != "ray":
         if args.cold or not settings.warm:
             return LocalExecutor(), lanes_of(experiments)
         log = os.path.join(experiments.base.output_root, "warm_worker.log")
@@ -121,9 +139,10 @@ def placement_of(experiments: Experiments, lanes: list[Lane], executor: Executor
     settings = experiments.base.schedule
     if settings.packing != "memory":
         return None
-    if (args.executor or experiments.base.executor.kind) == "ray":
-        raise SuiteError("base['schedule']: packing='memory' needs the local executor (Ray places jobs itself); "
-                         "set packing='slots' or run without --executor ray")
+    kind, kind_name = args.executor or experiments.base.executor.kind, {"ray": "Ray", "slurm": "SLURM"}
+    if kind in kind_name:
+        raise SuiteError(f"base['schedule']: packing='memory' needs the local executor ({kind_name[kind]} places "
+                         f"jobs itself); set packing='slots' or run without --executor {kind}")
     from vltune.runner.packing import memory_placement
 
     return memory_placement(settings, lanes, experiments.base.output_root, executor)
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     load_builtins()
     try:
         experiments = load_experiments(args.config, REPO, gpus=parse_gpus(args.gpus),
-                                       slots_per_gpu=args.slots_per_gpu)
+                                       slots_per_gpu=args.slots_per_gpu, executor=args.executor)
         root = experiments.base.output_root
         if args.tables_only:
             print(write_outputs(root, experiments, args.only))
@@ -365,6 +384,8 @@ def run(experiments: Experiments, jobs: list[Job], args: argparse.Namespace, sch
         progress.close()
         if isinstance(executor, WarmExecutor):
             executor.close()  # stop the warm worker and reap it (also on Ctrl-C and SIGTERM)
+        if hasattr(executor, "summary"):
+            print(executor.summary(), flush=True)  # e.g. SLURM: how many jobs were submitted, how many re-attached
     report = write_outputs(root, experiments, args.only)
     notifier.send("suite" + (" (interrupted)" if result.interrupted else ""), result.rows, result.failures())
     c = result.counts

@@ -1,6 +1,7 @@
 """Fake jobs for the runner tests: ``python -c`` processes that sleep, print, fail or spawn a grandchild, log their
 start and end (time, pid, ``CUDA_VISIBLE_DEVICES``) to one JSON-lines file, and write ``result.json`` like
-``train.py``. ``python tests/fakejobs.py SPEC.json`` runs a suite of them in a separate runner process.
+``train.py``. ``python tests/fakejobs.py SPEC.json`` runs a suite of them in a separate runner process (on the test
+SLURM cluster when the spec has a ``slurm`` entry).
 
 For memory packing (``vltune.runner.packing``) a fake job also has a memory key (trainer, config, dataset, shots,
 backbone), records ``peak_mb`` as its training peak (``meter``: the CUDA or the CPU meter), can run out of memory
@@ -105,6 +106,14 @@ def run_spec(spec: dict[str, Any], executor: Any = None, tick: Any = None, **kw:
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        result = run_spec(json.load(f), grace_s=5.0)
+        spec = json.load(f)
+    executor = None
+    if "slurm" in spec:  # a driver on the test SLURM cluster: spec["slurm"] holds SlurmExecutor's arguments
+        from vltune.runner.slurm_executor import SlurmExecutor
+
+        executor = SlurmExecutor(**spec["slurm"])
+    result = run_spec(spec, executor=executor, grace_s=5.0)
     print(json.dumps(dict(result.counts), sort_keys=True), flush=True)
+    if executor is not None:
+        print(json.dumps({"submitted": executor.submitted, "attached": executor.attached}), flush=True)
     sys.exit(130 if result.interrupted else 0)

@@ -18,6 +18,7 @@ import time
 import pytest
 from conftest import REPO
 from fakejobs import IDENTITY, fake_job, read_events, run_spec
+from procs import alive
 
 from vltune.results.record import read_record
 from vltune.runner.executor import LocalExecutor
@@ -73,18 +74,6 @@ def _max_overlap(spans: list[tuple[float, float]]) -> int:
         cur += d
         best = max(best, cur)
     return best
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 @pytest.mark.slow  # timed fake jobs, overlap measured
@@ -274,7 +263,7 @@ def test_kill_9_of_the_runner_then_rerun_completes_only_the_missing_jobs(tmp_pat
     started = [e["pid"] for e in starts] + [e["ppid"] for e in starts]
     if kind == "warm":
         assert len({e["ppid"] for e in starts}) == 1 and starts[0]["ppid"] != proc.pid  # one worker forked all
-    _wait_for(lambda: not any(_alive(p) for p in started), timeout=10)
+    _wait_for(lambda: not any(alive(p) for p in started), timeout=10)
     time.sleep(1.2)
     ended = {e["name"] for e in read_events(events) if e["event"] == "end"}
     killed = {e["name"] for e in read_events(events) if e["event"] == "start"} - ended
@@ -298,13 +287,13 @@ def test_ctrl_c_ends_every_process_group_it_started_and_records_them_cancelled(t
     _wait_for(lambda: len([e for e in read_events(events) if e["event"] == "start"]) == 3)
     starts = [e for e in read_events(events) if e["event"] == "start"]
     pids = [e["pid"] for e in starts] + [e["grandchild"] for e in starts]
-    assert all(_alive(p) for p in pids)
+    assert all(alive(p) for p in pids)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert json.loads(out.strip().splitlines()[-1]) == {"cancelled": 3, "pending": 1}
-    _wait_for(lambda: not any(_alive(p) for p in pids), timeout=5)  # jobs and their grandchildren
-    assert not _alive(starts[0]["ppid"])  # the warm worker was stopped too
+    _wait_for(lambda: not any(alive(p) for p in pids), timeout=5)  # jobs and their grandchildren
+    assert not alive(starts[0]["ppid"])  # the warm worker was stopped too
     for i in range(3):
         record = read_record(str(tmp_path / "jobs" / f"j{i}" / "result.json"))
         assert record["status"] == "cancelled" and record["runner"]["exit_code"] == -signal.SIGTERM
@@ -319,7 +308,7 @@ def test_sigterm_to_the_runner_cancels_like_ctrl_c(tmp_path, executor):
     proc.terminate()
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    _wait_for(lambda: not _alive(pid) and not _alive(parent), timeout=5)  # the job, and the warm worker
+    _wait_for(lambda: not alive(pid) and not alive(parent), timeout=5)  # the job, and the warm worker
     assert read_record(str(tmp_path / "jobs" / "long" / "result.json"))["status"] == "cancelled"
 
 

@@ -210,7 +210,7 @@ def test_without_ray_the_runner_says_how_to_install_it(monkeypatch, tmp_path, ca
     assert "executor 'ray' was chosen but Ray is not installed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("executor", "match"), [("dict(kind='slurm')", "choose one of"),
+@pytest.mark.parametrize(("executor", "match"), [("dict(kind='kubernetes')", "choose one of"),
                                                  ("dict(kind='ray', retries=3)", "retries"),
                                                  ("dict(kind='ray', max_retries=-1)", "must be >= 0")])
 def test_bad_executor_settings_are_refused(executor, match, tmp_path, capsys):

@@ -17,7 +17,8 @@ import time
 
 import pytest
 from conftest import REPO
-from test_runner import _alive, _wait_for
+from procs import alive
+from test_runner import _wait_for
 
 import parallel_runner
 from vltune.engine.cost import LAUNCHED_AT, CostMeter
@@ -133,7 +134,7 @@ def test_terminate_then_kill_a_job_that_ignores_sigterm(tmp_path, warm):
     time.sleep(0.3)
     assert handle.poll() is None
     handle.kill()
-    assert handle.returncode == -signal.SIGKILL and not _alive(handle.pid)
+    assert handle.returncode == -signal.SIGKILL and not alive(handle.pid)
 
 
 def test_jobs_that_are_not_python_scripts_of_this_interpreter_start_cold_and_say_so(tmp_path, warm, caplog):
@@ -175,7 +176,7 @@ def test_a_dead_worker_takes_its_jobs_along_and_the_rest_start_cold(tmp_path, ca
         running = executor.start(_job(tmp_path, "running", "sleep60"), 0, {})
         _wait_for(lambda: (tmp_path / "running.json").exists())
         os.kill(executor.worker_pid, signal.SIGKILL)
-        assert _wait(running, timeout=10) == -signal.SIGTERM and not _alive(running.pid)  # parent-death signal
+        assert _wait(running, timeout=10) == -signal.SIGTERM and not alive(running.pid)  # parent-death signal
         later = executor.start(_job(tmp_path, "later"), 0, {})
         assert type(later) is Handle and _wait(later) == 0
     assert "warm worker: it is gone" in caplog.text
@@ -187,8 +188,8 @@ def test_close_ends_the_jobs_left_and_reaps_the_worker(tmp_path):
     worker = executor.worker.proc
     _wait_for(lambda: (tmp_path / "left.json").exists())
     executor.close()
-    assert worker.returncode is not None and not _alive(worker.pid)  # reaped: no zombie
-    _wait_for(lambda: not _alive(handle.pid), timeout=5)
+    assert worker.returncode is not None and not alive(worker.pid)  # reaped: no zombie
+    _wait_for(lambda: not alive(handle.pid), timeout=5)
     assert executor.worker is None and executor.worker_pid is None
 
 

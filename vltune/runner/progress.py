@@ -1,7 +1,8 @@
 """What the runner shows while a suite runs: a live rich panel on a terminal, plain lines otherwise.
 
-Both show jobs done / running / failed / skipped / left, elapsed time and an ETA (the mean duration of the jobs this
-run has finished × the jobs left ÷ the slots). The live panel adds each device's occupancy and running jobs; plain
+Both show jobs done / running (and how many of those an executor such as SLURM still holds queued) / failed /
+skipped / left, elapsed time and an ETA (the mean duration of the jobs this run has finished × the jobs left ÷ the
+slots). The live panel adds each device's occupancy and running jobs; plain
 mode prints one line per job start and end, which suits log files and CI.
 """
 
@@ -22,6 +23,11 @@ def _clock(seconds: float | None) -> str:
     seconds = int(seconds)
     h, rest = divmod(seconds, 3600)
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _phase(state: JobState) -> str:
+    """"queued " for a job its executor has submitted that has not started yet (SLURM), else ""."""
+    return "queued " if getattr(state.handle, "phase", "running") == "queued" else ""
 
 
 class Progress:
@@ -51,6 +57,7 @@ class Progress:
         states = self.scheduler.states
         c = {k: sum(s.status == k for s in states) for k in ("success", "running", "failed", "cancelled",
                                                               "skipped", "pending")}
+        c["queued"] = sum(s.status == "running" and getattr(s.handle, "phase", "running") == "queued" for s in states)
         c["total"] = len(states)
         return c
 
@@ -65,7 +72,8 @@ class Progress:
 
     def summary(self) -> str:
         c = self.counts()
-        return (f"{c['success']}/{c['total']} done, {c['running']} running, {c['failed']} failed, "
+        queued = f" ({c['queued']} of them queued)" if c["queued"] else ""
+        return (f"{c['success']}/{c['total']} done, {c['running']} running{queued}, {c['failed']} failed, "
                 f"{c['skipped']} skipped, {c['cancelled']} cancelled, {c['pending']} left | elapsed "
                 f"{_clock(time.time() - self.started)}, ETA {_clock(self.eta())}")
 
@@ -75,7 +83,7 @@ class Progress:
             return
         job = state.job
         if kind == "running":
-            line = f"start   {job.label} on {state.handle.device}"
+            line = f"{'queued ' if _phase(state) else 'start  '} {job.label} on {state.handle.device}"
         else:
             line = f"{_MARK.get(kind, kind):9s} {job.label}" + (f" ({state.wall_s:.1f} s)" if state.wall_s else "")
             if kind in ("failed", "cancelled") and state.record:
@@ -104,7 +112,7 @@ class Progress:
         for s in self.scheduler.running():
             by_device.setdefault(s.handle.device, []).append(s)
         for device, states in by_device.items():
-            jobs = "; ".join(f"{s.job.label} ({_clock(now - s.handle.started)})" for s in states) or "idle"
+            jobs = "; ".join(f"{s.job.label} ({_phase(s)}{_clock(now - s.handle.started)})" for s in states) or "idle"
             table.add_row(str(device), f"{len(states)}/{self.scheduler.capacity.get(device, 0)}", jobs)
         from rich.text import Text
 

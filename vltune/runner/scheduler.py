@@ -309,7 +309,7 @@ class Scheduler:
                 "CUDA_VISIBLE_DEVICES": self._visible(device)}
 
     def _visible(self, device: str | int) -> str:
-        if device == CPU:
+        if device == CPU or (isinstance(device, str) and not device.isdigit()):  # no GPU id: cpu, ray, slurm:0
             return ""
         return self.cuda_visible[int(device)] if self.cuda_visible else str(device)
 

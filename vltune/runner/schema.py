@@ -343,8 +343,8 @@ class Base:
         prepare: ``"minibench"`` generates the MiniBench data and mini CLIP when missing.
         slots_per_gpu: jobs per GPU at once (or on the CPU when a pipeline has no GPUs).
         mail: the ``mail`` dict (vltune.notify.MailSettings); off by default.
-        executor: ``ExecutorSettings``: ``local`` (default; ``warm``) or ``ray`` with its ``address`` and
-            ``max_retries``.
+        executor: ``ExecutorSettings``: ``local`` (default; ``warm``), ``ray`` with its ``address`` and
+            ``max_retries``, or ``slurm`` with its sbatch settings.
         schedule: ``ScheduleSettings``: fixed slots (default) or memory-aware packing.
     """
 
@@ -414,41 +414,83 @@ def resolve_path(folder: str, p: str) -> str:
 
 @dataclass
 class ExecutorSettings:
-    """Where jobs run: ``local`` (child processes on this machine) or ``ray`` (tasks on a Ray cluster).
+    """Where jobs run: ``local`` (child processes on this machine), ``ray`` (tasks on a Ray cluster) or ``slurm``
+    (SLURM jobs, submitted through submitit; see ``vltune.runner.slurm_executor``).
 
     Args:
-        kind: ``local`` or ``ray``.
+        kind: ``local``, ``ray`` or ``slurm``.
         address: the Ray cluster (``auto``: the one ``ray start`` started on this machine; ``ray://host:10001``).
         max_retries: how often Ray re-runs a job whose worker or node died before it is recorded failed.
         warm: ``local`` only: fork each job from a warm worker that has imported torch, open_clip and vltune once
             (True), or start a fresh interpreter per job (False; the runner's ``--cold``).
+        partition, account: ``slurm``: sbatch ``--partition`` / ``--account`` ("": the cluster's default).
+        time: ``slurm``: each job's time limit, minutes or ``"D-HH:MM:SS"``.
+        gpus_per_job: ``slurm``: GPUs per job (``--gres=gpu:N``; 0 on a CPU cluster).
+        cpus_per_task: ``slurm``: ``--cpus-per-task`` (None: the cluster's default), also the job's OMP threads.
+        mem_gb: ``slurm``: ``--mem`` per job (None: the cluster's default).
+        array_parallelism: ``slurm``: how many jobs of one pipeline stage may be queued or running at once.
+        requeue: ``slurm``: ``--requeue``: a preempted job is queued again and resumes from its last checkpoint.
+        additional_parameters: ``slurm``: more sbatch options, e.g. ``{"qos": "high", "constraint": "a100"}``.
+        poll_s: ``slurm``: how often the driver asks ``squeue`` about its jobs (one call for all of them).
     """
 
     kind: str = "local"
     address: str = "auto"
     max_retries: int = 2
     warm: bool = True
+    partition: str = ""
+    account: str = ""
+    time: int | str = 60
+    gpus_per_job: int = 1
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: int = 8
+    requeue: bool = True
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    poll_s: float = 2.0
 
-    KINDS = ("local", "ray")
+    KINDS = ("local", "ray", "slurm")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExecutorSettings:
-        if not isinstance(d, dict):
-            raise SuiteError(f"base['executor'] must be a dict(kind='local' | 'ray', ...), got {d!r}")
-        problems = Problems()
-        with problems.check():
-            _check_keys("base['executor']", d, [f.name for f in fields(cls)])
-        with problems.check():
-            _check_types("base['executor']", d, {"kind": "str", "address": "str", "max_retries": "int",
-                                                 "warm": "bool"})
+        where = "base['executor']"
+        problems = _settings_problems(cls, where, d, "dict(kind='local' | 'ray' | 'slurm', ...)", {
+            "kind": "str", "address": "str", "max_retries": "int", "warm": "bool", "partition": "str",
+            "account": "str", "gpus_per_job": "int", "array_parallelism": "int", "requeue": "bool",
+            "additional_parameters": "dict"})
+        if "time" in d and not (_is_int(d["time"]) or isinstance(d["time"], str)):
+            problems.add(f"{where}: 'time' = {d['time']!r}; expected minutes (an integer) or 'D-HH:MM:SS'")
+        if d.get("cpus_per_task") is not None and not _is_int(d["cpus_per_task"]):
+            problems.add(f"{where}: 'cpus_per_task' = {d['cpus_per_task']!r}; expected an integer or None")
+        for key in ("mem_gb", "poll_s"):
+            if d.get(key) is not None and not _is_number(d[key]):
+                problems.add(f"{where}: {key!r} = {d[key]!r}; expected a number")
         problems.raise_if_any()
         settings = cls(**d)
         if settings.kind not in cls.KINDS:
-            problems.add(f"base['executor']['kind'] = {settings.kind!r}; choose one of {cls.KINDS}")
+            problems.add(f"{where}['kind'] = {settings.kind!r}{_suggest(settings.kind, cls.KINDS)}; choose one of "
+                         f"{cls.KINDS}")
         if settings.max_retries < 0:
-            problems.add(f"base['executor']['max_retries'] = {settings.max_retries}; it must be >= 0")
+            problems.add(f"{where}['max_retries'] = {settings.max_retries}; it must be >= 0")
+        for key in ("gpus_per_job", "cpus_per_task", "mem_gb", "array_parallelism", "poll_s"):
+            value, least = getattr(settings, key), 0 if key == "gpus_per_job" else 1e-9
+            if value is not None and value < least:
+                problems.add(f"{where}[{key!r}] = {value}; it must be {'>= 0' if least == 0 else '> 0'}")
         problems.raise_if_any()
         return settings
+
+
+def _settings_problems(cls: type, where: str, d: Any, shape: str, types: dict[str, str]) -> Problems:
+    """The first checks of a settings dict (``base['executor']``, ``base['schedule']``): a dict (else raise at once,
+    naming ``shape``), with only ``cls``'s fields as keys and values of ``types``; returns the problems found."""
+    if not isinstance(d, dict):
+        raise SuiteError(f"{where} must be a {shape}, got {d!r}")
+    problems = Problems()
+    with problems.check():
+        _check_keys(where, d, [f.name for f in fields(cls)])
+    with problems.check():
+        _check_types(where, d, types)
+    return problems
 
 
 def _is_number(value: Any) -> bool:
@@ -484,13 +526,8 @@ class ScheduleSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleSettings:
         where = "base['schedule']"
-        if not isinstance(d, dict):
-            raise SuiteError(f"{where} must be a dict(packing='slots' | 'memory', ...), got {d!r}")
-        problems = Problems()
-        with problems.check():
-            _check_keys(where, d, [f.name for f in fields(cls)])
-        with problems.check():
-            _check_types(where, d, {"packing": "str", "probe": "bool"})
+        problems = _settings_problems(cls, where, d, "dict(packing='slots' | 'memory', ...)",
+                                      {"packing": "str", "probe": "bool"})
         for key in ("gpu_memory_gb", "headroom", "default_gb", "process_overhead_gb"):
             if key in d and not _is_number(d[key]) and not (key == "gpu_memory_gb" and d[key] is None):
                 problems.add(f"{where}: {key!r} = {d[key]!r} ({type(d[key]).__name__}){_fix_for(d[key], 'int')}; "
@@ -562,7 +599,7 @@ def _read_module(path: str) -> dict[str, Any]:
 
 
 def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, slots_per_gpu: int = 0,
-                     overrides: dict[str, Any] | None = None) -> Experiments:
+                     overrides: dict[str, Any] | None = None, executor: str | None = None) -> Experiments:
     """Read and validate an experiment file: vltune's format, or the Skip Tuning repository's (translated by
     ``seed_configs``, then validated and expanded exactly like vltune's).
 
@@ -572,6 +609,8 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
         gpus: replace every pipeline's ``gpu_ids`` (``--gpus``); they must exist on this machine.
         slots_per_gpu: replace every stage's slots (``--slots-per-gpu``); 0 keeps the file's.
         overrides: replace entries of ``base`` before validation (tests: another data or output folder).
+        executor: the executor kind chosen on the command line (``--executor``), over ``base['executor']``; with
+            ``slurm`` the GPU ids are not checked against this machine's (SLURM gives each job its GPUs).
 
     Raises:
         SuiteError: listing every problem of the file (base, each pipeline entry, each task, the GPUs) at once.
@@ -599,9 +638,11 @@ def load_experiments(path: str, repo: str, gpus: Sequence[int] | None = None, sl
     not_validated = seed.not_validated if seed is not None else set()
     stages, seen = _stages(names["pipeline"], {*task_dicts, *not_validated}, problems, gpus,
                            slots_per_gpu or 0, base.slots_per_gpu if base else 1)
+    kind = executor or (base.executor.kind if base is not None else "local")
     with problems.check():
-        check_gpus([g for s in stages for g in s.gpu_ids],
-                   available_gpus() if any(s.gpu_ids for s in stages) else [])
+        if kind != "slurm":
+            check_gpus([g for s in stages for g in s.gpu_ids],
+                       available_gpus() if any(s.gpu_ids for s in stages) else [])
     if base is not None and base.schedule.packing == "memory" and base.schedule.gpu_memory_gb is None and any(
             not s.gpu_ids for s in stages):
         problems.add("base['schedule']: packing='memory' on the CPU (a stage with gpu_ids=[] or --gpus cpu) needs "
