@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 
 def alive(pid: int) -> bool:
@@ -16,3 +17,10 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def default_sigint() -> None:
+    """A ``preexec_fn`` that puts SIGINT back to its default in the child. A test session started in the background
+    (``cmd &``, as CI may start it) inherits SIGINT ignored; Python then installs no ``KeyboardInterrupt`` handler, so
+    a driver spawned from it would never see the Ctrl-C a test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

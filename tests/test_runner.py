@@ -18,7 +18,7 @@ import time
 import pytest
 from conftest import REPO
 from fakejobs import IDENTITY, fake_job, read_events, run_spec
-from procs import alive
+from procs import alive, default_sigint
 
 from vltune.results.record import read_record
 from vltune.runner.executor import LocalExecutor
@@ -228,11 +228,9 @@ def _driver(tmp_path, jobs: list[dict], slots: int = 1, kind: str = "local") -> 
         script = tmp_path / "warm_driver.py"
         script.write_text(WARM_DRIVER.format(repo=str(REPO), tests=str(REPO / "tests"),
                                              scripts=str(tmp_path / "scripts")))
-    # SIGINT at its default: a test session started in the background (``cmd &``) inherits it ignored, and Python
-    # then installs no KeyboardInterrupt handler, so the runner would never see the Ctrl-C these tests send
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "spec.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_sigint)
     return proc, events
 
 

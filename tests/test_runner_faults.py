@@ -20,6 +20,7 @@ import time
 import pytest
 from conftest import REPO
 from fakejobs import fake_job, read_events
+from procs import default_sigint
 from test_mail import TrickleServer
 
 import parallel_runner
@@ -62,7 +63,7 @@ def _start_runner(tmp_path, mail: str) -> tuple[subprocess.Popen, str, str]:
     (tmp_path / "driver.py").write_text(DRIVER.format(repo=str(REPO), tests=str(REPO / "tests"), out=out,
                                                       events=events, jobs=JOBS, config=str(tmp_path / "configs.py")))
     proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
     return proc, out, events
 
 

@@ -19,6 +19,7 @@ import time
 import pytest
 from conftest import REPO
 from fakejobs import read_events, run_spec
+from procs import default_sigint
 from slurm_cluster import SlurmCluster
 
 from vltune.runner.slurm_executor import SlurmExecutor, import_submitit
@@ -213,7 +214,7 @@ def test_scancel_of_one_job_fails_it_and_skips_its_dependents(cluster, tmp_path)
 
 def _driver(spec_path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, FAKE_DRIVER, str(spec_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
 
 
 @pytest.mark.slow
