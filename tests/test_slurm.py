@@ -1,12 +1,13 @@
 """The runner on a real single-node SLURM cluster (``tests/slurm_cluster.py``: munged, slurmctld and slurmd started
 here, everything under a temp folder): a MiniBench suite with dependencies gives the same accuracies as the local
-executor; a job ``scancel``ed from outside is recorded failed and its dependents skipped while the rest finish;
-Ctrl-C of the driver cancels exactly this run's SLURM jobs; a driver killed with -9 and restarted re-attaches to its
-queued and running jobs and submits only the missing ones; a requeued job runs again and succeeds. The fixture stops
-exactly the daemons it started."""
+executor; a job ``scancel``ed from outside is recorded failed and its dependents skipped while the rest finish; Ctrl-C
+of the driver cancels exactly this run's SLURM jobs; a driver killed with -9 and restarted re-attaches to its queued
+and running jobs and submits only the missing ones; a requeued job runs again and succeeds; the progress lines tell
+queued from running jobs. The fixture stops exactly the daemons it started."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,10 +19,12 @@ import time
 
 import pytest
 from conftest import REPO
-from fakejobs import read_events, run_spec
+from fakejobs import fake_job, read_events, run_spec
 from procs import default_sigint
 from slurm_cluster import SlurmCluster
 
+from vltune.runner.progress import Progress
+from vltune.runner.scheduler import Lane, Scheduler
 from vltune.runner.slurm_executor import SlurmExecutor, import_submitit
 
 import_submitit()  # make test installs requirements-slurm.txt; a missing submitit is an error here, not a skip
@@ -189,6 +192,26 @@ def test_a_minibench_suite_gives_the_same_records_as_local(cluster, minibench, t
     assert len({k[1] for k in accuracies["local"]}) == 2  # train (base) and eval (new) jobs
     assert accuracies["slurm"] == accuracies["local"]
     print(f"wall: local {wall['local']:.1f} s, slurm {wall['slurm']:.1f} s")
+
+
+@pytest.mark.slow
+def test_progress_tells_queued_from_running_jobs(cluster, tmp_path):
+    """Three 1-CPU jobs on the 2-CPU node: SLURM runs two and holds one queued, and the progress lines say so."""
+    spec = _spec(tmp_path, [dict(name=f"j{i}", sleep=4) for i in range(3)])
+    jobs = [fake_job(spec["root"], events=spec["events"], **j) for j in spec["jobs"]]
+    stream = io.StringIO()
+    progress = Progress(stream=stream, live=False)
+    scheduler = Scheduler(jobs, [Lane(**lane) for lane in spec["lanes"]], SlurmExecutor(**spec["slurm"]),
+                          poll_s=0.2, on_event=progress.event)
+    progress.attach(scheduler)
+    seen = []
+    result = scheduler.run(tick=lambda: seen.append(progress.counts()))
+    assert dict(result.counts) == {"success": 3}
+    assert any(c["queued"] >= 1 and c["running"] - c["queued"] >= 1 for c in seen)  # both at once
+    assert seen[-1]["queued"] == 0
+    lines = stream.getvalue().splitlines()
+    assert sum(line.startswith("queued ") for line in lines) == 3  # each submission is shown queued first
+    assert any("of them queued)" in line for line in lines)
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ class Progress:
         states = self.scheduler.states
         c = {k: sum(s.status == k for s in states) for k in ("success", "running", "failed", "cancelled",
                                                               "skipped", "pending")}
-        c["queued"] = sum(s.status == "running" and getattr(s.handle, "phase", "running") == "queued" for s in states)
+        c["queued"] = sum(s.status == "running" and bool(_phase(s)) for s in states)
         c["total"] = len(states)
         return c
 
