@@ -115,9 +115,9 @@ def make_executor(experiments: Experiments, args: argparse.Namespace) -> tuple[E
     if kind == "slurm":
         from vltune.runner.slurm_executor import SlurmExecutor
 
-        executor = SlurmExecutor(settings.partition, settings.account, settings.time, settings.gpus_per_job,
-                                 settings.cpus_per_task, settings.mem_gb, settings.requeue,
-                                 settings.additional_parameters, repo=REPO, poll_s=settings.poll_s)
+        sbatch = ("partition", "account", "time", "gpus_per_job", "cpus_per_task", "mem_gb", "requeue",
+                  "additional_parameters", "poll_s")
+        executor = SlurmExecutor(repo=REPO, **{key: getattr(settings, key) for key in sbatch})
         return executor, slurm_lanes(experiments)
     if kind != "ray":
         if args.cold or not settings.warm:

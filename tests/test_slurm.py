@@ -142,14 +142,21 @@ def test_without_submitit_the_runner_says_how_to_install_it(monkeypatch):
         SlurmExecutor()
 
 
-def test_gpus_are_requested_per_job_in_the_sbatch_script(tmp_path):
+def test_gpus_are_requested_per_job_in_the_sbatch_script(cluster, tmp_path):
+    """The settings of ``base['executor']`` reach sbatch. It takes the cluster fixture only for SLURM's commands
+    (installed by it on a clean machine), which the executor needs on PATH."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    executor = SlurmExecutor(partition="gpu", account="lab", time="1-00:00:00", gpus_per_job=2, cpus_per_task=8,
-                             mem_gb=32, additional_parameters={"qos": "high"}, repo="/shared/vltune")
+    import parallel_runner
+
+    configs = _suite(tmp_path / "configs.py", "dict(kind='slurm', partition='gpu', account='lab', "
+                     "time='1-00:00:00', gpus_per_job=2, cpus_per_task=8, mem_gb=32, additional_parameters="
+                     "dict(qos='high'))")
+    args = parallel_runner.build_parser().parse_args(["--config", configs])
+    executor, _ = parallel_runner.make_executor(parallel_runner.load_experiments(configs, str(REPO)), args)
     script = _make_sbatch_string(command="run", folder=str(tmp_path), **executor.parameters)
     for line in ("--gres=gpu:2", "--partition=gpu", "--account=lab", "--time=1-00:00:00", "--cpus-per-task=8",
-                 "--mem=32GB", "--requeue", "--qos=high", "export PYTHONPATH=/shared/vltune"):
+                 "--mem=32GB", "--requeue", "--qos=high", f"export PYTHONPATH={REPO}"):
         assert line in script, line
 
 

@@ -217,8 +217,9 @@ class SlurmExecutor:
         self.submitit = import_submitit()
         missing = [c for c in ("sbatch", "squeue", "scancel", "srun") if shutil.which(c) is None]
         if missing:
-            raise SuiteError(f"base['executor']['kind'] = 'slurm' but {', '.join(missing)} is not on PATH: run the "
-                             "driver on a login node of the cluster (or in an allocation), or choose kind 'local'")
+            verb = "is" if len(missing) == 1 else "are"
+            raise SuiteError(f"base['executor']['kind'] = 'slurm' but {', '.join(missing)} {verb} not on PATH: run "
+                             "the driver on a login node of the cluster (or in an allocation), or choose kind 'local'")
         params: dict[str, Any] = {"time": time, "job_name": "vltune", "signal_delay_s": 30}
         if partition:
             params["partition"] = partition
